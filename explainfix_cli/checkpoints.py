@@ -1,0 +1,323 @@
+"""Models in (safetensors, state dict + architecture, trusted pickle, torch.export) and out.
+
+The output format is one `.safetensors` file: every tensor of the model plus string metadata
+(format version, the architecture factory and kwargs, the shape attributes of every layer so a
+pruned model can be rebuilt, which tensors are fixed, the history and the report). Reading it
+never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .outputs import atomic_file
+
+FORMAT = "explainfix"
+FORMAT_VERSION = "1"
+
+# The attributes that define a layer's tensor shapes; a pruned layer differs from the factory's
+# only in these, so recording them is enough to rebuild any pruned model from its factory.
+SHAPE_ATTRIBUTES: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),
+    nn.Linear: ("in_features", "out_features"),
+    nn.modules.batchnorm._NormBase: ("num_features",),
+    nn.GroupNorm: ("num_groups", "num_channels"),
+    nn.LayerNorm: ("normalized_shape",),
+    nn.PReLU: ("num_parameters",),
+}
+STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """An architecture: an importable factory (`module.path:name` or `file.py:name`) and kwargs."""
+
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        fn = resolve_factory(self.factory)
+        try:
+            model = fn(**self.kwargs)
+        except TypeError as e:
+            raise UserError(f"--arch {self.factory} does not accept --arch-kwargs {self.kwargs}: {e}.") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"--arch {self.factory} returned a {type(model).__name__}, not a torch nn.Module.")
+        return model
+
+    def to_json(self) -> dict[str, Any]:
+        return {"factory": self.factory, "kwargs": self.kwargs}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use, with what is known about where it came from."""
+
+    model: nn.Module
+    arch: ArchSpec | None
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)  # parsed explainfix metadata, if any
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.metadata.get("history", []))
+
+
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    """`package.module:factory`, or `path/to/file.py:factory` for a class defined in a script."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"--arch {spec!r} must look like module.path:factory (e.g. explainfix_cli.zoo:resnet).")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise UserError(f"--arch {spec}: the file {file} does not exist.")
+            mod_spec = importlib.util.spec_from_file_location(f"explainfix_arch_{file.stem}", file)
+            assert mod_spec is not None and mod_spec.loader is not None
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"--arch {spec}: cannot import {module_name} ({e}); check the name or install the package.") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UserError(f"--arch {spec}: {module_name} has no attribute {attr}.")
+    if not callable(fn):
+        raise UserError(f"--arch {spec}: {attr} is not callable.")
+    return fn
+
+
+def parse_arch(arch: str | None, arch_kwargs: str | None) -> ArchSpec | None:
+    """The `--arch` / `--arch-kwargs` pair of the command line."""
+    if arch is None:
+        if arch_kwargs:
+            raise UserError("--arch-kwargs needs --arch module.path:factory as well.")
+        return None
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--arch-kwargs is not valid JSON ({e.msg}); write e.g. '{{\"num_classes\": 10}}'.") from None
+    if not isinstance(kwargs, dict):
+        raise UserError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'.")
+    return ArchSpec(arch, kwargs)
+
+
+def open_model(
+    path: str | Path,
+    arch: ArchSpec | None = None,
+    trust_checkpoint: bool = False,
+) -> LoadedModel:
+    """Load any supported model file (PRODUCT.md "Models in"); the model is returned in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        loaded = _open_safetensors(path, arch)
+    elif path.suffix == ".pt2":
+        loaded = _open_exported(path)
+    else:
+        loaded = _open_torch(path, arch, trust_checkpoint)
+    loaded.model.eval()
+    return loaded
+
+
+def load_model(path: str | Path, arch: ArchSpec | str | None = None, trust_checkpoint: bool = False) -> nn.Module:
+    """The public one-call loader: a ready `nn.Module`, fixed tensors with requires_grad=False."""
+    if isinstance(arch, str):
+        arch = ArchSpec(arch)
+    return open_model(path, arch, trust_checkpoint).model
+
+
+def _open_safetensors(path: Path, arch: ArchSpec | None) -> LoadedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}).") from None
+    if raw_meta.get("format") != FORMAT:
+        if arch is None:
+            raise UserError(f"{path} holds bare tensors with no architecture; pass --arch module.path:factory.")
+        return LoadedModel(_build_with_state(arch, tensors, path), arch, path)
+    meta = {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "format_version")}
+    if raw_meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has format version {raw_meta.get('format_version')}; this explainfix reads {FORMAT_VERSION}.")
+    recorded = ArchSpec(**meta["arch"]) if meta.get("arch") else None
+    spec = arch or recorded
+    if spec is None:
+        raise UserError(f"{path} records no importable architecture; pass --arch path/to/script.py:ClassName.")
+    try:
+        model = spec.build()
+    except UserError as e:
+        raise UserError(f"{e} The file's architecture cannot be rebuilt here; pass --arch path/to/script.py:ClassName pointing at its code.") from None
+    _apply_shapes(model, meta.get("shapes", {}))
+    _load_tensors(model, tensors, path, strict=True)
+    fixed = set(meta.get("fixed", []))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in fixed)
+    return LoadedModel(model, spec, path, meta)
+
+
+def _open_exported(path: Path) -> LoadedModel:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # torch.export raises many types for foreign or damaged files
+        raise UserError(f"{path} is not a readable torch.export program ({type(e).__name__}).") from None
+    return LoadedModel(program.module(), None, path)
+
+
+def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> LoadedModel:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_checkpoint:
+            raise UserError(
+                f"{path} is a pickled Python object, and loading it runs code from the file; "
+                "pass --trust-checkpoint if you trust its source, or save a state dict and pass --arch."
+            ) from None
+        obj = _load_pickle(path)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: {e}).") from None
+    if isinstance(obj, nn.Module):
+        cls = type(obj)
+        return LoadedModel(obj, arch or ArchSpec(f"{cls.__module__}:{cls.__qualname__}"), path)
+    state = _unwrap_state_dict(obj, path)
+    if arch is None:
+        raise UserError(f"{path} is a state dict, which has no architecture; pass --arch module.path:factory.")
+    return LoadedModel(_build_with_state(arch, state, path), arch, path)
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as e:
+        raise UserError(f"{path} refers to code that cannot be imported here ({e}); import or install it first.") from None
+    except Exception as e:  # unpickling arbitrary objects can fail in any way
+        raise UserError(f"{path} could not be unpickled ({type(e).__name__}: {e}).") from None
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_WRAPPERS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+            if isinstance(inner, nn.Module):
+                return inner.state_dict()
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise UserError(f"{path} holds neither a state dict nor a model (keys: {list(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__}).")
+
+
+def _build_with_state(arch: ArchSpec, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
+    model = arch.build()
+    # DataParallel / DistributedDataParallel checkpoints prefix every key with "module."
+    if state and all(k.startswith("module.") for k in state) and not hasattr(model, "module"):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    _load_tensors(model, state, path, strict=False)
+    return model
+
+
+def _load_tensors(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, strict: bool) -> None:
+    """Load `state` into `model`, replacing tensors whose shape differs only when `strict` (ours)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not _is_optional_slot(model, k)]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{path} does not match the architecture ({what}); check --arch and --arch-kwargs.")
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape and not strict:
+            raise UserError(
+                f"{path}: {name} has shape {tuple(tensor.shape)} but the architecture expects "
+                f"{tuple(own[name].shape)}; check --arch-kwargs."
+            )
+        _set_tensor(model, name, tensor)
+
+
+def _is_optional_slot(model: nn.Module, name: str) -> bool:
+    """A tensor slot the factory leaves empty (a conv built with bias=False that pruning gave a bias)."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    return attr in module._parameters or attr in module._buffers
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor.clone(), requires_grad=tensor.is_floating_point())
+    else:
+        module._buffers[attr] = tensor.clone()
+
+
+def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per layer, the attributes that fix its tensor shapes (see SHAPE_ATTRIBUTES)."""
+    shapes: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        for cls, attrs in SHAPE_ATTRIBUTES.items():
+            if isinstance(module, cls):
+                shapes[name] = {a: _jsonable(getattr(module, a)) for a in attrs}
+    return shapes
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _apply_shapes(model: nn.Module, shapes: Mapping[str, Mapping[str, Any]]) -> None:
+    for name, attrs in shapes.items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+
+
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    arch: ArchSpec | None,
+    history: list[dict[str, Any]] | None = None,
+    report: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write `model` as one safetensors file that `load_model` rebuilds exactly (PRODUCT.md "Models out")."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    fixed = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": json.dumps(arch.to_json() if arch else None, sort_keys=True),
+        "shapes": json.dumps(shape_attributes(model), sort_keys=True),
+        "fixed": json.dumps(fixed),
+        "history": json.dumps(history or [], sort_keys=True),
+        "report": json.dumps(dict(report or {}), sort_keys=True),
+    }
+    with atomic_file(path, force) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path

@@ -1,0 +1,88 @@
+"""What a model costs and how well it does: parameters, MACs, spatial kernels, outputs and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Dataset
+from .saliency import model_output, spatial_convs
+
+
+@dataclass(frozen=True)
+class Size:
+    """Parameters, multiply-accumulates per sample, and spatial kernels (all / all-zero)."""
+
+    params: int
+    macs: int
+    spatial_kernels: int
+    zero_kernels: int
+
+
+def count_macs(model: nn.Module, sample_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of convolutions and linear layers for one input of `sample_shape`."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.modules.conv._ConvNd):
+            # a conv: every output element reads weight[0] (I/groups * kernel); a transposed conv:
+            # every input element is spread through weight[0] (O/groups * kernel)
+            elements = inputs[0][0].numel() if module.transposed else output[0].numel()
+            total += elements * module.weight[0].numel()
+        elif isinstance(module, nn.Linear):
+            total += output[0].numel() * module.in_features
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model_output(model, torch.zeros(1, *sample_shape, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def kernel_counts(model: nn.Module) -> tuple[int, int]:
+    """(all spatial kernels, all-zero spatial kernels)."""
+    kernels = [m.weight.detach().flatten(2) for _, m in spatial_convs(model)]  # (O, I/groups, kh*kw)
+    return sum(k.shape[0] * k.shape[1] for k in kernels), sum(int((k == 0).all(dim=2).sum()) for k in kernels)
+
+
+def model_size(model: nn.Module, sample_shape: tuple[int, ...]) -> Size:
+    total, zero = kernel_counts(model)
+    params = sum(p.numel() for p in model.parameters())
+    return Size(params=params, macs=count_macs(model, sample_shape), spatial_kernels=total, zero_kernels=zero)
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, data: Dataset, device: str = "cpu") -> torch.Tensor:
+    """The model's outputs on every sample of `data`, concatenated on the CPU."""
+    model.eval()
+    return torch.cat([model_output(model, x.to(device)).cpu() for x, _ in data])
+
+
+def metric(data: Dataset, out: torch.Tensor) -> float:
+    """accuracy (class labels), mean ROC AUC over classes (multi-label) or Dice at logit 0 (masks)."""
+    y = data.y[: len(out)]
+    if data.target_kind == "labels":
+        return float((out.argmax(dim=1) == y).float().mean())
+    if data.target_kind == "mask":
+        pred, truth = (out > 0).float(), (y > 0.5).float()
+        return float(2 * (pred * truth).sum() / (pred.sum() + truth.sum()).clamp_min(1e-12))
+    aucs = [_roc_auc(out[:, k], y[:, k] > 0.5) for k in range(y.shape[1])]
+    valid = [a for a in aucs if a is not None]
+    return float(sum(valid) / len(valid)) if valid else float("nan")
+
+
+def _roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """Mann-Whitney form of the ROC AUC, ties counted half; None when a class has one kind only."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    pos, neg = score[positive].double(), score[~positive].double()
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (n_pos * n_neg))

@@ -1,0 +1,62 @@
+"""Writing outputs safely: refuse to replace without --force, write to a temporary path, rename.
+
+Every command that writes goes through these two context managers, so a failure (bad input found
+late, an exception, Ctrl-C) never leaves a half-written file or folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Fail early, before any work, when `path` cannot be written."""
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass --force to replace it or choose another --out.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"the folder {parent} for the output does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"the folder {parent} is not writable; choose another --out.")
+
+
+@contextmanager
+def atomic_file(path: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
+    path = Path(path)
+    check_target(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`."""
+    path = Path(path)
+    check_target(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

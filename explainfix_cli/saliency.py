@@ -1,0 +1,165 @@
+"""METHOD.md §1: the saliency of every spatial kernel, from one forward + backward per minibatch.
+
+    L = sum(y * output);  G = dL/dW;  s[o, i] += sum_(kh, kw) |W[o, i] * G[o, i]|
+
+Gradients are taken only for spatial conv weights: every other parameter is frozen for the pass,
+so autograd builds nothing it does not need. Under `torchrun` each process takes every
+world_size-th minibatch and the score matrices are all-reduced, so the sum is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .data import Dataset
+from .errors import UserError
+
+Criterion = Literal["gradient", "magnitude"]
+
+
+def is_spatial(module: nn.Module) -> bool:
+    """A 2-D convolution whose kernel is larger than 1x1 in every dimension (METHOD vocabulary)."""
+    return isinstance(module, nn.Conv2d) and all(k > 1 for k in module.kernel_size)
+
+
+def spatial_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The spatial convolutions of `model`, in module order, by module name."""
+    return [(name, m) for name, m in model.named_modules() if is_spatial(m)]
+
+
+def require_spatial_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    convs = spatial_convs(model)
+    if not convs:
+        raise UserError("the model has no spatial convolutions (Conv2d with a kernel larger than 1x1); there is nothing to score.")
+    return convs
+
+
+def model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model(x)` with a clear error when the data does not fit the model."""
+    try:
+        out = model(x)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"the data's inputs of shape {tuple(x.shape[1:])} do not fit the model ({first}).") from None
+    if isinstance(out, (tuple, list)):  # e.g. auxiliary heads: the first output is the prediction
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"the model returns {type(out).__name__}; explainfix needs a tensor output.")
+    return out
+
+
+@contextmanager
+def _only_spatial_weights_trainable(model: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]:
+    saved = {p: p.requires_grad for p in model.parameters()}
+    ids = {id(w) for w in weights}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def spatial_gradients(model: nn.Module, data: Dataset, device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (METHOD §1).
+
+    Yields `{name: G}` with G of shape (O, I/groups, kh, kw); the model is put in eval mode.
+    """
+    convs = require_spatial_convs(model)
+    weights = [m.weight for _, m in convs]
+    rank, world = _distributed()
+    model.eval()
+    with torch.enable_grad(), _only_spatial_weights_trainable(model, weights):
+        for b, (x, y) in enumerate(data):
+            if b % world != rank:
+                continue
+            x, y = x.to(device), y.to(device)
+            out = model_output(model, x)
+            objective = (data.targets(out, y) * out).sum()
+            grads = torch.autograd.grad(objective, weights, allow_unused=True)
+            yield {
+                name: torch.zeros_like(w) if g is None else g
+                for (name, _), w, g in zip(convs, weights, grads, strict=True)
+            }
+
+
+def _accumulate(
+    model: nn.Module,
+    data: Dataset,
+    device: str,
+    per_kernel: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Sum `per_kernel(conv, G)` -> (O, I/groups) over minibatches (and processes, under torchrun)."""
+    import torch.distributed as dist
+
+    convs = require_spatial_convs(model)
+    sums = {name: torch.zeros(m.weight.shape[:2], dtype=torch.float64, device=device) for name, m in convs}
+    for grads in spatial_gradients(model, data, device):
+        for name, m in convs:
+            sums[name] += per_kernel(m, grads[name])
+    if _distributed()[1] > 1:
+        for s in sums.values():
+            dist.all_reduce(s)
+    return {k: v.cpu() for k, v in sums.items()}
+
+
+def spatial_saliency(
+    model: nn.Module,
+    data: Dataset | None,
+    criterion: Criterion = "gradient",
+    device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Kernel saliency per spatial conv, an (O, I/groups) matrix keyed by module name.
+
+    `gradient` is METHOD §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
+    """
+    convs = require_spatial_convs(model)
+    if criterion == "magnitude":
+        return {name: m.weight.detach().abs().sum(dim=(2, 3)).double().cpu() for name, m in convs}
+    if data is None:
+        raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude for the data-free fallback.")
+    return _accumulate(model, data, device, lambda m, g: (m.weight.detach() * g).abs().sum(dim=(2, 3)))
+
+
+def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
+    return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)))
+
+
+def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, criterion: Criterion) -> None:
+    """Write score matrices to safetensors (reusable by `prune --saliency`)."""
+    from safetensors.torch import save_file
+
+    from .outputs import atomic_file
+
+    with atomic_file(path, force) as tmp:  # type: ignore[arg-type]
+        save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": criterion})
+
+
+def load_saliency(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Read scores written by `save_saliency` and check they belong to `model`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        scores = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"--saliency {path} is not a readable safetensors file ({e}).") from None
+    for name, m in require_spatial_convs(model):
+        if name not in scores or tuple(scores[name].shape) != tuple(m.weight.shape[:2]):
+            raise UserError(f"--saliency {path} does not belong to this model (layer {name} missing or of another shape).")
+    return scores

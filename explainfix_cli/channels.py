@@ -19,10 +19,12 @@ may go, and keeps the removal exact:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch_pruning as tp
@@ -32,9 +34,37 @@ from torch_pruning._helpers import GroupItem
 from .data import Dataset
 from .saliency import model_output
 
+Removal = Literal["exact", "aggressive"]
+
 # relative spread below which a measured channel counts as constant (a silent channel is constant
 # to the last bit; the tolerance only absorbs summation order in pooling)
 CONSTANT_TOLERANCE = 1e-6
+
+
+class KeptChannels:
+    """The original index of every output channel, and per output row of every input offset, of a
+    conv weight (O, I/groups, ...) as channel removal cuts it: to recover the original kernels."""
+
+    def __init__(self, m: nn.Conv2d):
+        o, i = m.weight.shape[:2]
+        self.module = m
+        self.out_ids = torch.arange(o)  # (O,)
+        self.in_ids = torch.arange(i).expand(o, i)  # (O, I/groups)
+
+    def cut(self, item: GroupItem, DG: tp.DependencyGraph) -> None:
+        m, idxs = self.module, list(item.idxs)
+        if DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m):
+            stays = torch.ones(len(self.out_ids), dtype=torch.bool)
+            stays[idxs] = False
+            self.out_ids, self.in_ids = self.out_ids[stays], self.in_ids[stays]
+        else:
+            self.in_ids = _cut_grouped_inputs(self.in_ids, m.groups, idxs)
+
+    def original(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` as it was before removal, cut to the kept channels: (O', I'/groups, ...)."""
+        rows = weight[self.out_ids]  # (O', I/groups, kh, kw)
+        index = self.in_ids.reshape(*self.in_ids.shape, *[1] * (rows.dim() - 2)).expand(-1, -1, *rows.shape[2:])
+        return rows.gather(1, index)
 
 
 @dataclass
@@ -44,8 +74,7 @@ class ChannelRemoval:
     removed: int = 0  # channels removed, counted once per coupled group
     folded: int = 0  # of those, channels whose constant output was folded into readers' biases
     blocked: Counter[str] = field(default_factory=Counter)  # groups left alone, by reason
-    # per conv (by module name): the original indices of the output and input channels it kept
-    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kept: dict[str, KeptChannels] = field(default_factory=dict)  # per Conv2d, by module name
 
     def to_json(self) -> dict[str, object]:
         return {"removed": self.removed, "folded": self.folded, "blocked_groups": dict(sorted(self.blocked.items()))}
@@ -68,20 +97,31 @@ def _is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
 
 
-def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph) -> str | None:
+def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph, removal: Removal) -> str | None:
     for item in group.items:
         node, module = item.dep.target, item.dep.target.module
         # the traced graph ends at the model's outputs: a node nothing reads is one of them,
         # unless the group only enters it as that layer's input
         if node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and not _reads(item, DG)):
             return "reaches the model output"
-        if _is_grouped(module):
-            return "grouped convolution"
-        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+        if _is_grouped(module) and module.transposed:
+            return "grouped transposed convolution"
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and removal == "exact":
             return "normalisation across channels"
-        if node.type == tp.ops.OPTYPE.ELEMENTWISE and any(k in str(module) for k in ("Transpose", "Permute")):
-            return "channel permutation (e.g. channel shuffle)"
+        if _is_channel_shuffle(node):
+            return "channel shuffle"
     return None
+
+
+def _is_channel_shuffle(node: tp.Node) -> bool:
+    """view → transpose (→ reshape): channels regrouped across the channel axis (ShuffleNet).
+    torch-pruning reads the transpose as an element-wise op and would pair the wrong channels; a
+    permute that only moves the channel axis (channels-last LayerNorm) follows no view and is fine."""
+    return (
+        node.type == tp.ops.OPTYPE.ELEMENTWISE
+        and any(k in str(node.module) for k in ("Transpose", "Permute"))
+        and any(i.type == tp.ops.OPTYPE.RESHAPE for i in node.inputs)
+    )
 
 
 def _reads(item: GroupItem, DG: tp.DependencyGraph) -> bool:
@@ -107,9 +147,16 @@ def _ignored(reader: _Reader) -> torch.Tensor:
     w = reader.module.weight.detach()
     if isinstance(reader.module, nn.Linear):
         return (w[:, reader.local] == 0).all(dim=0)
-    if reader.module.transposed:  # (I, O/groups, kh, kw)
-        return (w[reader.local] == 0).flatten(1).all(dim=1)
-    return (w[:, reader.local] == 0).transpose(0, 1).flatten(1).all(dim=1)  # (O, I, kh, kw) -> (n,)
+    if not reader.module.transposed:  # transposed weights are already (I, O/groups, kh, kw)
+        w = _by_input_channel(w, reader.module.groups)
+    return (w[reader.local] == 0).flatten(1).all(dim=1)
+
+
+def _by_input_channel(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """(O, I/groups, ...) -> (I, O/groups, ...): for each input channel, the weights that read it
+    (input channel g * I/groups + j is read by the rows of group g, at column j)."""
+    o, per_group = w.shape[:2]
+    return w.reshape(groups, o // groups, per_group, *w.shape[2:]).transpose(1, 2).flatten(0, 1)
 
 
 def _fold_is_exact(m: nn.Module) -> bool:
@@ -182,18 +229,48 @@ def channel_groups(DG: tp.DependencyGraph) -> list[tp.Group]:
     return list(DG.get_all_groups(root_module_types=roots))
 
 
-def remove_dead_channels(
-    model: nn.Module,
-    example: torch.Tensor,
-    data: Dataset | None,
-    device: str = "cpu",
-) -> ChannelRemoval:
-    """Remove, in place, every channel whose removal is exact (see the module docstring)."""
-    DG = build_graph(model, example)
-    result = ChannelRemoval()
-    candidates: list[tuple[tp.Group, list[_Reader]]] = []
+def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
+    """Shrink `removable` (per root channel) until every grouped conv loses as many channels in
+    each of its groups, the only cut an `nn.Conv2d(groups=g)` can represent. Keeping a channel is
+    always exact, so this only gives up removals."""
+    constraints = []
+    for item in group.items:
+        m = item.dep.target.module
+        if _is_grouped(m):
+            size = (m.out_channels if DG.is_out_channel_pruning_fn(item.dep.handler) else m.in_channels) // m.groups
+            local = torch.tensor(item.idxs)
+            constraints.append((torch.tensor(item.root_idxs), local // size, m.groups))
+    removable = removable.clone()
+    changed = bool(constraints)
+    while changed:
+        changed = False
+        for root, conv_group, groups in constraints:
+            chosen = removable[root]
+            counts = torch.bincount(conv_group[chosen], minlength=groups)
+            for g in (counts > counts.min()).nonzero().flatten().tolist():
+                surplus = (chosen & (conv_group == g)).nonzero().flatten()[int(counts.min()) :]
+                removable[root[surplus]] = False
+                changed = True
+    return removable
+
+
+def _silent(group: tp.Group, DG: tp.DependencyGraph, n_root: int) -> torch.Tensor:
+    """(n_root,) True where every conv or linear layer writing the channel has all-zero weights."""
+    silent = torch.ones(n_root, dtype=torch.bool)
+    for item in group.items:
+        m = item.dep.target.module
+        if DG.is_out_channel_pruning_fn(item.dep.handler) and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            w = m.weight.detach().transpose(0, 1) if getattr(m, "transposed", False) else m.weight.detach()
+            zero = (w[list(item.idxs)] == 0).flatten(1).all(dim=1)
+            silent[torch.tensor(item.root_idxs)[~zero]] = False
+    return silent
+
+
+def _candidates(DG: tp.DependencyGraph, removal: Removal, result: ChannelRemoval) -> list[tuple[tp.Group, list[_Reader]]]:
+    """The groups whose channels may leave, with their terminal readers; the rest is counted as blocked."""
+    candidates = []
     for group in channel_groups(DG):
-        reason = _blocking_reason(group, DG)
+        reason = _blocking_reason(group, DG, removal)
         readers = _terminal_readers(group, DG)
         if reason is None and not readers:
             reason = "no layer reads it"
@@ -201,61 +278,139 @@ def remove_dead_channels(
             result.blocked[reason] += 1
         else:
             candidates.append((group, readers))
+    return candidates
+
+
+def _representable(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
+    """Keep at least one channel, and balance the cut across the groups of grouped convs."""
+    removable = removable.clone()
+    if bool(removable.all()):
+        removable[0] = False
+    return _balanced(removable, group, DG)
+
+
+def remove_dead_channels(
+    model: nn.Module,
+    example: torch.Tensor,
+    data: Dataset | None,
+    device: str = "cpu",
+    removal: Removal = "exact",
+) -> ChannelRemoval:
+    """Remove, in place, every channel whose removal is exact (see the module docstring).
+
+    `removal="aggressive"` is the paper's original rule: a channel also goes when all its writers
+    are silent, with no fold, whatever that changes (for users who fine-tune afterwards).
+    """
+    DG = build_graph(model, example)
+    result = ChannelRemoval()
+    candidates = _candidates(DG, removal, result)
     ranges = _InputRange(r.module for _, readers in candidates for r in readers)
-    if data is not None:
+    if data is not None and removal == "exact":
         ranges.measure(model, data, device)
 
     plan: list[tuple[nn.Module, list[int]]] = []
     for group, readers in candidates:
         n_root = len(group.items[0].idxs)
-        blocked = torch.zeros(n_root, dtype=torch.long)  # per root channel: readers that still need it
+        needed = torch.zeros(n_root, dtype=torch.long)  # per root channel: readers that still need it
         decisions = []
         for r in readers:
             ignored = _ignored(r)
             const, value = ranges.constants(r.module, r.local)
             foldable = const & _fold_is_exact(r.module)
-            blocked.index_add_(0, r.root, (~(ignored | foldable)).long())
+            needed.index_add_(0, r.root, (~(ignored | foldable)).long())
             decisions.append((r, ignored, value))
-        removable = (blocked == 0).nonzero().flatten()
-        if len(removable) == n_root:  # a layer needs at least one channel: keep the first
-            removable = removable[1:]
-        if len(removable) == 0:
+        removable = needed == 0
+        if removal == "aggressive":
+            removable |= _silent(group, DG, n_root)
+        removable = _representable(removable, group, DG)
+        if not removable.any():
             continue
-        is_removed = torch.zeros(n_root, dtype=torch.bool)
-        is_removed[removable] = True
         folded = torch.zeros(n_root, dtype=torch.bool)
         for r, ignored, value in decisions:
-            to_fold = (is_removed[r.root] & ~ignored).nonzero().flatten()
-            if len(to_fold):
+            to_fold = (removable[r.root] & ~ignored).nonzero().flatten()
+            if removal == "exact" and len(to_fold):
                 _fold(r, to_fold, value[to_fold])
                 folded[r.root[to_fold]] = True
-        plan.append((group.items[0].dep.target.module, removable.tolist()))
-        result.removed += len(removable)
+        plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
+        result.removed += int(removable.sum())
         result.folded += int(folded.sum())
-
-    kept = {m: [torch.arange(m.weight.shape[0]), torch.arange(m.weight.shape[1])] for m in model.modules()
-            if isinstance(m, nn.modules.conv._ConvNd)}
-    for root, idxs in plan:
-        group = DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs)
-        _track_kept(kept, group, DG)
-        group.prune()
-    names = {m: name for name, m in model.named_modules()}
-    result.kept = {names[m]: (ids[0], ids[1]) for m, ids in kept.items()}
+    result.kept = _cut(model, DG, plan)
     return result
 
 
-def _track_kept(kept: dict[nn.Module, list[torch.Tensor]], group: tp.Group, DG: tp.DependencyGraph) -> None:
-    """Mirror the group's cuts on the original-index vectors of each conv weight's first two dims."""
+def _channel_saliency(group: tp.Group, DG: tp.DependencyGraph, scores: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Per root channel, the summed saliency of every spatial kernel that reads or writes it."""
+    total = torch.zeros(len(group.items[0].idxs), dtype=torch.float64)
+    found = False
     for item in group.items:
         m = item.dep.target.module
-        if m not in kept:
+        s = scores.get(DG._module2name.get(m, ""))
+        if s is None:
             continue
-        is_out = DG.is_out_channel_pruning_fn(item.dep.handler)
-        # weight layout: conv (O, I/groups, ...), transposed conv (I, O/groups, ...); depthwise has I/groups = 1
-        dim = int(is_out == m.transposed)
-        if dim == 1 and _is_depthwise(m):
+        found = True
+        if DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m):
+            per_channel = s.sum(dim=1)  # (O,)
+        else:
+            per_channel = _by_input_channel(s, m.groups).sum(dim=1)  # (I,)
+        total.index_add_(0, torch.tensor(item.root_idxs), per_channel[list(item.idxs)].double())
+    return total if found else None
+
+
+def remove_least_salient_channels(
+    model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor], pct: float
+) -> ChannelRemoval:
+    """`--granularity channel` (METHOD §3): in every coupled group that holds spatial kernels,
+    remove the `floor(pct/100 * channels)` channels of least summed kernel saliency (ties: lower
+    index first). The output changes; the caller measures by how much."""
+    DG = build_graph(model, example)
+    result = ChannelRemoval()
+    plan: list[tuple[nn.Module, list[int]]] = []
+    for group, _ in _candidates(DG, "aggressive", result):
+        saliency = _channel_saliency(group, DG, scores)
+        if saliency is None:
             continue
-        ids = kept[m][dim]
-        stays = torch.ones(len(ids), dtype=torch.bool)
-        stays[list(item.idxs)] = False
-        kept[m][dim] = ids[stays]
+        removable = torch.zeros(len(saliency), dtype=torch.bool)
+        removable[torch.sort(saliency, stable=True).indices[: math.floor(pct / 100 * len(saliency))]] = True
+        removable = _representable(removable, group, DG)
+        if removable.any():
+            plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
+            result.removed += int(removable.sum())
+    result.kept = _cut(model, DG, plan)
+    return result
+
+
+def _cut(model: nn.Module, DG: tp.DependencyGraph, plan: list[tuple[nn.Module, list[int]]]) -> dict[str, KeptChannels]:
+    """Remove each group-root's channels in `plan` from every member of its group."""
+    kept = {m: KeptChannels(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    for root, idxs in plan:
+        group = DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs)
+        grouped_inputs = _grouped_input_cuts(group, DG)
+        for item in group.items:
+            if item.dep.target.module in kept:
+                kept[item.dep.target.module].cut(item, DG)
+        group.prune()
+        for m, weight, idxs_in in grouped_inputs:
+            # torch-pruning cuts a grouped conv's inputs at the same offsets in every group;
+            # ours differ per group, so cut the weight again from its pre-pruning copy
+            m.weight = nn.Parameter(_cut_grouped_inputs(weight, m.groups, idxs_in), requires_grad=weight.requires_grad)
+    names = {m: name for name, m in model.named_modules()}
+    return {names[m]: k for m, k in kept.items()}
+
+
+def _cut_grouped_inputs(t: torch.Tensor, groups: int, idxs: list[int]) -> torch.Tensor:
+    """Remove input channels `idxs` (indices into I) from a (O, I/groups, ...) tensor, group by group."""
+    out_per_group, in_per_group = t.shape[0] // groups, t.shape[1]
+    cut = set(idxs)
+    rows = []
+    for g in range(groups):
+        keep = [j for j in range(in_per_group) if g * in_per_group + j not in cut]
+        rows.append(t[g * out_per_group : (g + 1) * out_per_group, keep])
+    return torch.cat(rows)
+
+
+def _grouped_input_cuts(group: tp.Group, DG: tp.DependencyGraph) -> list[tuple[nn.Module, torch.Tensor, list[int]]]:
+    return [
+        (item.dep.target.module, item.dep.target.module.weight.detach().clone(), list(item.idxs))
+        for item in group.items
+        if _is_grouped(item.dep.target.module) and not DG.is_out_channel_pruning_fn(item.dep.handler)
+    ]

@@ -1,9 +1,9 @@
 """Models in (safetensors, state dict + architecture, trusted pickle, torch.export) and out.
 
-The output format is one `.safetensors` file: every tensor of the model plus string metadata
-(format version, the architecture factory and kwargs, the shape attributes of every layer so a
-pruned model can be rebuilt, which tensors are fixed, the history and the report). Reading it
-never unpickles anything.
+The output format is one `.safetensors` file: every tensor of the model plus one metadata string,
+`explainfix`, a JSON object with the format version, the architecture factory and kwargs, the
+shape attributes of every layer (so a pruned model can be rebuilt), which tensors are fixed, the
+history and the report. Reading it never unpickles anything.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import importlib.util
 import json
 import pickle
 import sys
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +134,8 @@ def open_model(
         loaded = _open_exported(path)
     else:
         loaded = _open_torch(path, arch, trust_checkpoint)
-    loaded.model.eval()
+    if path.suffix != ".pt2":  # an exported program's mode is fixed at export; its module refuses eval()
+        loaded.model.eval()
     return loaded
 
 
@@ -156,13 +156,13 @@ def _open_safetensors(path: Path, arch: ArchSpec | None) -> LoadedModel:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}).") from None
-    if raw_meta.get("format") != FORMAT:
+    if FORMAT not in raw_meta:
         if arch is None:
             raise UserError(f"{path} holds bare tensors with no architecture; pass --arch module.path:factory.")
         return LoadedModel(_build_with_state(arch, tensors, path), arch, path)
-    meta = {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "format_version")}
-    if raw_meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has format version {raw_meta.get('format_version')}; this explainfix reads {FORMAT_VERSION}.")
+    meta = json.loads(raw_meta[FORMAT])
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has format version {meta.get('format_version')}; this explainfix reads {FORMAT_VERSION}.")
     recorded = ArchSpec(**meta["arch"]) if meta.get("arch") else None
     spec = arch or recorded
     if spec is None:
@@ -197,8 +197,8 @@ def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> Lo
                 "pass --trust-checkpoint if you trust its source, or save a state dict and pass --arch."
             ) from None
         obj = _load_pickle(path)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: {e}).") from None
+    except Exception as e:  # the weights-only unpickler runs no code; any other failure means a damaged or foreign file
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: {type(e).__name__}: {e}).") from None
     if isinstance(obj, nn.Module):
         cls = type(obj)
         return LoadedModel(obj, arch or ArchSpec(f"{cls.__module__}:{cls.__qualname__}"), path)
@@ -259,7 +259,10 @@ def _load_tensors(model: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
 def _is_optional_slot(model: nn.Module, name: str) -> bool:
     """A tensor slot the factory leaves empty (a conv built with bias=False that pruning gave a bias)."""
     owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner)
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:  # a tensor of another architecture: no such layer here
+        return False
     return attr in module._parameters or attr in module._buffers
 
 
@@ -309,14 +312,19 @@ def save_model(
     # clone: safetensors refuses tensors that share memory (tied weights)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     fixed = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    # one metadata entry: safetensors stores several in hash order, which would break byte-identical output
     metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "arch": json.dumps(arch.to_json() if arch else None, sort_keys=True),
-        "shapes": json.dumps(shape_attributes(model), sort_keys=True),
-        "fixed": json.dumps(fixed),
-        "history": json.dumps(history or [], sort_keys=True),
-        "report": json.dumps(dict(report or {}), sort_keys=True),
+        FORMAT: json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "arch": arch.to_json() if arch else None,
+                "shapes": shape_attributes(model),
+                "fixed": fixed,
+                "history": history or [],
+                "report": dict(report or {}),
+            },
+            sort_keys=True,
+        )
     }
     with atomic_file(path, force) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -43,6 +43,11 @@ class CriterionOpt(str, Enum):
     magnitude = "magnitude"
 
 
+class RemovalOpt(str, Enum):
+    exact = "exact"
+    aggressive = "aggressive"
+
+
 class FillOpt(str, Enum):
     zero = "zero"
     reset = "reset"
@@ -241,6 +246,7 @@ def prune(
     saliency_file: Annotated[Path | None, typer.Option("--saliency", help="Reuse scores written by `explainfix saliency`.")] = None,
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
+    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that do not change the output (constants folded). aggressive: also drop silent channels unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
     no_fix: Annotated[bool, typer.Option("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
@@ -264,8 +270,6 @@ def prune(
 
         if not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
-        if granularity is Granularity.channel:
-            raise UserError("--granularity channel is not available yet; use --granularity kernel.")
         if criterion is CriterionOpt.gradient and data is None and saliency_file is None:
             raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
@@ -275,7 +279,7 @@ def prune(
         scores = load_saliency(str(saliency_file), loaded.model) if saliency_file else None
         with _working("pruning", as_json):
             _, report = prune_model(
-                loaded.model, dataset, pct=pct, criterion=criterion.value, scores=scores, fill=fill.value,
+                loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=criterion.value, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
                 device=device, sample_shape=_input_size(input_size),
             )
@@ -298,7 +302,7 @@ def explain(
     data: DataOpt = None,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to explain with integrated gradients (needs --data; 0 for none).")] = 4,
-    log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour and bar scales in the spectra figures.")] = False,
+    log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,

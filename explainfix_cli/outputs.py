@@ -27,6 +27,12 @@ def check_target(path: Path, force: bool) -> None:
         raise UserError(f"the folder {parent} is not writable; choose another --out.")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
@@ -34,6 +40,7 @@ def atomic_file(path: Path, force: bool) -> Iterator[Path]:
     check_target(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); outputs get the usual mode
     try:
         yield Path(tmp)
         if path.is_dir():
@@ -50,6 +57,7 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     path = Path(path)
     check_target(path, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private (0700); outputs get the usual mode
     try:
         yield tmp
         if path.is_dir():

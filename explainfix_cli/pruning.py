@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .channels import ChannelRemoval, remove_dead_channels
+from .channels import ChannelRemoval, Removal, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
 from .data import Dataset
 from .errors import UserError
@@ -21,6 +21,7 @@ from .outputs import check_target
 from .saliency import Criterion, require_spatial_convs, spatial_saliency
 
 Fill = Literal["zero", "reset", "fillzero"]
+Granularity = Literal["kernel", "channel"]
 
 
 def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
@@ -103,6 +104,7 @@ class PruneReport:
     granularity: str
     criterion: str
     fill: str
+    removal: str
     fixed_tensors: int
     seconds: float
     out: str | None
@@ -116,9 +118,11 @@ def prune(
     data: Dataset | None,
     *,
     pct: float = 50.0,
+    granularity: Granularity = "kernel",
     criterion: Criterion = "gradient",
     scores: dict[str, torch.Tensor] | None = None,
     fill: Fill = "zero",
+    removal: Removal = "exact",
     fix: bool = True,
     arch: ArchSpec | None = None,
     history: list[dict[str, Any]] | None = None,
@@ -130,7 +134,8 @@ def prune(
 ) -> tuple[nn.Module, PruneReport]:
     """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
-    `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
+    With `granularity="channel"` whole channels are ranked and removed instead (§3), and
+    `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
     input size for tracing and MACs, and no output-based numbers are reported.
     """
     start = time.perf_counter()
@@ -151,13 +156,17 @@ def prune(
     out_before = outputs(model, data, device) if data is not None else None
 
     original = {name: conv.weight.detach().clone() for name, conv in convs}
-    masks = zero_least_salient(model, scores, pct)
-    out_zeroed = outputs(model, data, device) if data is not None else None
-
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
-    removal: ChannelRemoval = remove_dead_channels(model, example, data, device)
+    removed: ChannelRemoval
+    if granularity == "kernel":
+        masks = zero_least_salient(model, scores, pct)
+        out_zeroed = outputs(model, data, device) if data is not None else None
+        removed = remove_dead_channels(model, example, data, device, removal)
+    else:  # nothing is zeroed: the removal is measured against the original model
+        masks, out_zeroed = {}, out_before
+        removed = remove_least_salient_channels(model, example, scores, pct)
     out_removed = outputs(model, data, device) if data is not None else None
-    remaining = {name: w[removal.kept[name][0]][:, removal.kept[name][1]] for name, w in original.items()}
+    remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
     fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
 
     fixed = fix_spatial_filters(model) if fix else []
@@ -169,9 +178,9 @@ def prune(
         spatial_kernels_before=before.spatial_kernels,
         spatial_kernels_after=after.spatial_kernels,
         zeroed_kernels=sum(int(m.sum()) for m in masks.values()),
-        channels_removed=removal.removed,
-        channels_folded=removal.folded,
-        blocked_groups=dict(sorted(removal.blocked.items())),
+        channels_removed=removed.removed,
+        channels_folded=removed.folded,
+        blocked_groups=dict(sorted(removed.blocked.items())),
         macs_before=before.macs,
         macs_after=after.macs,
         max_logit_change=_max_change(out_removed, out_zeroed),
@@ -180,9 +189,10 @@ def prune(
         metric_before=metric(data, out_before) if data is not None and out_before is not None else None,
         metric_after=metric(data, out_after) if data is not None and out_after is not None else None,
         pct=pct,
-        granularity="kernel",
+        granularity=granularity,
         criterion=criterion,
         fill=fill,
+        removal=removal,
         fixed_tensors=len(fixed),
         seconds=0.0,
         out=str(out) if out is not None else None,

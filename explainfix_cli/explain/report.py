@@ -1,0 +1,191 @@
+"""`explain`: spectra, figures and attributions of a model, written as one report folder."""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from explainfix_cli.data import Dataset
+from explainfix_cli.errors import UserError
+from explainfix_cli.explain import figures
+from explainfix_cli.explain.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
+from explainfix_cli.outputs import atomic_dir, check_target
+from explainfix_cli.saliency import gradient_weights, require_spatial_convs
+
+SPECTRA_FILE = "spectra.json"
+INDEX_FILE = "index.html"
+
+
+@dataclass(frozen=True)
+class FigureFile:
+    """A figure in the report folder: its file name there and a one-line caption."""
+
+    name: str
+    caption: str
+
+
+@dataclass
+class ExplainResult:
+    """What `explain` measured and wrote (PRODUCT.md, `explain --json`)."""
+
+    out: Path
+    layers: list[LayerSpectra]
+    figures: list[FigureFile]
+    saliency_weighted: bool
+    seconds: dict[str, float]  # wall time per stage: saliency, spectra, attributions, figures
+
+    def spectra_json(self) -> dict[str, Any]:
+        """The measurements alone, as written to `spectra.json` (identical across runs)."""
+        return {
+            "saliency_weighted": self.saliency_weighted,
+            "low_frequency_share_definition": LOW_FREQUENCY_DEFINITION,
+            "layers": [s.to_json() for s in self.layers],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            **self.spectra_json(),
+            "figures": [{"path": str(self.out / f.name), "caption": f.caption} for f in self.figures],
+            "spectra": str(self.out / SPECTRA_FILE),
+            "index": str(self.out / INDEX_FILE),
+            "seconds": self.seconds,
+        }
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - start, 4)
+
+
+def explain(
+    model: nn.Module,
+    data: Dataset | None,
+    out_dir: Path,
+    *,
+    fmt: str = "png",
+    attributions: int = 4,
+    force: bool = False,
+    log_scale: bool = False,
+    device: str = "cpu",
+) -> ExplainResult:
+    """ExplainSteer spectra of every spatial conv (METHOD.md §5), their figures, and attributions.
+
+    With `data`, kernels are weighted by their saliency (one forward + backward per minibatch)
+    and the first `attributions` inputs get an integrated-gradients map; without it the spectra
+    are plain averages. `model` must already be on `device`. Everything lands in `out_dir`,
+    which appears only once complete.
+    """
+    if fmt not in figures.FORMATS:
+        raise UserError(f"figure format {fmt!r} is not supported; use one of {', '.join(figures.FORMATS)}.")
+    if attributions < 0:
+        raise UserError(f"--attributions must be 0 or more, not {attributions}.")
+    out_dir = Path(out_dir)
+    convs = require_spatial_convs(model)
+    check_target(out_dir, force)  # fail before the expensive part, not after it
+
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "saliency"):
+        weights = gradient_weights(model, data, device) if data is not None else None
+    with _timed(seconds, "spectra"):
+        layers = [layer_spectra(name, conv.weight, None if weights is None else weights[name]) for name, conv in convs]
+    attributed = None
+    if data is not None and attributions > 0:
+        from explainfix_cli.explain.attributions import integrated_gradients
+
+        with _timed(seconds, "attributions"):
+            attributed = integrated_gradients(model, data, attributions, device)
+
+    with _timed(seconds, "figures"), atomic_dir(out_dir, force) as tmp:
+        first_name, first_conv = convs[0]
+        written = _draw_spectra(layers, tmp, fmt, log_scale)
+        written.append(FigureFile(f"kernels.{fmt}", f"The kernels of the first spatial layer, {first_name}."))
+        figures.draw_kernels(first_name, first_conv.weight, tmp / written[-1].name)
+        if weights is not None:
+            written.append(
+                FigureFile(f"kernel_saliency.{fmt}", f"How much each kernel of {first_name} matters on the data.")
+            )
+            figures.draw_kernel_saliency(first_name, weights[first_name], tmp / written[-1].name, log_scale)
+        if attributed is not None:
+            written.append(
+                FigureFile(f"attributions.{fmt}", f"Input pixels that drive the target output ({attributed.method}).")
+            )
+            figures.draw_attributions(
+                attributed.images,
+                attributed.attributions,
+                attributed.captions,
+                attributed.method,
+                tmp / written[-1].name,
+            )
+        result = ExplainResult(out_dir, layers, written, weights is not None, seconds)
+        (tmp / SPECTRA_FILE).write_text(json.dumps(result.spectra_json(), indent=2) + "\n")
+        (tmp / INDEX_FILE).write_text(_index_html(result))
+    return result
+
+
+def _draw_spectra(layers: list[LayerSpectra], folder: Path, fmt: str, log_scale: bool) -> list[FigureFile]:
+    """Heatmap, frequency profiles and basis per kernel shape: e_d of different sizes do not align."""
+    by_shape: dict[tuple[int, int], list[tuple[int, LayerSpectra]]] = {}
+    for depth, spectra in enumerate(layers):
+        by_shape.setdefault(spectra.kernel_shape, []).append((depth, spectra))
+    written = []
+    for (kh, kw), group in by_shape.items():
+        size = f"{kh}x{kw}"
+        heatmap = FigureFile(
+            f"spectra_{size}.{fmt}",
+            f"Share of each {size} layer's energy on each DCT-II basis vector, low to high frequency "
+            "(ExplainSteer e_d), with totals per layer and per basis vector.",
+        )
+        profile = FigureFile(
+            f"profile_{size}.{fmt}",
+            f"Vertical, horizontal and combined frequency profile (e_1, e_0) of each {size} layer.",
+        )
+        basis = FigureFile(f"dct_basis_{size}.{fmt}", f"The {size} DCT-II basis vectors the spectra refer to.")
+        figures.draw_heatmap(group, folder / heatmap.name, log_scale)
+        figures.draw_curves(group, folder / profile.name)
+        figures.draw_basis(kh, kw, folder / basis.name)
+        written += [heatmap, profile, basis]
+    return written
+
+
+def _index_html(result: ExplainResult) -> str:
+    rows = "\n".join(
+        f"<tr><td>{i}</td><td>{html.escape(s.name)}</td><td>{s.kernel_shape[0]}x{s.kernel_shape[1]}</td>"
+        f"<td>{s.low_frequency_share:.3f}</td></tr>"
+        for i, s in enumerate(result.layers)
+    )
+    shown = "\n".join(_figure_html(f) for f in result.figures)
+    weighting = "weighted by kernel saliency on the data" if result.saliency_weighted else "unweighted (no data)"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>explainfix explain</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:auto}} img{{max-width:100%}}
+td,th{{padding:2px 8px;text-align:left}} figure{{margin:2em 0}}</style></head>
+<body><h1>Which spatial frequencies each layer uses</h1>
+<p>ExplainSteer spectra, {weighting}. Numbers: <a href="{SPECTRA_FILE}">{SPECTRA_FILE}</a>.
+Low-frequency share: {html.escape(LOW_FREQUENCY_DEFINITION)}.</p>
+<table><tr><th>depth</th><th>layer</th><th>kernel</th><th>low-frequency share</th></tr>
+{rows}
+</table>
+{shown}
+</body></html>
+"""
+
+
+def _figure_html(figure: FigureFile) -> str:
+    src = html.escape(figure.name)
+    # Browsers show PNG and SVG in <img>; a PDF needs an embedded viewer.
+    if figure.name.endswith(".pdf"):
+        shown = f'<object data="{src}" type="application/pdf" width="900" height="600"></object>'
+    else:
+        shown = f'<img src="{src}" alt="{html.escape(figure.caption)}">'
+    return f"<figure>{shown}<figcaption>{html.escape(figure.caption)}</figcaption></figure>"

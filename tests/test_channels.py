@@ -1,0 +1,142 @@
+"""METHOD §3 channel removal on hand-built networks whose answer is known."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from explainfix_cli.channels import remove_dead_channels, remove_least_salient_channels
+from explainfix_cli.data import Dataset
+
+torch.manual_seed(0)
+X = torch.randn(32, 1, 8, 8)
+DATA = Dataset(X, torch.zeros(32, dtype=torch.long), batch_size=16)
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(0.2, 1)  # positive shift: silent channels survive the ReLU as constants
+    return model.eval()
+
+
+def run(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X)
+
+
+def test_silent_channels_are_folded_into_the_linear_bias() -> None:
+    model = randomise_bn(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ))
+    conv, bn, fc = model[0], model[1], model[5]
+    with torch.no_grad():
+        conv.weight[1:3] = 0  # channels 1 and 2 are silent: conv bias → BN → ReLU, a constant
+    before = run(model)
+    # by hand: the constant each silent channel carries, and what it adds to the logits
+    const = torch.relu((conv.bias[1:3] - bn.running_mean[1:3]) / torch.sqrt(bn.running_var[1:3] + bn.eps) * bn.weight[1:3] + bn.bias[1:3])
+    expected_bias = fc.bias + fc.weight[:, 1:3] @ const
+    result = remove_dead_channels(model, X[:1], DATA)
+    assert (result.removed, result.folded) == (2, 2)
+    assert conv.out_channels == 2 and fc.in_features == 2
+    torch.testing.assert_close(fc.bias.detach(), expected_bias.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(model), before, rtol=0, atol=1e-5)
+
+
+def test_channels_no_reader_uses_leave_without_data() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[2].weight[:, 3] = 0  # every kernel reading channel 3 is zero
+    before = run(model)
+    result = remove_dead_channels(model, X[:1], None)
+    assert result.removed == 1 and model[0].out_channels == 3 and model[2].in_channels == 3
+    torch.testing.assert_close(run(model), before, rtol=0, atol=1e-6)
+    assert model[2].out_channels == 2  # the model's output channels never leave
+
+
+def test_silent_channel_before_zero_padding_stays_unless_aggressive() -> None:
+    model = randomise_bn(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1),
+    ))
+    with torch.no_grad():
+        model[0].weight[0] = 0  # silent, but the next conv pads it with zeros: not a constant there
+    exact = copy.deepcopy(model)
+    assert remove_dead_channels(exact, X[:1], DATA).removed == 0
+    before = run(model)
+    assert remove_dead_channels(model, X[:1], DATA, removal="aggressive").removed == 1
+    assert (run(model) - before).abs().max() > 1e-3  # the paper's rule changes the output
+
+
+def test_grouped_convolutions_lose_the_same_number_of_channels_per_group() -> None:
+    model = randomise_bn(nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    ))
+    grouped = model[3]
+    with torch.no_grad():
+        # inputs 0, 1 (group 0) and 5 (group 1) are ignored by every kernel that reads them
+        grouped.weight[0:4, 0] = 0
+        grouped.weight[0:4, 1] = 0
+        grouped.weight[4:8, 1] = 0
+    before = run(model)
+    original = grouped.weight.detach().clone()
+    result = remove_dead_channels(model, X[:1], DATA)
+    # group 0 could lose 2, group 1 only 1: the balanced cut removes one from each (0 and 5)
+    assert model[0].out_channels == 6 and grouped.in_channels == 6 and grouped.groups == 2
+    torch.testing.assert_close(run(model), before, rtol=0, atol=1e-5)
+    kept = result.kept["3"]
+    assert kept.in_ids[:4].tolist() == [[1, 2, 3]] * 4 and kept.in_ids[4:].tolist() == [[0, 2, 3]] * 4
+    torch.testing.assert_close(kept.original(original), grouped.weight.detach())
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b(channel_shuffle(torch.relu(self.a(x)), 2)).mean(dim=(2, 3)))
+
+
+def test_channel_shuffle_is_left_whole() -> None:
+    model = ShuffleNet().eval()
+    with torch.no_grad():
+        model.b.weight[:, 0] = 0  # tempting, but channel 0 of `a` is not channel 0 after the shuffle
+    before = run(model)
+    result = remove_dead_channels(model, X[:1], DATA)
+    assert result.blocked["channel shuffle"] == 1 and model.a.out_channels == 8
+    torch.testing.assert_close(run(model), before)
+
+
+def test_layer_norm_across_channels_blocks_exact_removal() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(1, 4), nn.Conv2d(4, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[2].weight[:, 1] = 0
+    assert remove_dead_channels(copy.deepcopy(model), X[:1], DATA).blocked["normalisation across channels"] == 1
+    assert remove_dead_channels(model, X[:1], DATA, removal="aggressive").removed == 1
+
+
+def test_channel_granularity_removes_the_least_salient_per_group() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    first = torch.tensor([[4.0], [1.0], [3.0], [0.5]])  # (O, I) of layer 0
+    second = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 0.5, 0.0, 3.0]])  # layer 2
+    # channel saliency = written (row of layer 0) + read (column of layer 2): 7, 1.5, 4, 3.5
+    original = model[0].weight.detach().clone()
+    result = remove_least_salient_channels(model, X[:1], {"0": first, "2": second}, pct=50)
+    assert result.removed == 2 and model[0].out_channels == 2
+    torch.testing.assert_close(model[0].weight.detach(), original[[0, 2]])

@@ -1,0 +1,344 @@
+"""Models in and out (PRODUCT.md "Models in", "Models out"): every format loads, saves round-trip."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import stat
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from explainfix_cli.checkpoints import ArchSpec, load_model, open_model, parse_arch, save_model
+from explainfix_cli.errors import UserError
+from explainfix_cli.fixed import fix_spatial_filters
+from explainfix_cli.outputs import atomic_dir, atomic_file
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+RESNET = ArchSpec("explainfix_cli.zoo:resnet", {"num_classes": 10, "in_channels": 1})
+
+
+def _sample(name: str) -> Path:
+    path = SAMPLES / name
+    if not path.is_file():
+        pytest.skip(f"sample file {name} is not there (yet)")
+    return path
+
+
+def _x(n: int = 4, c: int = 1, size: int = 16) -> torch.Tensor:
+    return torch.randn(n, c, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def resnet_reference() -> torch.Tensor:
+    """The sample resnet's outputs, built straight from the factory and its plain state dict."""
+    model = RESNET.build()
+    model.load_state_dict(torch.load(_sample("resnet.pt"), weights_only=True))
+    return _out(model, _x())
+
+
+# ---- each format loads -------------------------------------------------------------------------
+def test_safetensors_loads_without_arch(resnet_reference: torch.Tensor) -> None:
+    loaded = open_model(_sample("resnet.safetensors"))
+    assert loaded.arch == RESNET
+    assert not loaded.model.training
+    assert torch.allclose(_out(loaded.model, _x()), resnet_reference, atol=1e-6)
+
+
+def test_state_dict_with_arch(resnet_reference: torch.Tensor) -> None:
+    model = load_model(_sample("resnet.pt"), arch=RESNET)
+    assert torch.equal(_out(model, _x()), resnet_reference)
+
+
+def test_state_dict_with_arch_from_command_line_strings(resnet_reference: torch.Tensor) -> None:
+    spec = parse_arch("explainfix_cli.zoo:resnet", '{"num_classes": 10, "in_channels": 1}')
+    assert spec == RESNET
+    assert torch.equal(_out(load_model(_sample("resnet.pt"), arch=spec), _x()), resnet_reference)
+
+
+def test_wrapped_state_dict(resnet_reference: torch.Tensor) -> None:
+    model = load_model(_sample("resnet_wrapped.pt"), arch=RESNET)
+    assert torch.equal(_out(model, _x()), resnet_reference)
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model_state_dict"])
+def test_common_wrappers_in_tmp(tmp_path: Path, key: str, resnet_reference: torch.Tensor) -> None:
+    state = torch.load(_sample("resnet.pt"), weights_only=True)
+    path = tmp_path / "wrapped.pth"
+    torch.save({key: state, "epoch": 3, "note": "hello"}, path)
+    assert torch.equal(_out(load_model(path, arch=RESNET), _x()), resnet_reference)
+
+
+def test_dataparallel_prefix(tmp_path: Path, resnet_reference: torch.Tensor) -> None:
+    state = torch.load(_sample("resnet.pt"), weights_only=True)
+    path = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    assert torch.equal(_out(load_model(path, arch=RESNET), _x()), resnet_reference)
+
+
+def test_state_dict_without_arch_is_refused() -> None:
+    with pytest.raises(UserError, match="--arch"):
+        open_model(_sample("resnet.pt"))
+
+
+def test_pickled_module_needs_trust() -> None:
+    path = _sample("vgg_module.pt")
+    with pytest.raises(UserError, match="--trust-checkpoint"):
+        open_model(path)
+    loaded = open_model(path, trust_checkpoint=True)
+    reference = load_model(_sample("vgg.safetensors"))
+    assert torch.allclose(_out(loaded.model, _x()), _out(reference, _x()), atol=1e-6)
+    # the pickle's class is importable, so the loader records it as the architecture
+    assert loaded.arch is not None and loaded.arch.factory.endswith(":" + type(loaded.model).__qualname__)
+
+
+def test_unknown_arch_and_bad_kwargs() -> None:
+    with pytest.raises(UserError, match="no_such_module"):
+        load_model(_sample("resnet.pt"), arch=ArchSpec("no_such_module:resnet"))
+    with pytest.raises(UserError, match="no_such_factory"):
+        load_model(_sample("resnet.pt"), arch=ArchSpec("explainfix_cli.zoo:no_such_factory"))
+    with pytest.raises(UserError, match=r"module\.path:factory"):
+        load_model(_sample("resnet.pt"), arch=parse_arch("explainfix_cli.zoo.resnet", None))
+    with pytest.raises(UserError, match="JSON"):
+        parse_arch("explainfix_cli.zoo:resnet", "{num_classes: 10}")
+    with pytest.raises(UserError, match="JSON object"):
+        parse_arch("explainfix_cli.zoo:resnet", "[10]")
+    with pytest.raises(UserError, match="does not accept"):
+        ArchSpec("explainfix_cli.zoo:resnet", {"no_such_kwarg": 1}).build()
+
+
+def test_wrong_arch_kwargs_names_the_tensor() -> None:
+    spec = ArchSpec("explainfix_cli.zoo:resnet", {"num_classes": 5, "in_channels": 1})
+    with pytest.raises(UserError, match=r"fc\.weight.*\(10, 64\).*\(5, 64\).*--arch-kwargs"):
+        load_model(_sample("resnet.pt"), arch=spec)
+
+
+def test_wrong_architecture_names_missing_tensors() -> None:
+    with pytest.raises(UserError, match="does not match the architecture"):
+        load_model(_sample("resnet.pt"), arch=ArchSpec("explainfix_cli.zoo:vgg", {"in_channels": 1}))
+
+
+# ---- torch.export -------------------------------------------------------------------------------
+def test_exported_program_loads_and_matches(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
+    x = _x(2)
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(path))
+    loaded = load_model(path)
+    assert torch.allclose(loaded(x), _out(model, x), atol=1e-6)
+
+
+# ---- damaged and foreign files ------------------------------------------------------------------
+def _half(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def test_truncated_safetensors(tmp_path: Path) -> None:
+    path = _half(_sample("resnet.safetensors"), tmp_path / "cut.safetensors")
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        open_model(path)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_truncated_pt(tmp_path: Path, trust: bool) -> None:
+    path = _half(_sample("resnet.pt"), tmp_path / "cut.pt")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        open_model(path, RESNET, trust_checkpoint=trust)
+    path = _half(_sample("vgg_module.pt"), tmp_path / "cut_module.pt")
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        open_model(path, trust_checkpoint=trust)
+
+
+@pytest.mark.parametrize("text", ["hello world, this is not a model\n", "abc", ""])
+def test_text_file_named_pt(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "notes.pt"
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"notes\.pt"):
+        open_model(path, RESNET)
+
+
+def test_safetensors_of_bare_tensors_needs_arch(tmp_path: Path, resnet_reference: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    state = torch.load(_sample("resnet.pt"), weights_only=True)
+    path = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(UserError, match="--arch"):
+        open_model(path)
+    assert torch.equal(_out(load_model(path, arch=RESNET), _x()), resnet_reference)
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        open_model(tmp_path / "nothing.safetensors")
+
+
+# ---- save_model / load_model round trip --------------------------------------------------------
+def test_round_trip_restores_outputs_and_fixed_tensors(tmp_path: Path) -> None:
+    model = load_model(_sample("resnet.safetensors"))
+    fixed = set(fix_spatial_filters(model))
+    assert fixed
+    out = save_model(model, tmp_path / "fixed.safetensors", arch=RESNET, history=[{"step": "fix"}])
+    again = load_model(out)
+    assert torch.equal(_out(again, _x()), _out(model, _x()))
+    grads = {name: p.requires_grad for name, p in again.named_parameters()}
+    assert {name for name, g in grads.items() if not g} == fixed
+    assert any(grads.values())  # the rest stays trainable
+    assert open_model(out).history == [{"step": "fix"}]
+
+
+def test_round_trip_of_a_pruned_model(tmp_path: Path) -> None:
+    from explainfix_cli.data import Dataset
+    from explainfix_cli.pruning import prune
+
+    model = load_model(_sample("vgg.safetensors"))
+    original_params = sum(p.numel() for p in model.parameters())
+    x = _x(16)
+    data = Dataset(x, torch.arange(16) % 10, batch_size=16)
+    out = tmp_path / "pruned.safetensors"
+    pruned, report = prune(model, data, pct=80, out=out, arch=ArchSpec("explainfix_cli.zoo:vgg", {"in_channels": 1, "input_size": 16}))
+    assert report.channels_removed > 0 and report.params_after < original_params
+    again = load_model(out)
+    assert sum(p.numel() for p in again.parameters()) == report.params_after
+    assert torch.equal(_out(again, x), _out(pruned, x))
+    assert {n for n, p in again.named_parameters() if not p.requires_grad} == {
+        n for n, p in pruned.named_parameters() if not p.requires_grad
+    }
+
+
+# ---- a class defined in a script: not rebuildable from an importable factory -------------------
+NET_SCRIPT = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.mix = nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        x = self.mix(self.conv(x).relu()).relu()
+        return self.head(x.mean(dim=(2, 3)))
+'''
+
+
+def test_script_class_needs_arch_path(tmp_path: Path) -> None:
+    script = tmp_path / "net_script.py"
+    script.write_text(textwrap.dedent(NET_SCRIPT))
+    spec = importlib.util.spec_from_file_location("net_script", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["net_script"] = module
+    try:
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)
+        net = module.Net().eval()
+        pickled = tmp_path / "net.pt"
+        torch.save(net, pickled)
+
+        with pytest.raises(UserError, match="--trust-checkpoint"):
+            open_model(pickled)
+        loaded = open_model(pickled, trust_checkpoint=True)
+        assert loaded.arch == ArchSpec("net_script:Net")
+        out = save_model(loaded.model, tmp_path / "net.safetensors", arch=loaded.arch)
+    finally:
+        del sys.modules["net_script"]  # as in a fresh process: the script is not importable
+
+    with pytest.raises(UserError, match=r"--arch path/to/script\.py:ClassName"):
+        load_model(out)
+    rebuilt = load_model(out, arch=ArchSpec(f"{script}:Net"))
+    x = _x(3)
+    assert torch.equal(_out(rebuilt, x), _out(net, x))
+    # the string form works too
+    assert torch.equal(_out(load_model(out, arch=f"{script}:Net"), x), _out(net, x))
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_file_leaves_nothing_when_the_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_file(target, force=False) as tmp:
+        tmp.write_bytes(b"half a file")
+        raise RuntimeError("disk on fire")
+    assert _names(tmp_path) == []
+
+
+def test_atomic_file_keeps_the_old_file_when_a_forced_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_file(target, force=True) as tmp:
+        tmp.write_bytes(b"new but broken")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old"
+    assert _names(tmp_path) == ["out.bin"]
+
+
+def test_atomic_file_refuses_existing_without_force(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(UserError, match="--force"), atomic_file(target, force=False):
+        pass
+    assert target.read_bytes() == b"old"
+    with atomic_file(target, force=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert _names(tmp_path) == ["out.bin"]
+
+
+def test_atomic_file_refuses_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"), atomic_file(tmp_path / "no" / "out.bin", force=False):
+        pass
+
+
+def test_atomic_dir_leaves_nothing_when_the_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "figures"
+    with pytest.raises(RuntimeError), atomic_dir(target, force=False) as tmp:
+        (tmp / "a.png").write_bytes(b"png")
+        raise RuntimeError("interrupted")
+    assert _names(tmp_path) == []
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "out.bin", force=False) as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_dir(tmp_path / "folder", force=False) as tmp:
+            (tmp / "a.txt").write_text("a")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+
+
+def test_save_model_leaves_nothing_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    def broken_save_file(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    with pytest.raises(OSError, match="No space"):
+        save_model(model, tmp_path / "m.safetensors", arch=None)
+    assert _names(tmp_path) == []

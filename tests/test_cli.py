@@ -1,0 +1,391 @@
+"""The command line (PRODUCT.md "Commands" and "Bad input"), in process and as a real process.
+
+The installed typer's CliRunner keeps stdout and stderr apart (`result.stdout`, `result.stderr`;
+`result.output` is both interleaved), so every test can check that stdout holds only the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner, Result
+
+from explainfix_cli.checkpoints import load_model
+from explainfix_cli.cli import app
+from explainfix_cli.saliency import spatial_convs
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+PRUNE_FIELDS = {
+    "params_before", "params_after", "spatial_kernels_before", "spatial_kernels_after", "zeroed_kernels",
+    "channels_removed", "macs_before", "macs_after", "max_logit_change", "metric", "metric_before",
+    "metric_after", "seconds", "out",
+}  # fmt: skip
+RESNET_ARCH = ["--arch", "explainfix_cli.zoo:resnet", "--arch-kwargs", '{"num_classes": 10, "in_channels": 1}']
+
+
+def _sample(name: str) -> str:
+    path = SAMPLES / name
+    if not path.exists():
+        pytest.skip(f"sample {name} is not there (yet)")
+    return str(path)
+
+
+def _invoke(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+def _json(result: Result) -> dict:
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n") and result.stdout.count("\n") == 1, "stdout must be one JSON line"
+    payload = json.loads(result.stdout)
+    assert isinstance(payload, dict)
+    return payload
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def _data(args: list[str] | None = None) -> list[str]:
+    return ["--data", _sample("digits_val.npz"), "--batches", "2", *(args or [])]
+
+
+# ---- help and info ------------------------------------------------------------------------------
+def test_help_in_process() -> None:
+    result = _invoke("--help")
+    assert result.exit_code == 0
+    for command in ("info", "saliency", "prune"):
+        assert command in result.stdout
+
+
+def test_help_and_no_torch_as_a_real_process() -> None:
+    proc = subprocess.run([sys.executable, "-m", "explainfix_cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "prune" in proc.stdout and "Traceback" not in proc.stderr
+    # --help answers at once: loading the command line imports none of the heavy libraries
+    code = "import sys, explainfix_cli.cli; print(sorted({'torch', 'captum', 'matplotlib'} & set(sys.modules)))"
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == "[]", check.stdout + check.stderr
+
+
+def _independent_macs(model: nn.Module, shape: tuple[int, int, int]) -> int:
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output[0].numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            total += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_info_json() -> None:
+    path = _sample("resnet.safetensors")
+    info = _json(_invoke("info", path, "--json", "--input-size", "1,16,16"))
+    model = load_model(path)
+    convs = spatial_convs(model)
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert info["spatial_kernels"] == sum(c.weight.shape[0] * c.weight.shape[1] for _, c in convs)
+    assert info["spatial_layers"] == len(convs)
+    assert info["zero_kernels"] == 0
+    assert info["input_size"] == [1, 16, 16]
+    assert info["macs"] == _independent_macs(model, (1, 16, 16))
+    layers = {layer["name"]: layer for layer in info["layers"]}
+    assert {name for name, layer in layers.items() if layer["spatial"]} == {name for name, _ in convs}
+    first, conv = convs[0]
+    assert layers[first]["weight_shape"] == list(conv.weight.shape)
+    assert info["arch"]["factory"] == "explainfix_cli.zoo:resnet"
+    # without --input-size no MACs are invented
+    assert _json(_invoke("info", path, "--json"))["macs"] is None
+
+
+def test_info_as_a_real_process() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "explainfix_cli", "info", _sample("resnet.pt"), *RESNET_ARCH, "--json", "--input-size", "1,16,16"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1
+    info = json.loads(proc.stdout)
+    assert info["spatial_kernels"] > 0 and info["macs"] > 0
+    assert "Traceback" not in proc.stderr
+
+
+def test_info_without_json_prints_tables_on_stderr() -> None:
+    result = _invoke("info", _sample("resnet.safetensors"), "--input-size", "1,16,16")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "spatial kernels" in result.stderr
+
+
+# ---- prune and saliency -------------------------------------------------------------------------
+def test_prune_json_reports_every_field(tmp_path: Path) -> None:
+    out = tmp_path / "pruned.safetensors"
+    report = _json(_invoke("prune", _sample("resnet.safetensors"), *_data(), "--pct", "60", "--out", str(out), "--json"))
+    assert set(report) >= PRUNE_FIELDS
+    assert report["out"] == str(out)
+    assert out.is_file()
+    assert _listing(tmp_path) == ["pruned.safetensors"]
+    assert report["metric"] == "accuracy"
+    assert 0 <= report["metric_after"] <= 1 and report["metric_before"] > 0.9
+    assert report["params_after"] <= report["params_before"]
+    assert report["zeroed_kernels"] == int(0.6 * report["spatial_kernels_before"])
+    pruned = load_model(out)
+    assert sum(p.numel() for p in pruned.parameters()) == report["params_after"]
+    assert all(not c.weight.requires_grad for _, c in spatial_convs(pruned))
+
+
+def test_prune_default_out_beside_the_input(tmp_path: Path) -> None:
+    model = tmp_path / "mine.safetensors"
+    shutil.copy(_sample("resnet.safetensors"), model)
+    report = _json(_invoke("prune", str(model), *_data(["--batches", "1"]), "--json"))
+    expected = tmp_path / "mine-pruned.safetensors"
+    assert report["out"] == str(expected)
+    assert expected.is_file()
+    assert _listing(tmp_path) == ["mine-pruned.safetensors", "mine.safetensors"]
+
+
+def test_prune_magnitude_without_data(tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    report = _json(_invoke(
+        "prune", _sample("resnet.safetensors"), "--criterion", "magnitude", "--input-size", "1,16,16",
+        "--out", str(out), "--json",
+    ))  # fmt: skip
+    assert report["criterion"] == "magnitude"
+    assert report["metric"] is None and report["max_logit_change"] is None
+    assert report["macs_before"] > 0
+    assert out.is_file()
+
+
+def test_saliency_then_prune_reuses_scores(tmp_path: Path) -> None:
+    model = _sample("resnet.safetensors")
+    scores = tmp_path / "scores.safetensors"
+    payload = _json(_invoke("saliency", model, *_data(), "--out", str(scores), "--json", "--seed", "3"))
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(scores))
+    convs = spatial_convs(load_model(model))
+    assert set(tensors) == {name for name, _ in convs}
+    assert set(payload["layers"]) == set(tensors)
+    for name, conv in convs:
+        assert tuple(tensors[name].shape) == tuple(conv.weight.shape[:2])
+
+    reused, fresh = tmp_path / "reused.safetensors", tmp_path / "fresh.safetensors"
+    _json(_invoke("prune", model, *_data(), "--saliency", str(scores), "--out", str(reused), "--json", "--seed", "3"))
+    _json(_invoke("prune", model, *_data(), "--out", str(fresh), "--json", "--seed", "3"))
+    assert reused.read_bytes() == fresh.read_bytes()
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+TINY_ARCH = """
+from torch import nn
+
+
+def make(num_classes=10):
+    return nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Inputs for the bad-input cases, in their own folder (outputs go elsewhere)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    files: dict[str, str] = {}
+
+    def cut(name: str) -> str:
+        data = Path(_sample(name)).read_bytes()
+        path = root / f"cut_{name}"
+        path.write_bytes(data[: len(data) // 2])
+        return str(path)
+
+    files["cut_safetensors"] = cut("resnet.safetensors")
+    files["cut_pt"] = cut("resnet.pt")
+    files["cut_npz"] = cut("digits_val.npz")
+    (root / "notes.pt").write_text("these are my notes, not a model\n")
+    files["text_pt"] = str(root / "notes.pt")
+    (root / "table.csv").write_text("x,y\n1,2\n")
+    files["csv"] = str(root / "table.csv")
+    np.savez(root / "rgb.npz", x=np.zeros((4, 3, 16, 16), np.float32), y=np.arange(4))
+    files["rgb"] = str(root / "rgb.npz")
+    np.savez(root / "labels12.npz", x=np.zeros((4, 1, 16, 16), np.float32), y=np.array([0, 1, 12, 3]))
+    files["labels12"] = str(root / "labels12.npz")
+    script = root / "tiny_arch.py"
+    script.write_text(TINY_ARCH)
+    tiny = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    torch.save(tiny.state_dict(), root / "tiny.pt")
+    files["tiny"] = str(root / "tiny.pt")
+    files["tiny_arch"] = f"{script}:make"
+    return files
+
+
+def _bad_cases(f: dict[str, str]) -> dict[str, list[str]]:
+    resnet = _sample("resnet.safetensors")
+    resnet_pt = _sample("resnet.pt")
+    data = _data(["--batches", "1"])
+    return {
+        # wrong path
+        "missing model": ["prune", "no/such/model.safetensors", *data],
+        "missing data": ["prune", resnet, "--data", "no_such_data.npz"],
+        "missing saliency": ["prune", resnet, *data, "--saliency", "no_such_scores.safetensors"],
+        # unreadable / truncated
+        "truncated safetensors": ["prune", f["cut_safetensors"], *data],
+        "truncated pt": ["prune", f["cut_pt"], *RESNET_ARCH, *data],
+        "truncated data": ["prune", resnet, "--data", f["cut_npz"]],
+        "truncated saliency": ["prune", resnet, *data, "--saliency", f["cut_safetensors"]],
+        # wrong format
+        "text file as model": ["prune", f["text_pt"], *RESNET_ARCH, *data],
+        "text file as model, trusted": ["prune", f["text_pt"], "--trust-checkpoint", *data],
+        "data file as model": ["prune", _sample("digits_val.npz"), *RESNET_ARCH, *data],
+        "csv data": ["prune", resnet, "--data", f["csv"]],
+        "scores of another model": ["prune", resnet, *data, "--saliency", _sample("vgg.safetensors")],
+        # shape mismatch between model and data
+        "3-channel data": ["prune", resnet, "--data", f["rgb"]],
+        "masks for a classifier": ["prune", resnet, "--data", _sample("nuclei_val.npz"), "--batches", "1"],
+        "multi-label of another width": ["prune", resnet, "--data", _sample("digits_multilabel_val.npz"), "--batches", "1"],
+        "wrong --arch-kwargs": ["prune", resnet_pt, "--arch", "explainfix_cli.zoo:resnet", "--arch-kwargs", '{"num_classes": 5}', *data],
+        "wrong --input-size": ["prune", resnet, "--criterion", "magnitude", "--input-size", "3,16,16"],
+        # labels out of range
+        "labels out of range": ["prune", resnet, "--data", f["labels12"]],
+        # no spatial convolutions
+        "no spatial convs": ["prune", f["tiny"], "--arch", f["tiny_arch"], *data],
+        "no spatial convs, saliency": ["saliency", f["tiny"], "--arch", f["tiny_arch"], *data],
+        # pct out of range
+        "pct -1": ["prune", resnet, *data, "--pct", "-1"],
+        "pct 100": ["prune", resnet, *data, "--pct", "100"],
+        "pct 150": ["prune", resnet, *data, "--pct", "150"],
+        # unknown --arch
+        "unknown arch module": ["prune", resnet_pt, "--arch", "no_such_package.models:resnet", *data],
+        "unknown arch factory": ["prune", resnet_pt, "--arch", "explainfix_cli.zoo:no_such_net", *data],
+        "arch without colon": ["prune", resnet_pt, "--arch", "explainfix_cli.zoo.resnet", *data],
+        "arch script missing": ["prune", resnet_pt, "--arch", "no_such_script.py:Net", *data],
+        # bad --arch-kwargs
+        "arch-kwargs not JSON": ["prune", resnet_pt, "--arch", "explainfix_cli.zoo:resnet", "--arch-kwargs", "{num_classes: 10}", *data],
+        "arch-kwargs not an object": ["prune", resnet_pt, "--arch", "explainfix_cli.zoo:resnet", "--arch-kwargs", "[10]", *data],
+        "arch-kwargs unknown keyword": ["prune", resnet_pt, "--arch", "explainfix_cli.zoo:resnet", "--arch-kwargs", '{"depth": 3}', *data],
+        # pickle without trust, state dict without arch
+        "pickle without trust": ["prune", _sample("vgg_module.pt"), *data],
+        "state dict without arch": ["prune", resnet_pt, *data],
+        # gradient criterion without data
+        "gradient without data": ["prune", resnet],
+        "saliency without data": ["saliency", resnet],
+        # no GPU here
+        "cuda": ["prune", resnet, *data, "--device", "cuda"],
+        "cuda, saliency": ["saliency", resnet, *data, "--device", "cuda"],
+        "unknown device": ["prune", resnet, *data, "--device", "tpu"],
+    }
+
+
+BAD_CASE_NAMES = [
+    "missing model", "missing data", "missing saliency", "truncated safetensors", "truncated pt", "truncated data",
+    "truncated saliency", "text file as model", "text file as model, trusted", "data file as model", "csv data",
+    "scores of another model", "3-channel data", "masks for a classifier", "multi-label of another width",
+    "wrong --arch-kwargs", "wrong --input-size", "labels out of range", "no spatial convs",
+    "no spatial convs, saliency", "pct -1", "pct 100", "pct 150", "unknown arch module", "unknown arch factory",
+    "arch without colon", "arch script missing", "arch-kwargs not JSON", "arch-kwargs not an object",
+    "arch-kwargs unknown keyword", "pickle without trust", "state dict without arch", "gradient without data",
+    "saliency without data", "cuda", "cuda, saliency", "unknown device",
+]  # fmt: skip
+EXPECTED_WORDS = {
+    "missing model": ["does not exist"],
+    "pct 150": ["--pct", "[0, 100)"],
+    "unknown arch module": ["--arch", "no_such_package"],
+    "arch-kwargs not JSON": ["--arch-kwargs", "JSON"],
+    "pickle without trust": ["--trust-checkpoint"],
+    "state dict without arch": ["--arch"],
+    "gradient without data": ["--data", "--criterion magnitude"],
+    "saliency without data": ["--data", "--criterion magnitude"],
+    "cuda": ["--device cpu"],
+    "labels out of range": ["12", "10 outputs"],
+    "no spatial convs": ["spatial convolutions"],
+    "3-channel data": ["(3, 16, 16)"],
+    "wrong --arch-kwargs": ["fc.weight", "--arch-kwargs"],
+    "truncated safetensors": ["cut_resnet.safetensors"],
+    "truncated pt": ["cut_resnet.pt"],
+}
+
+
+def _assert_bad_input(result: Result, out_dir: Path, before: list[str]) -> None:
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("explainfix: error: ")
+    assert "Traceback" not in result.output
+    assert _listing(out_dir) == before  # no output and no temporary file left behind
+
+
+def test_every_bad_case_is_listed(bad_files: dict[str, str]) -> None:
+    assert sorted(_bad_cases(bad_files)) == sorted(BAD_CASE_NAMES)
+
+
+@pytest.mark.parametrize("case", BAD_CASE_NAMES)
+def test_bad_input(case: str, bad_files: dict[str, str], tmp_path: Path) -> None:
+    args = _bad_cases(bad_files)[case]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / ("scores.safetensors" if args[0] == "saliency" else "pruned.safetensors")
+    result = _invoke(*args, "--out", str(out), "--json")
+    _assert_bad_input(result, out_dir, [])
+    for word in EXPECTED_WORDS.get(case, []):
+        assert word in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", ["prune", "saliency"])
+@pytest.mark.parametrize("as_json", [True, False])
+def test_existing_output_without_force(command: str, as_json: bool, tmp_path: Path) -> None:
+    out = tmp_path / "already.safetensors"
+    out.write_bytes(b"precious")
+    args = [command, _sample("resnet.safetensors"), *_data(["--batches", "1"]), "--out", str(out)]
+    result = _invoke(*args, *(["--json"] if as_json else []))
+    _assert_bad_input(result, tmp_path, ["already.safetensors"])
+    assert "--force" in result.stderr
+    assert out.read_bytes() == b"precious"
+    if command == "saliency":  # and --force replaces it
+        _json(_invoke(*args, "--json", "--force"))
+        assert out.read_bytes() != b"precious"
+        assert _listing(tmp_path) == ["already.safetensors"]
+
+
+def test_missing_output_folder(tmp_path: Path) -> None:
+    result = _invoke("prune", _sample("resnet.safetensors"), *_data(), "--out", str(tmp_path / "no" / "p.safetensors"))
+    _assert_bad_input(result, tmp_path, [])
+    assert "does not exist" in result.stderr
+
+
+def test_bad_input_as_a_real_process(tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "explainfix_cli", "prune", _sample("vgg_module.pt"), *_data(), "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]
+    assert "--trust-checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert _listing(tmp_path) == []
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "explainfix_cli", "prune", _sample("resnet.pt"), "--pct", "150", "--debug"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "UserError" in proc.stderr

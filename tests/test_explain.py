@@ -1,0 +1,285 @@
+"""ExplainSteer spectra (METHOD.md §5) against hand computations, and the explain report end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CLASSIFIERS, DATA_OF, SAMPLES, sample_data, sample_model
+from PIL import Image
+from torch import nn
+
+from explainfix_cli.data import Dataset
+from explainfix_cli.dct import dct2_basis, frequency_order
+from explainfix_cli.errors import UserError
+from explainfix_cli.explain import explain, explainsteer_spectra, layer_spectra
+
+ORDER_3X3 = [0, 1, 3, 2, 6, 4, 5, 7, 8]
+LAYER_FIELDS = {"name", "kernel_shape", "e_d", "e_1", "e_0", "low_frequency_share", "saliency_weighted"}
+
+
+def dct_coefficient(kernel: list[list[float]], a: int, b: int) -> float:
+    """One 2-D DCT-II coefficient straight from the cosine formula, no matrices."""
+    kh, kw = len(kernel), len(kernel[0])
+
+    def c(k: int, n: int, size: int) -> float:
+        return math.sqrt((1 if k == 0 else 2) / size) * math.cos(math.pi / size * (n + 0.5) * k)
+
+    return sum(kernel[m][n] * c(a, m, kh) * c(b, n, kw) for m in range(kh) for n in range(kw))
+
+
+def spectra_by_loop(weight: torch.Tensor, kernel_weights: torch.Tensor | None) -> tuple[list, list, list | None]:
+    """METHOD.md §5 one kernel and one basis vector at a time, as plain Python."""
+    out_ch, in_ch, kh, kw = weight.shape
+    e_d = [0.0] * (kh * kw)
+    for o in range(out_ch):
+        for i in range(in_ch):
+            w_k = 1 / (out_ch * in_ch) if kernel_weights is None else float(kernel_weights[o, i])
+            kernel = weight[o, i].tolist()
+            for a in range(kh):
+                for b in range(kw):
+                    e_d[a * kw + b] += w_k * abs(dct_coefficient(kernel, a, b))
+    rows, cols = [0.0] * kh, [0.0] * kw
+    for j, energy in enumerate(e_d):
+        rows[j // kw] += energy**0.5
+        cols[j % kw] += energy**0.5
+    e_0 = [r + c for r, c in zip(rows, cols, strict=True)] if kh == kw else None
+    return [e_d[j] for j in frequency_order(kh, kw)], rows + cols, e_0
+
+
+def test_kernels_that_are_basis_vectors_give_their_own_energy() -> None:
+    # Kernel o is (o + 1) times basis vector o: its only coefficient is o + 1, at basis index o.
+    basis = dct2_basis(3, 3).float()
+    weight = (torch.arange(1.0, 10.0)[:, None] * basis).reshape(9, 1, 3, 3)  # (O=9, I=1, 3, 3)
+    e_d, e_1, e_0 = explainsteer_spectra(weight)
+    row_major = torch.arange(1.0, 10.0, dtype=torch.float64) / 9  # w_k = 1/N
+    torch.testing.assert_close(e_d, row_major[ORDER_3X3], rtol=1e-6, atol=1e-6)
+    root = row_major.sqrt().reshape(3, 3)
+    torch.testing.assert_close(e_1, torch.cat([root.sum(1), root.sum(0)]), rtol=1e-6, atol=1e-6)
+    assert e_0 is not None
+    torch.testing.assert_close(e_0, root.sum(1) + root.sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_saliency_weights_scale_each_kernel() -> None:
+    basis = dct2_basis(3, 3).float()
+    weight = basis.reshape(9, 1, 3, 3)  # kernel o is basis vector o
+    kernel_weights = torch.arange(9.0).reshape(9, 1)  # (O, I/groups)
+    e_d, _, _ = explainsteer_spectra(weight, kernel_weights)
+    torch.testing.assert_close(e_d, torch.arange(9.0, dtype=torch.float64)[ORDER_3X3], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (4, 2, 5, 5), (3, 2, 3, 5)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_random_layer_matches_plain_loop(shape: tuple[int, int, int, int], weighted: bool) -> None:
+    generator = torch.Generator().manual_seed(sum(shape))
+    weight = torch.randn(shape, generator=generator)
+    kernel_weights = torch.rand(shape[:2], generator=generator) if weighted else None
+    e_d, e_1, e_0 = explainsteer_spectra(weight, kernel_weights)
+    expected_d, expected_1, expected_0 = spectra_by_loop(weight, kernel_weights)
+    torch.testing.assert_close(e_d, torch.tensor(expected_d, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e_1, torch.tensor(expected_1, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    if expected_0 is None:
+        assert e_0 is None
+    else:
+        torch.testing.assert_close(e_0, torch.tensor(expected_0, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_non_square_kernel_has_no_e_0_but_full_e_1() -> None:
+    spectra = layer_spectra("conv", torch.randn(4, 2, 3, 5))
+    assert spectra.e_0 is None
+    assert len(spectra.e_1) == 3 + 5
+    assert len(spectra.e_d) == 15
+    assert spectra.to_json()["e_0"] is None
+
+
+def test_grouped_and_depthwise_convs_use_their_own_kernels() -> None:
+    depthwise = nn.Conv2d(8, 8, 3, groups=8)
+    grouped = nn.Conv2d(8, 4, 3, groups=2)
+    for conv in (depthwise, grouped):
+        e_d, _, _ = explainsteer_spectra(conv.weight)
+        expected, _, _ = spectra_by_loop(conv.weight.detach(), None)
+        torch.testing.assert_close(e_d, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+def test_low_frequency_share() -> None:
+    constant = torch.ones(4, 3, 3, 3)  # all energy on the (0,0) basis vector
+    assert layer_spectra("c", constant).low_frequency_share == pytest.approx(1.0)
+    basis = dct2_basis(3, 3).float().reshape(9, 1, 3, 3)  # equal energy on every basis vector
+    assert layer_spectra("b", basis).low_frequency_share == pytest.approx(3 / 9)
+    assert layer_spectra("z", torch.zeros(2, 2, 3, 3)).low_frequency_share == 0.0
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6),
+        nn.Conv2d(6, 8, 1),  # a channel mixer: not explained
+        nn.ReLU(),
+        nn.Conv2d(8, 8, (3, 5), padding=(1, 2)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+
+
+def small_data() -> Dataset:
+    generator = torch.Generator().manual_seed(0)
+    return Dataset(torch.randn(20, 1, 12, 12, generator=generator), torch.arange(20) % 3, batch_size=8)
+
+
+def assert_images(folder: Path, names: list[str]) -> None:
+    for name in names:
+        with Image.open(folder / name) as image:
+            image.verify()
+
+
+def test_explain_writes_figures_spectra_and_index(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = explain(small_model(), small_data(), out, attributions=2)
+    summary = result.to_json()
+
+    names = [f.name for f in result.figures]
+    assert set(names) == {
+        "spectra_3x3.png", "profile_3x3.png", "dct_basis_3x3.png",
+        "spectra_3x5.png", "profile_3x5.png", "dct_basis_3x5.png",
+        "kernels.png", "kernel_saliency.png", "attributions.png",
+    }  # fmt: skip
+    assert_images(out, names)
+    assert [layer["name"] for layer in summary["layers"]] == ["0", "2", "5"]
+    assert all(set(layer) == LAYER_FIELDS and layer["saliency_weighted"] for layer in summary["layers"])
+    assert summary["layers"][2]["e_0"] is None
+    assert [f["path"] for f in summary["figures"]] == [str(out / n) for n in names]
+    assert json.loads((out / "spectra.json").read_text()) == result.spectra_json()
+    index = (out / "index.html").read_text()
+    assert all(f'src="{name}"' in index for name in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder left
+
+
+def test_saliency_weighting_uses_the_gradient_weights(tmp_path: Path) -> None:
+    from explainfix_cli.saliency import gradient_weights
+
+    model, data = small_model(), small_data()
+    result = explain(model, data, tmp_path / "r", attributions=0)
+    weights = gradient_weights(model, data)
+    e_d, _, _ = explainsteer_spectra(model[0].weight, weights["0"])
+    assert result.layers[0].e_d == pytest.approx(e_d.tolist())
+
+
+def test_without_data_spectra_are_unweighted_and_there_is_no_saliency_figure(tmp_path: Path) -> None:
+    model = small_model()
+    result = explain(model, None, tmp_path / "r", fmt="svg")
+    assert not result.saliency_weighted
+    assert {f.name for f in result.figures} >= {"spectra_3x3.svg", "kernels.svg"}
+    assert not any(f.name.startswith(("kernel_saliency", "attributions")) for f in result.figures)
+    e_d, _, _ = explainsteer_spectra(model[0].weight)
+    assert result.layers[0].e_d == pytest.approx(e_d.tolist())
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_same_input_gives_identical_files(fmt: str, tmp_path: Path) -> None:
+    first = explain(small_model(), small_data(), tmp_path / "a", fmt=fmt, attributions=1)
+    explain(small_model(), small_data(), tmp_path / "b", fmt=fmt, attributions=1)
+    for figure in first.figures:
+        assert (tmp_path / "a" / figure.name).read_bytes() == (tmp_path / "b" / figure.name).read_bytes(), figure.name
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="--force"):
+        explain(small_model(), None, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    explain(small_model(), None, out, force=True)
+    assert not (out / "keep.txt").exists()
+    assert (out / "index.html").exists()
+
+
+def test_bad_input_is_a_user_error_and_leaves_nothing(tmp_path: Path) -> None:
+    no_spatial = nn.Sequential(nn.Conv2d(1, 4, 1), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(UserError, match="no spatial convolutions"):
+        explain(no_spatial, None, tmp_path / "a")
+    wrong_channels = Dataset(torch.randn(4, 3, 12, 12), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UserError, match="do not fit"):
+        explain(small_model(), wrong_channels, tmp_path / "b")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError):
+        explain(small_model(), None, tmp_path / "file" / "report")
+    with pytest.raises(UserError, match="format"):
+        explain(small_model(), None, tmp_path / "c", fmt="jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ---- the sample models ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*CLASSIFIERS, *DATA_OF])
+def test_every_sample_model_is_explained(name: str, tmp_path: Path) -> None:
+    loaded = sample_model(name)
+    result = explain(loaded.model, sample_data(name, batch_size=32, batches=1), tmp_path / name, attributions=2)
+    assert result.layers and all(layer.saliency_weighted for layer in result.layers)
+    assert_images(tmp_path / name, [f.name for f in result.figures])
+
+
+def test_trained_resnet_prefers_low_frequencies() -> None:
+    """The paper's observation: summed over layers, energy falls from low to high frequency."""
+    loaded = sample_model("resnet")
+    e_d = torch.tensor([layer_spectra(n, m.weight).e_d for n, m in _spatial(loaded.model)]).sum(0)  # (9,)
+    share = e_d / e_d.sum()
+    assert share[:3].sum() > 3 / 9  # more than a layer without frequency preference
+    assert share[0] > share[-1]
+
+
+def _spatial(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    from explainfix_cli.saliency import spatial_convs
+
+    return spatial_convs(model)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "explainfix_cli", "explain", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_cli_json(tmp_path: Path) -> None:
+    if not (SAMPLES / "resnet.safetensors").exists():
+        pytest.skip("sample models not generated")
+    out = tmp_path / "report"
+    done = run_cli(
+        str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--out", str(out),
+        "--batches", "1", "--attributions", "2", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert {"out", "layers", "figures", "saliency_weighted", "spectra", "index"} <= set(summary)
+    assert all(set(layer) == LAYER_FIELDS for layer in summary["layers"])
+    assert all(Path(f["path"]).is_file() for f in summary["figures"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "nuclei_val.npz"], "shape"),  # segmentation masks for a classifier
+        (["--data", "missing.npz"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    if not (SAMPLES / "resnet.safetensors").exists():
+        pytest.skip("sample models not generated")
+    args = [str(SAMPLES / a) if a.endswith(".npz") else a for a in args]
+    done = run_cli(str(SAMPLES / "resnet.safetensors"), "--out", str(tmp_path / "r"), *args)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    assert done.stdout == ""
+    assert not (tmp_path / "r").exists()

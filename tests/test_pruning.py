@@ -1,0 +1,122 @@
+"""METHOD §2 zeroing by a hand-worked example, and the whole prune on every sample model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CLASSIFIERS, sample_data, sample_model
+from torch import nn
+
+from explainfix_cli.checkpoints import load_model
+from explainfix_cli.errors import UserError
+from explainfix_cli.measure import outputs
+from explainfix_cli.pruning import fill_zeroed, prune, zero_least_salient
+from explainfix_cli.saliency import spatial_saliency
+
+FIELDS = {
+    "params_before", "params_after", "spatial_kernels_before", "spatial_kernels_after", "zeroed_kernels",
+    "channels_removed", "macs_before", "macs_after", "max_logit_change", "metric", "metric_before",
+    "metric_after", "seconds", "out",
+}
+
+
+def two_conv_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize(
+    ("pct", "expected"),
+    [
+        # scores: conv0 [[3], [1]], conv2 [[1, 5], [2, 1]]; ascending with ties by layer, o, i:
+        # conv0[1,0]=1, conv2[0,0]=1, conv2[1,1]=1, conv2[1,0]=2, conv0[0,0]=3, conv2[0,1]=5
+        (40, {"0": [[False], [True]], "2": [[True, False], [False, False]]}),  # floor(2.4) = 2
+        (50, {"0": [[False], [True]], "2": [[True, False], [False, True]]}),  # 3
+        (99, {"0": [[True], [True]], "2": [[True, True], [True, True]]}),  # floor(5.94) = 5
+        (0, {"0": [[False], [False]], "2": [[False, False], [False, False]]}),
+    ],
+)
+def test_global_ranking_with_deterministic_ties(pct: float, expected: dict[str, list[list[bool]]]) -> None:
+    model = two_conv_model()
+    scores = {"0": torch.tensor([[3.0], [1.0]]), "2": torch.tensor([[1.0, 5.0], [2.0, 1.0]])}
+    masks = zero_least_salient(model, scores, pct)
+    if pct == 99:  # 5 of 6: all but the most salient conv2[0, 1]
+        expected["2"][0][1] = False
+    for name, mask in masks.items():
+        assert mask.tolist() == expected[name]
+        weight = dict(model.named_children())[name].weight
+        assert ((weight == 0).flatten(2).all(dim=2) == mask).all()
+
+
+@pytest.mark.parametrize("pct", [-1, 100, 150])
+def test_pct_out_of_range(pct: float) -> None:
+    with pytest.raises(UserError, match=r"\[0, 100\)"):
+        zero_least_salient(two_conv_model(), {}, pct)
+
+
+def test_fill_modes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3))
+    original = {"0": model[0].weight.detach().clone()}
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0  # a whole kernel zeroed
+        model[0].weight[1, 1, 0, :] = 0  # a kernel zeroed in part
+    reset = copy.deepcopy(model)
+    assert fill_zeroed(reset, original, "reset", torch.Generator().manual_seed(0)) == 2
+    assert torch.equal(reset[0].weight, original["0"])
+    refilled = copy.deepcopy(model)
+    fill_zeroed(refilled, original, "fillzero", torch.Generator().manual_seed(0))
+    w = refilled[0].weight.detach()
+    assert (w[0, 0] != 0).all() and w[0, 0].abs().max() <= 1 / (2 * 9) ** 0.5  # Kaiming-uniform bound
+    assert (w[1, 1, 0] != 0).all() and torch.equal(w[1, 1, 1:], original["0"][1, 1, 1:])
+    untouched = (slice(2, 3),)
+    assert torch.equal(w[untouched], original["0"][untouched])
+
+
+def _zeroed_reference(name: str, pct: float, data) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Outputs of the zeroed-but-unremoved model, computed apart from `prune`."""
+    model = sample_model(name).model
+    zero_least_salient(model, spatial_saliency(model, data), pct)
+    return outputs(model, data)
+
+
+@pytest.mark.parametrize("name", [*CLASSIFIERS, "unet", "resnet_multilabel"])
+@pytest.mark.parametrize("pct", [50, 90])
+def test_prune_is_faithful_and_reloads(name: str, pct: float, tmp_path: Path) -> None:
+    loaded = sample_model(name)
+    data = sample_data(name)
+    out = tmp_path / "pruned.safetensors"
+    pruned, report = prune(loaded.model, data, pct=pct, arch=loaded.arch, out=out)
+    assert set(report.to_json()) >= FIELDS
+    reloaded = load_model(out)
+    ours = outputs(pruned, data)
+    torch.testing.assert_close(outputs(reloaded, data), ours, rtol=0, atol=1e-5)
+    zeroed = _zeroed_reference(name, pct, data)
+    assert report.max_logit_change == pytest.approx(float((ours - zeroed).abs().max()), abs=1e-6)
+    assert report.max_logit_change < 1e-4
+    if data.target_kind == "labels":
+        assert torch.equal(ours.argmax(dim=1), zeroed.argmax(dim=1))
+    else:
+        assert torch.equal(ours > 0, zeroed > 0)
+    assert report.zeroed_kernels == int(pct / 100 * report.spatial_kernels_before)
+    assert all(not m.weight.requires_grad for m in reloaded.modules() if isinstance(m, nn.Conv2d) and min(m.kernel_size) > 1)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vgg", "densenet", "mobilenet", "unet"])
+def test_pruning_shrinks_the_model(name: str) -> None:
+    _, report = prune(sample_model(name).model, sample_data(name), pct=90)
+    assert report.params_after < report.params_before
+    assert report.macs_after < report.macs_before
+    assert report.channels_removed > 0
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    files = []
+    for run in range(2):
+        loaded = sample_model("mobilenet")
+        out = tmp_path / f"run{run}.safetensors"
+        prune(loaded.model, sample_data("mobilenet"), pct=70, fill="fillzero", seed=3, arch=loaded.arch, out=out)
+        files.append(out.read_bytes())
+    assert files[0] == files[1]

@@ -12,9 +12,14 @@ may go, and keeps the removal exact:
   exactly into that reader's bias (the constant is measured on the user's data: a channel whose
   writers are all silent carries conv bias → batch-norm shift → activation, the same value
   everywhere);
-- groups whose removal cannot be exact are left alone, with the reason reported: channels that
-  reach the model output, grouped (non-depthwise) convolutions, normalisation across channels
-  (GroupNorm, LayerNorm), and permutations of the channel axis (channel shuffle).
+- a cut must also be representable: a grouped convolution loses as many channels in each of
+  its groups (torch-pruning cuts every group at the same offsets; the weight is re-cut per
+  group), and a channel shuffle loses the same offsets from each of its blocks (`shuffle.py`);
+- groups whose removal cannot be exact are left whole, with the reason reported: channels that
+  reach the model output, normalisation across channels (GroupNorm, LayerNorm), shuffles that
+  mix several coupled groups, grouped transposed convolutions.
+
+`remove_least_salient_channels` is the `--granularity channel` variant: it ranks channels instead.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch_pruning._helpers import GroupItem
 
 from .data import Dataset
 from .saliency import model_output
+from .shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
 
 Removal = Literal["exact", "aggressive"]
 
@@ -75,6 +81,7 @@ class ChannelRemoval:
     folded: int = 0  # of those, channels whose constant output was folded into readers' biases
     blocked: Counter[str] = field(default_factory=Counter)  # groups left alone, by reason
     kept: dict[str, KeptChannels] = field(default_factory=dict)  # per Conv2d, by module name
+    outputs_before: torch.Tensor | None = None  # the model's outputs on the data before removal, if measured
 
     def to_json(self) -> dict[str, object]:
         return {"removed": self.removed, "folded": self.folded, "blocked_groups": dict(sorted(self.blocked.items()))}
@@ -108,20 +115,7 @@ def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph, removal: Removal) 
             return "grouped transposed convolution"
         if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and removal == "exact":
             return "normalisation across channels"
-        if _is_channel_shuffle(node):
-            return "channel shuffle"
     return None
-
-
-def _is_channel_shuffle(node: tp.Node) -> bool:
-    """view → transpose (→ reshape): channels regrouped across the channel axis (ShuffleNet).
-    torch-pruning reads the transpose as an element-wise op and would pair the wrong channels; a
-    permute that only moves the channel axis (channels-last LayerNorm) follows no view and is fine."""
-    return (
-        node.type == tp.ops.OPTYPE.ELEMENTWISE
-        and any(k in str(node.module) for k in ("Transpose", "Permute"))
-        and any(i.type == tp.ops.OPTYPE.RESHAPE for i in node.inputs)
-    )
 
 
 def _reads(item: GroupItem, DG: tp.DependencyGraph) -> bool:
@@ -187,11 +181,11 @@ class _InputRange:
         self.low[module], self.high[module] = lo, hi
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, data: Dataset, device: str) -> None:
+    def measure(self, model: nn.Module, data: Dataset, device: str) -> torch.Tensor:
+        """Run the data through `model`, recording the ranges; returns the outputs (on the CPU)."""
         hooks = [m.register_forward_pre_hook(self._hook) for m in self._modules]
         try:
-            for x, _ in data:
-                model_output(model, x.to(device))
+            return torch.cat([model_output(model, x.to(device)).cpu() for x, _ in data])
         finally:
             for h in hooks:
                 h.remove()
@@ -216,17 +210,38 @@ def _fold(reader: _Reader, positions: torch.Tensor, values: torch.Tensor) -> Non
         m.bias += delta
 
 
-def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of `model`, traced on one example input."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+@dataclass
+class Graph:
+    """torch-pruning's dependency graph of a model, with its channel shuffles repaired."""
 
+    DG: tp.DependencyGraph
+    shuffles: list[Shuffle]
 
-def channel_groups(DG: tp.DependencyGraph) -> list[tp.Group]:
-    """Every coupled group of output channels of convolutions and linear layers."""
-    roots = (nn.modules.conv._ConvNd, nn.Linear)
-    return list(DG.get_all_groups(root_module_types=roots))
+    @classmethod
+    def trace(cls, model: nn.Module, example: torch.Tensor) -> Graph:
+        """Trace `model` on one example input."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            DG = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        return cls(DG, find_shuffles(DG))
+
+    def groups(self) -> list[tuple[tp.Group, list[Crossing] | None]]:
+        """Every coupled group of output channels of convolutions and linear layers, with the
+        shuffles it crosses (None: crosses one in a way a cut cannot follow)."""
+        roots = (nn.modules.conv._ConvNd, nn.Linear)
+        result = []
+        for group in self.DG.get_all_groups(root_module_types=roots):
+            crossings = repair(group, self.shuffles)
+            if crossings is not None and not all(c.shuffle.whole(len(c.at_transpose.idxs)) for c in crossings):
+                crossings = None  # the shuffled tensor also holds channels of other groups
+            result.append((group, crossings))
+        return result
+
+    def group_of(self, root: nn.Module, idxs: list[int]) -> tp.Group:
+        """The group that removing `idxs` from `root`'s output channels cuts, indices repaired."""
+        group = self.DG.get_pruning_group(root, self.DG.get_pruner_of_module(root).prune_out_channels, idxs)
+        repair(group, self.shuffles)
+        return group
 
 
 def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
@@ -266,27 +281,39 @@ def _silent(group: tp.Group, DG: tp.DependencyGraph, n_root: int) -> torch.Tenso
     return silent
 
 
-def _candidates(DG: tp.DependencyGraph, removal: Removal, result: ChannelRemoval) -> list[tuple[tp.Group, list[_Reader]]]:
+@dataclass
+class _Candidate:
+    group: tp.Group
+    readers: list[_Reader]
+    crossings: list[Crossing]
+
+
+def _candidates(graph: Graph, removal: Removal, result: ChannelRemoval) -> list[_Candidate]:
     """The groups whose channels may leave, with their terminal readers; the rest is counted as blocked."""
     candidates = []
-    for group in channel_groups(DG):
-        reason = _blocking_reason(group, DG, removal)
-        readers = _terminal_readers(group, DG)
+    for group, crossings in graph.groups():
+        reason = "channel shuffle of several groups" if crossings is None else _blocking_reason(group, graph.DG, removal)
+        readers = _terminal_readers(group, graph.DG)
         if reason is None and not readers:
             reason = "no layer reads it"
         if reason is not None:
             result.blocked[reason] += 1
         else:
-            candidates.append((group, readers))
+            candidates.append(_Candidate(group, readers, crossings or []))
     return candidates
 
 
-def _representable(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
-    """Keep at least one channel, and balance the cut across the groups of grouped convs."""
+def _representable(removable: torch.Tensor, c: _Candidate, DG: tp.DependencyGraph) -> torch.Tensor:
+    """Keep at least one channel; balance the cut across the groups of grouped convs and make it
+    symmetric across the blocks of channel shuffles (both only give up removals)."""
     removable = removable.clone()
     if bool(removable.all()):
         removable[0] = False
-    return _balanced(removable, group, DG)
+    while True:
+        shrunk = symmetric(_balanced(removable, c.group, DG), c.crossings)
+        if torch.equal(shrunk, removable):
+            return removable
+        removable = shrunk
 
 
 def remove_dead_channels(
@@ -301,28 +328,29 @@ def remove_dead_channels(
     `removal="aggressive"` is the paper's original rule: a channel also goes when all its writers
     are silent, with no fold, whatever that changes (for users who fine-tune afterwards).
     """
-    DG = build_graph(model, example)
+    graph = Graph.trace(model, example)
     result = ChannelRemoval()
-    candidates = _candidates(DG, removal, result)
-    ranges = _InputRange(r.module for _, readers in candidates for r in readers)
-    if data is not None and removal == "exact":
-        ranges.measure(model, data, device)
+    candidates = _candidates(graph, removal, result)
+    ranges = _InputRange(r.module for c in candidates for r in c.readers)
+    if data is not None:  # one pass: reader input ranges, and the outputs to compare with afterwards
+        result.outputs_before = ranges.measure(model, data, device)
 
     plan: list[tuple[nn.Module, list[int]]] = []
-    for group, readers in candidates:
+    for candidate in candidates:
+        group, readers = candidate.group, candidate.readers
         n_root = len(group.items[0].idxs)
         needed = torch.zeros(n_root, dtype=torch.long)  # per root channel: readers that still need it
         decisions = []
         for r in readers:
             ignored = _ignored(r)
             const, value = ranges.constants(r.module, r.local)
-            foldable = const & _fold_is_exact(r.module)
+            foldable = const & _fold_is_exact(r.module) & (removal == "exact")
             needed.index_add_(0, r.root, (~(ignored | foldable)).long())
             decisions.append((r, ignored, value))
         removable = needed == 0
         if removal == "aggressive":
-            removable |= _silent(group, DG, n_root)
-        removable = _representable(removable, group, DG)
+            removable |= _silent(group, graph.DG, n_root)
+        removable = _representable(removable, candidate, graph.DG)
         if not removable.any():
             continue
         folded = torch.zeros(n_root, dtype=torch.bool)
@@ -334,7 +362,7 @@ def remove_dead_channels(
         plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
         result.removed += int(removable.sum())
         result.folded += int(folded.sum())
-    result.kept = _cut(model, DG, plan)
+    result.kept = _cut(model, graph, plan)
     return result
 
 
@@ -362,32 +390,33 @@ def remove_least_salient_channels(
     """`--granularity channel` (METHOD §3): in every coupled group that holds spatial kernels,
     remove the `floor(pct/100 * channels)` channels of least summed kernel saliency (ties: lower
     index first). The output changes; the caller measures by how much."""
-    DG = build_graph(model, example)
+    graph = Graph.trace(model, example)
     result = ChannelRemoval()
     plan: list[tuple[nn.Module, list[int]]] = []
-    for group, _ in _candidates(DG, "aggressive", result):
-        saliency = _channel_saliency(group, DG, scores)
+    for candidate in _candidates(graph, "aggressive", result):
+        group = candidate.group
+        saliency = _channel_saliency(group, graph.DG, scores)
         if saliency is None:
             continue
         removable = torch.zeros(len(saliency), dtype=torch.bool)
         removable[torch.sort(saliency, stable=True).indices[: math.floor(pct / 100 * len(saliency))]] = True
-        removable = _representable(removable, group, DG)
+        removable = _representable(removable, candidate, graph.DG)
         if removable.any():
             plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
             result.removed += int(removable.sum())
-    result.kept = _cut(model, DG, plan)
+    result.kept = _cut(model, graph, plan)
     return result
 
 
-def _cut(model: nn.Module, DG: tp.DependencyGraph, plan: list[tuple[nn.Module, list[int]]]) -> dict[str, KeptChannels]:
+def _cut(model: nn.Module, graph: Graph, plan: list[tuple[nn.Module, list[int]]]) -> dict[str, KeptChannels]:
     """Remove each group-root's channels in `plan` from every member of its group."""
     kept = {m: KeptChannels(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
     for root, idxs in plan:
-        group = DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs)
-        grouped_inputs = _grouped_input_cuts(group, DG)
+        group = graph.group_of(root, idxs)
+        grouped_inputs = _grouped_input_cuts(group, graph.DG)
         for item in group.items:
             if item.dep.target.module in kept:
-                kept[item.dep.target.module].cut(item, DG)
+                kept[item.dep.target.module].cut(item, graph.DG)
         group.prune()
         for m, weight, idxs_in in grouped_inputs:
             # torch-pruning cuts a grouped conv's inputs at the same offsets in every group;

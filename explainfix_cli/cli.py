@@ -48,6 +48,11 @@ class RemovalOpt(str, Enum):
     aggressive = "aggressive"
 
 
+class AttributionOpt(str, Enum):
+    saliency = "saliency"
+    integrated_gradients = "integrated-gradients"
+
+
 class FillOpt(str, Enum):
     zero = "zero"
     reset = "reset"
@@ -123,9 +128,12 @@ def _setup(seed: int, device: str) -> None:
     torch.manual_seed(seed)
 
 
-def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: bool) -> LoadedModel:
+def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: bool, eager: bool = True) -> LoadedModel:
     from .checkpoints import open_model, parse_arch
 
+    if eager and model.suffix == ".pt2":
+        # an exported program keeps no nn.Conv2d modules to score, cut or explain
+        raise UserError(f"{model} is a torch.export program, which only `info` reads; pass the model's state dict with --arch instead.")
     return open_model(model, parse_arch(arch, arch_kwargs), trust)
 
 
@@ -172,7 +180,7 @@ def info(
     def body() -> None:
         from .info import describe
 
-        result = describe(_load_model(model, arch, arch_kwargs, trust_checkpoint), _input_size(input_size))
+        result = describe(_load_model(model, arch, arch_kwargs, trust_checkpoint, eager=False), _input_size(input_size))
 
         def render() -> None:
             from rich.table import Table
@@ -301,7 +309,8 @@ def explain(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the figures, spectra.json and index.html to.")],
     data: DataOpt = None,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
-    attributions: Annotated[int, typer.Option("--attributions", help="Inputs to explain with integrated gradients (needs --data; 0 for none).")] = 4,
+    attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
+    attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
     log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -328,7 +337,7 @@ def explain(
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
         with _working("explaining", as_json):
             result = explain_model(
-                loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, force=force,
+                loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
                 log_scale=log_scale, device=device,
             )
         shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
@@ -338,4 +347,17 @@ def explain(
 
 
 def main() -> None:
-    app()
+    """The console script: click's own usage errors also become one sentence and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(standalone_mode=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # a usage error of whichever click typer runs on
+        message = getattr(e, "format_message", None)
+        if message is None:
+            raise
+        if message():  # empty when the help was shown for a bare `explainfix`
+            print(f"explainfix: error: {message()} (see explainfix COMMAND --help)", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

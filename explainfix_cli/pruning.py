@@ -160,8 +160,8 @@ def prune(
     removed: ChannelRemoval
     if granularity == "kernel":
         masks = zero_least_salient(model, scores, pct)
-        out_zeroed = outputs(model, data, device) if data is not None else None
         removed = remove_dead_channels(model, example, data, device, removal)
+        out_zeroed = removed.outputs_before
     else:  # nothing is zeroed: the removal is measured against the original model
         masks, out_zeroed = {}, out_before
         removed = remove_least_salient_channels(model, example, scores, pct)

@@ -113,14 +113,22 @@ class ShuffleNet(nn.Module):
         return self.fc(self.b(channel_shuffle(torch.relu(self.a(x)), 2)).mean(dim=(2, 3)))
 
 
-def test_channel_shuffle_is_left_whole() -> None:
+def test_channel_shuffle_cut_is_symmetric_and_exact() -> None:
+    # the shuffle (g=2, C=8) sends channel a*4 + b of `a` to position 2b + a of `b`'s input
     model = ShuffleNet().eval()
     with torch.no_grad():
-        model.b.weight[:, 0] = 0  # tempting, but channel 0 of `a` is not channel 0 after the shuffle
+        model.b.weight[:, 0] = 0  # position 0 = channel 0 (block 0, offset 0) of `a`: block 1 still needs offset 0
     before = run(model)
+    assert remove_dead_channels(model, X[:1], DATA).removed == 0
+    with torch.no_grad():
+        model.b.weight[:, 1] = 0  # position 1 = channel 4 (block 1, offset 0): offset 0 can now leave both blocks
+        model.b.weight[:, 4] = 0  # position 4 = channel 2 (block 0, offset 2): alone, it must stay
+    before = run(model)
+    original = model.a.weight.detach().clone()
     result = remove_dead_channels(model, X[:1], DATA)
-    assert result.blocked["channel shuffle"] == 1 and model.a.out_channels == 8
-    torch.testing.assert_close(run(model), before)
+    assert result.removed == 2 and model.a.out_channels == 6 and model.b.in_channels == 6
+    torch.testing.assert_close(model.a.weight.detach(), original[[1, 2, 3, 5, 6, 7]])
+    torch.testing.assert_close(run(model), before, rtol=0, atol=1e-5)
 
 
 def test_layer_norm_across_channels_blocks_exact_removal() -> None:

@@ -231,6 +231,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torch.save(tiny.state_dict(), root / "tiny.pt")
     files["tiny"] = str(root / "tiny.pt")
     files["tiny_arch"] = f"{script}:make"
+    spatial = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)).eval()
+    torch.export.save(torch.export.export(spatial, (torch.zeros(1, 1, 16, 16),)), str(root / "tiny.pt2"))
+    files["pt2"] = str(root / "tiny.pt2")
     return files
 
 
@@ -284,6 +287,8 @@ def _bad_cases(f: dict[str, str]) -> dict[str, list[str]]:
         # gradient criterion without data
         "gradient without data": ["prune", resnet],
         "saliency without data": ["saliency", resnet],
+        # torch.export programs keep no conv modules to cut
+        "pt2 prune": ["prune", f["pt2"], *data],
         # no GPU here
         "cuda": ["prune", resnet, *data, "--device", "cuda"],
         "cuda, saliency": ["saliency", resnet, *data, "--device", "cuda"],
@@ -297,7 +302,7 @@ BAD_CASE_NAMES = [
     "scores of another model", "3-channel data", "masks for a classifier", "multi-label of another width",
     "wrong --arch-kwargs", "wrong --input-size", "labels out of range", "no spatial convs",
     "no spatial convs, saliency", "pct -1", "pct 100", "pct 150", "unknown arch module", "unknown arch factory",
-    "arch without colon", "arch script missing", "arch-kwargs not JSON", "arch-kwargs not an object",
+    "arch without colon", "arch script missing", "pt2 prune", "arch-kwargs not JSON", "arch-kwargs not an object",
     "arch-kwargs unknown keyword", "pickle without trust", "state dict without arch", "gradient without data",
     "saliency without data", "cuda", "cuda, saliency", "unknown device",
 ]  # fmt: skip
@@ -389,3 +394,15 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "UserError" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["prune", "model.pt", "--granularity", "foo"], ["explain", "m.safetensors", "--out", "r", "--format", "jpg"], ["prune"], ["bogus"]],
+)
+def test_usage_errors_are_one_sentence_as_a_real_process(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "explainfix_cli", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("explainfix: error: ")

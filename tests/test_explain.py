@@ -143,6 +143,22 @@ def assert_images(folder: Path, names: list[str]) -> None:
             image.verify()
 
 
+def test_attribution_methods_against_hand_computations() -> None:
+    from explainfix_cli.explain.attributions import input_attributions
+
+    model, data = small_model(), small_data()
+    x, y = data.x[:3].clone().requires_grad_(True), data.y[:3]
+    logit = model(x).gather(1, y[:, None]).sum()  # the labelled class's logit, summed over inputs
+    (grad,) = torch.autograd.grad(logit, x)
+    saliency = input_attributions(model, data, 3, "saliency")
+    torch.testing.assert_close(saliency.attributions, grad.abs())
+    # integrated gradients are complete: per input they add up to f(x) - f(0)
+    ig = input_attributions(model, data, 3, "integrated-gradients")
+    with torch.no_grad():
+        gain = model(data.x[:3]).gather(1, y[:, None]).flatten() - model(torch.zeros_like(data.x[:3]))[:, y].diagonal()
+    torch.testing.assert_close(ig.attributions.flatten(1).sum(dim=1), gain, rtol=0.05, atol=0.02)
+
+
 def test_explain_writes_figures_spectra_and_index(tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = explain(small_model(), small_data(), out, attributions=2)

@@ -33,14 +33,19 @@ def _caption(data: Dataset, y: Tensor) -> str:
     return "target: mask"
 
 
-def integrated_gradients(model: nn.Module, data: Dataset, count: int, device: str = "cpu") -> Attributions:
-    """Integrated gradients (Sundararajan et al., 2017) of the first `count` inputs.
+METHODS = ("saliency", "integrated-gradients")
 
-    The attributed scalar is METHOD.md §1's objective per input, `sum(target * output)`: the
-    labelled class's logit for class labels, the target-weighted output sum for multi-label
-    targets and masks. The baseline is an all-zero input.
+
+def input_attributions(model: nn.Module, data: Dataset, count: int, method: str = "saliency", device: str = "cpu") -> Attributions:
+    """Attributions of the first `count` inputs to METHOD.md §1's objective per input,
+    `sum(target * output)`: the labelled class's logit for class labels, the target-weighted
+    output sum for multi-label targets and masks.
+
+    `saliency` is the input gradient's magnitude (Simonyan et al., 2014), one backward pass;
+    `integrated-gradients` (Sundararajan et al., 2017, all-zero baseline) is more faithful and
+    costs IG_STEPS backward passes per input.
     """
-    from captum.attr import IntegratedGradients
+    from captum.attr import IntegratedGradients, Saliency
 
     x = data.x[:count].to(device)  # (n, C, H, W)
     y = data.y[:count].to(device)
@@ -51,15 +56,18 @@ def integrated_gradients(model: nn.Module, data: Dataset, count: int, device: st
     def objective(inputs: Tensor, weights: Tensor) -> Tensor:
         return (model_output(model, inputs) * weights).flatten(1).sum(dim=1)  # (n * steps,)
 
-    attributions = IntegratedGradients(objective).attribute(
-        x,
-        baselines=0.0,
-        additional_forward_args=(target,),
-        n_steps=IG_STEPS,
-        internal_batch_size=max(data.batch_size, count),  # the user's memory budget per pass
-    )
+    if method == "saliency":
+        attributions = Saliency(objective).attribute(x.clone().requires_grad_(True), additional_forward_args=(target,))
+    else:
+        attributions = IntegratedGradients(objective).attribute(
+            x,
+            baselines=0.0,
+            additional_forward_args=(target,),
+            n_steps=IG_STEPS,
+            internal_batch_size=max(data.batch_size, count),  # the user's memory budget per pass
+        )
     return Attributions(
-        method="integrated gradients",
+        method=method.replace("-", " "),
         images=x.detach().cpu(),
         attributions=attributions.detach().cpu(),
         captions=[_caption(data, t) for t in y.cpu()],

@@ -37,7 +37,7 @@ def _save(fig: Figure, path: Path) -> None:
 
     # Dates and random ids would make two runs' files differ; PRODUCT.md wants identical bytes.
     metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(path.suffix[1:])
-    with matplotlib.rc_context({"svg.hashsalt": "explainfix", "font.size": 9}):
+    with matplotlib.rc_context({"svg.hashsalt": "explainfix"}):
         fig.savefig(path, dpi=150, metadata=metadata)
 
 
@@ -95,7 +95,7 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     # Plain numbers on the ticks: an offset such as "1e6" collides with the axis labels.
     top.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     right.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    right.xaxis.set_major_locator(MaxNLocator(3))
+    right.xaxis.set_major_locator(MaxNLocator(2))
     weighting = "saliency-weighted" if layers[0][1].saliency_weighted else "unweighted"
     fig.align_ylabels([top, ax])
     fig.suptitle(f"Which spatial frequencies each {kh}x{kw} layer uses ({weighting} e_d)")

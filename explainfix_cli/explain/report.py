@@ -5,9 +5,10 @@ from __future__ import annotations
 import html
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from torch import nn
 from explainfix_cli.data import Dataset
 from explainfix_cli.errors import UserError
 from explainfix_cli.explain import figures
+from explainfix_cli.explain.attributions import METHODS
 from explainfix_cli.explain.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
 from explainfix_cli.outputs import atomic_dir, check_target
 from explainfix_cli.saliency import gradient_weights, require_spatial_convs
 
 SPECTRA_FILE = "spectra.json"
+Draw = Callable[[Path], None]  # draws one figure into the given file
 INDEX_FILE = "index.html"
 
 
@@ -75,6 +78,7 @@ def explain(
     *,
     fmt: str = "png",
     attributions: int = 4,
+    attribution_method: str = "saliency",
     force: bool = False,
     log_scale: bool = False,
     device: str = "cpu",
@@ -82,7 +86,8 @@ def explain(
     """ExplainSteer spectra of every spatial conv (METHOD.md §5), their figures, and attributions.
 
     With `data`, kernels are weighted by their saliency (one forward + backward per minibatch)
-    and the first `attributions` inputs get an integrated-gradients map; without it the spectra
+    and the first `attributions` inputs get an attribution map (`attribution_method`, see
+    `attributions.input_attributions`); without it the spectra
     are plain averages. `model` must already be on `device`. Everything lands in `out_dir`,
     which appears only once complete.
     """
@@ -90,6 +95,8 @@ def explain(
         raise UserError(f"figure format {fmt!r} is not supported; use one of {', '.join(figures.FORMATS)}.")
     if attributions < 0:
         raise UserError(f"--attributions must be 0 or more, not {attributions}.")
+    if attribution_method not in METHODS:
+        raise UserError(f"--attribution-method must be one of {', '.join(METHODS)}, not {attribution_method!r}.")
     out_dir = Path(out_dir)
     convs = require_spatial_convs(model)
     check_target(out_dir, force)  # fail before the expensive part, not after it
@@ -101,61 +108,80 @@ def explain(
         layers = [layer_spectra(name, conv.weight, None if weights is None else weights[name]) for name, conv in convs]
     attributed = None
     if data is not None and attributions > 0:
-        from explainfix_cli.explain.attributions import integrated_gradients
+        from explainfix_cli.explain.attributions import input_attributions
 
         with _timed(seconds, "attributions"):
-            attributed = integrated_gradients(model, data, attributions, device)
+            attributed = input_attributions(model, data, attributions, attribution_method, device)
 
+    first_name, first_conv = convs[0]
+    plan = _spectra_figures(layers, fmt, log_scale)
+    plan.append(
+        (
+            FigureFile(f"kernels.{fmt}", f"The kernels of the first spatial layer, {first_name}."),
+            partial(figures.draw_kernels, first_name, first_conv.weight),
+        )
+    )
+    if weights is not None:
+        plan.append(
+            (
+                FigureFile(f"kernel_saliency.{fmt}", f"How much each kernel of {first_name} matters on the data."),
+                partial(figures.draw_kernel_saliency, first_name, weights[first_name], log_scale=log_scale),
+            )
+        )
+    if attributed is not None:
+        plan.append(
+            (
+                FigureFile(f"attributions.{fmt}", f"Input pixels that drive the target output ({attributed.method})."),
+                partial(
+                    figures.draw_attributions,
+                    attributed.images,
+                    attributed.attributions,
+                    attributed.captions,
+                    attributed.method,
+                ),
+            )
+        )
+
+    # The result shares `seconds`, so the figures' time lands in it when the block below ends.
+    result = ExplainResult(out_dir, layers, [figure for figure, _ in plan], weights is not None, seconds)
     with _timed(seconds, "figures"), atomic_dir(out_dir, force) as tmp:
-        first_name, first_conv = convs[0]
-        written = _draw_spectra(layers, tmp, fmt, log_scale)
-        written.append(FigureFile(f"kernels.{fmt}", f"The kernels of the first spatial layer, {first_name}."))
-        figures.draw_kernels(first_name, first_conv.weight, tmp / written[-1].name)
-        if weights is not None:
-            written.append(
-                FigureFile(f"kernel_saliency.{fmt}", f"How much each kernel of {first_name} matters on the data.")
-            )
-            figures.draw_kernel_saliency(first_name, weights[first_name], tmp / written[-1].name, log_scale)
-        if attributed is not None:
-            written.append(
-                FigureFile(f"attributions.{fmt}", f"Input pixels that drive the target output ({attributed.method}).")
-            )
-            figures.draw_attributions(
-                attributed.images,
-                attributed.attributions,
-                attributed.captions,
-                attributed.method,
-                tmp / written[-1].name,
-            )
-        result = ExplainResult(out_dir, layers, written, weights is not None, seconds)
+        for figure, draw in plan:
+            draw(tmp / figure.name)
         (tmp / SPECTRA_FILE).write_text(json.dumps(result.spectra_json(), indent=2) + "\n")
         (tmp / INDEX_FILE).write_text(_index_html(result))
     return result
 
 
-def _draw_spectra(layers: list[LayerSpectra], folder: Path, fmt: str, log_scale: bool) -> list[FigureFile]:
+def _spectra_figures(layers: list[LayerSpectra], fmt: str, log_scale: bool) -> list[tuple[FigureFile, Draw]]:
     """Heatmap, frequency profiles and basis per kernel shape: e_d of different sizes do not align."""
     by_shape: dict[tuple[int, int], list[tuple[int, LayerSpectra]]] = {}
     for depth, spectra in enumerate(layers):
         by_shape.setdefault(spectra.kernel_shape, []).append((depth, spectra))
-    written = []
+    plan: list[tuple[FigureFile, Draw]] = []
     for (kh, kw), group in by_shape.items():
         size = f"{kh}x{kw}"
-        heatmap = FigureFile(
-            f"spectra_{size}.{fmt}",
-            f"Share of each {size} layer's energy on each DCT-II basis vector, low to high frequency "
-            "(ExplainSteer e_d), with totals per layer and per basis vector.",
-        )
-        profile = FigureFile(
-            f"profile_{size}.{fmt}",
-            f"Vertical, horizontal and combined frequency profile (e_1, e_0) of each {size} layer.",
-        )
-        basis = FigureFile(f"dct_basis_{size}.{fmt}", f"The {size} DCT-II basis vectors the spectra refer to.")
-        figures.draw_heatmap(group, folder / heatmap.name, log_scale)
-        figures.draw_curves(group, folder / profile.name)
-        figures.draw_basis(kh, kw, folder / basis.name)
-        written += [heatmap, profile, basis]
-    return written
+        plan += [
+            (
+                FigureFile(
+                    f"spectra_{size}.{fmt}",
+                    f"Share of each {size} layer's energy on each DCT-II basis vector, low to high frequency "
+                    "(ExplainSteer e_d), with totals per layer and per basis vector.",
+                ),
+                partial(figures.draw_heatmap, group, log_scale=log_scale),
+            ),
+            (
+                FigureFile(
+                    f"profile_{size}.{fmt}",
+                    f"Vertical, horizontal and combined frequency profile (e_1, e_0) of each {size} layer.",
+                ),
+                partial(figures.draw_curves, group),
+            ),
+            (
+                FigureFile(f"dct_basis_{size}.{fmt}", f"The {size} DCT-II basis vectors the spectra refer to."),
+                partial(figures.draw_basis, kh, kw),
+            ),
+        ]
+    return plan
 
 
 def _index_html(result: ExplainResult) -> str:

@@ -9,8 +9,9 @@ from torch import Tensor
 from explainfix_cli.dct import dct2_basis, frequency_order
 
 LOW_FREQUENCY_DEFINITION = (
-    "share of the layer's e_d on the three lowest-frequency DCT-II basis vectors, "
-    "(0,0) constant, (0,1) horizontal and (1,0) vertical, i.e. anti-diagonals 0 and 1"
+    "share of the layer's e_d on the three lowest-frequency DCT-II basis vectors, (0,0) constant, "
+    "(0,1) horizontal and (1,0) vertical, i.e. anti-diagonals 0 and 1; a layer without frequency "
+    "preference scores about 3/(kh*kw), 0.33 for 3x3 kernels"
 )
 
 

@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import statistics
 import subprocess
@@ -255,7 +256,8 @@ def speed(folder: Path, data_file: Path, data: Dataset, pct: float, profile: boo
     write_state("resnet50", state)
     runs = [whole_prune(state, data_file, out, pct) for _ in range(3)]
     best, report = min(runs, key=lambda r: r[0]["total"])
-    print(f"resnet50, {IMAGES} images at {SIZE}x{SIZE}, CPU, pct {pct}, torch.get_num_threads() = {torch.get_num_threads()}")
+    print(f"resnet50, {IMAGES} images at {SIZE}x{SIZE}, CPU, pct {pct:g}, torch.get_num_threads() = {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work on the machine slows every figure below)")
     all_runs = ", ".join(f"{r['total']:.2f}" for r, _ in runs)
     print(f"whole prune (load, saliency, zeroing, removal, write), best of 3: {best['total']:.2f} s "
           f"(all runs: {all_runs}; target < 2 s)")

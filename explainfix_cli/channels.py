@@ -195,7 +195,9 @@ class _InputRange:
         if module not in self.low:
             return torch.zeros(len(local), dtype=torch.bool), torch.zeros(len(local))
         lo, hi = self.low[module][local], self.high[module][local]
-        const = (hi - lo) <= CONSTANT_TOLERANCE * (1 + hi.abs())
+        # relative to the channel's own magnitude: an absolute floor would call every channel of
+        # small activations (say 1e-9, as in a randomly initialised MobileNetV3) constant
+        const = (hi - lo) <= CONSTANT_TOLERANCE * torch.maximum(hi.abs(), lo.abs())
         return const, torch.where(const, (hi + lo) / 2, torch.zeros_like(lo))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,32 @@ def test_shufflenet_has_a_grouped_spatial_conv_that_is_not_depthwise() -> None:
     grouped = [c for c in convs if 1 < c.groups < c.in_channels]
     assert any(_is_spatial(c) for c in grouped)
     assert any(c.groups == c.in_channels == c.out_channels for c in convs)
+
+
+def test_shufflenet_forward_shuffles_the_channels_of_every_v2_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `explainfix_cli.zoo.shufflenet` is the factory; the module has to be imported by path.
+    module = importlib.import_module("explainfix_cli.zoo.shufflenet")
+    shuffle = module.channel_shuffle
+    calls: list[tuple[int, int]] = []
+
+    def recording_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+        calls.append((x.shape[1], groups))
+        return shuffle(x, groups)
+
+    model = create_model("shufflenet", width=24).eval()
+    monkeypatch.setattr(module, "channel_shuffle", recording_shuffle)
+    model(torch.randn(2, 1, 16, 16))
+    units = [m for m in model.modules() if isinstance(m, module.ShuffleUnit | module.DownsampleUnit)]
+    assert len(units) == 3
+    assert calls == [(24, 2), (48, 2), (48, 2)]
+
+
+def test_channel_shuffle_interleaves_the_groups() -> None:
+    from explainfix_cli.zoo.shufflenet import channel_shuffle
+
+    x = torch.arange(6.0).view(1, 6, 1, 1).expand(2, 6, 3, 3)  # channel c holds the value c
+    assert channel_shuffle(x, 2)[0, :, 0, 0].tolist() == [0, 3, 1, 4, 2, 5]
+    assert channel_shuffle(x, 3)[1, :, 2, 2].tolist() == [0, 2, 4, 1, 3, 5]
 
 
 def test_mobilenet_has_depthwise_convs_and_squeeze_excitation() -> None:

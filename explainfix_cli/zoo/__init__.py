@@ -1,10 +1,10 @@
 """Sample architectures, one family per file, importable as factories.
 
 Between them they cover every channel coupling the pruning engine has to follow (residual adds,
-concatenations, depthwise and grouped convs, channel shuffles, squeeze-excitation, flatten ->
-Linear, channels-last LayerNorm, layer scale, transposed convs, U-Net skips). Each factory takes
-keyword arguments with defaults and returns an `nn.Module`; an `--arch` such as
-`explainfix_cli.zoo:resnet` names one of them.
+concatenations, channel splits, depthwise and grouped convs, channel shuffles,
+squeeze-excitation, flatten -> Linear, channels-last LayerNorm, layer scale, transposed convs,
+U-Net skips). Each factory takes keyword arguments with defaults and returns an `nn.Module`; an
+`--arch` such as `explainfix_cli.zoo:resnet` names one of them.
 
 The factories share their names with their modules, so `explainfix_cli.zoo.resnet` is the
 factory; reach a module's classes with `from explainfix_cli.zoo.resnet import BasicBlock`.

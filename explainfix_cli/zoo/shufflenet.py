@@ -1,92 +1,105 @@
-"""A small ShuffleNet (Zhang et al., 2018): grouped convs, channel shuffles, concat downsampling.
+"""A small ShuffleNet v2 (Ma et al., 2018) with one ResNeXt-style grouped bottleneck before the pool.
 
-Channel couplings it exercises: grouped 1x1 and 3x3 convs that are not depthwise (each output
-channel reads only `I / groups` inputs, so channels are tied to their group), a channel shuffle
-(a view/transpose/reshape that permutes channel indices between two grouped convs), a depthwise
-3x3, a residual addition, and a downsampling unit whose output concatenates a pooled shortcut
-with the branch.
+Channel couplings it exercises: channel splits (`x.chunk(2, dim=1)`: the first half passes
+through untouched, the second half feeds a branch), concatenations of the two halves followed by
+a channel shuffle (a view/transpose/reshape that interleaves the two halves, so channel i of the
+concatenation becomes channel 2i or 2(i - C/2) + 1), depthwise 3x3 convs (stride 1 and 2), a
+downsampling unit whose two branches both read the whole input, and a grouped 3x3 conv that is
+not depthwise (each output channel reads only `C / groups` inputs, so channels are tied to their
+group) inside a residual addition.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Interleave the channels of `groups` groups so the next grouped conv sees all of them."""
+    """Interleave the channels of `groups` equal blocks, so that each block mixes with the others."""
     n, c, h, w = x.shape
     x = x.view(n, groups, c // groups, h, w)  # (N, g, C/g, H, W)
     return x.transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W), channel j*g + i <- i*C/g + j
 
 
-class ShuffleUnit(nn.Module):
-    """ShuffleNet v1 unit: gconv1x1, shuffle, depthwise 3x3, gconv1x1; add (stride 1) or concat.
+def _branch(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """1x1 conv-BN-ReLU, depthwise 3x3 (stride `stride`)-BN, 1x1 conv-BN-ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+        nn.Conv2d(out_channels, out_channels, 3, stride, 1, groups=out_channels, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.Conv2d(out_channels, out_channels, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
 
-    With stride 2 the branch only produces `out_channels - in_channels` channels; the rest are
-    the input, average-pooled, concatenated in front.
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet v2 basic unit: split the channels in half, transform the second, concat, shuffle."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.branch = _branch(channels // 2, channels // 2, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)  # (N, C/2, H, W) each
+        out = torch.cat([x1, self.branch(x2)], dim=1)  # (N, C, H, W)
+        return channel_shuffle(out, 2)
+
+
+class DownsampleUnit(nn.Module):
+    """ShuffleNet v2 downsampling unit: two stride-2 branches on the whole input, concat, shuffle.
+
+    Each branch produces `out_channels // 2` channels at half the resolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int = 4, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.groups = groups
-        self.stride = stride
-        branch_out = out_channels - in_channels if stride == 2 else out_channels
-        # ShuffleNet's bottleneck is 1/4 wide; 1/2 keeps this tiny model from starving.
-        mid = out_channels // 2
-        self.reduce = nn.Sequential(
-            nn.Conv2d(in_channels, mid, 1, groups=groups, bias=False),
-            nn.BatchNorm2d(mid),
+        half = out_channels // 2
+        self.branch1 = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, 2, 1, groups=in_channels, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.Conv2d(in_channels, half, 1, bias=False),
+            nn.BatchNorm2d(half),
             nn.ReLU(),
         )
-        self.depthwise = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid))
-        self.expand = nn.Sequential(
-            nn.Conv2d(mid, branch_out, 1, groups=groups, bias=False), nn.BatchNorm2d(branch_out)
+        self.branch2 = _branch(in_channels, half, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([self.branch1(x), self.branch2(x)], dim=1)  # (N, C_out, H/2, W/2)
+        return channel_shuffle(out, 2)
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt block: 1x1-BN-ReLU, grouped 3x3-BN-ReLU, 1x1-BN, plus identity, then ReLU."""
+
+    def __init__(self, channels: int, mid: int, groups: int = 4) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        self.grouped = nn.Sequential(
+            nn.Conv2d(mid, mid, 3, 1, 1, groups=groups, bias=False), nn.BatchNorm2d(mid), nn.ReLU()
         )
+        self.expand = nn.Sequential(nn.Conv2d(mid, channels, 1, bias=False), nn.BatchNorm2d(channels))
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = channel_shuffle(self.reduce(x), self.groups)  # (N, mid, H, W)
-        out = self.expand(self.depthwise(out))  # (N, branch_out, H/s, W/s)
-        if self.stride == 2:
-            shortcut = F.avg_pool2d(x, 3, 2, 1)  # (N, C_in, H/2, W/2)
-            return self.relu(torch.cat([shortcut, out], dim=1))  # (N, C_out, H/2, W/2)
+        out = self.expand(self.grouped(self.reduce(x)))  # (N, C, H, W)
         return self.relu(x + out)
 
 
-class GroupedUnit(nn.Module):
-    """Residual pair of grouped (not depthwise) 3x3 convs with a shuffle between them."""
-
-    def __init__(self, channels: int, groups: int = 2) -> None:
-        super().__init__()
-        self.groups = groups
-        self.conv1 = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 1, 1, groups=groups, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(),
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 1, 1, groups=groups, bias=False),
-            nn.BatchNorm2d(channels),
-        )
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = channel_shuffle(self.conv1(x), self.groups)  # (N, C, H, W)
-        return self.relu(x + self.conv2(out))
-
-
 class ShuffleNet(nn.Module):
-    """Stem, a residual shuffle unit, a concat downsampling unit, a grouped 3x3 unit, pool, Linear."""
+    """Stem, a v2 unit, a v2 downsampling unit, a v2 unit, a grouped bottleneck, pool, Linear."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 24, groups: int = 4) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.units = nn.Sequential(
-            ShuffleUnit(width, width, groups=groups, stride=1),
-            ShuffleUnit(width, 2 * width, groups=groups, stride=2),
-            GroupedUnit(2 * width, groups=2),
+            ShuffleUnit(width),
+            DownsampleUnit(width, 2 * width),
+            ShuffleUnit(2 * width),
+            GroupedBottleneck(2 * width, 2 * width, groups=groups),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
@@ -98,8 +111,8 @@ class ShuffleNet(nn.Module):
 
 
 def shufflenet(num_classes: int = 10, in_channels: int = 1, width: int = 24, groups: int = 4) -> ShuffleNet:
-    """A ~25k-parameter ShuffleNet for small images (16x16 digits by default).
+    """A ~15k-parameter ShuffleNet v2 for small images (16x16 digits by default).
 
-    `width` and `width // 2` must be divisible by `groups`.
+    `width` must be even and `2 * width` divisible by `groups` (the grouped bottleneck's groups).
     """
     return ShuffleNet(num_classes=num_classes, in_channels=in_channels, width=width, groups=groups)

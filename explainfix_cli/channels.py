@@ -39,6 +39,7 @@ from torch_pruning._helpers import GroupItem
 from .data import Dataset
 from .saliency import model_output
 from .shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
+from .tp_compat import DependencyGraph
 
 Removal = Literal["exact", "aggressive"]
 
@@ -48,29 +49,33 @@ CONSTANT_TOLERANCE = 1e-6
 
 
 class KeptChannels:
-    """The original index of every output channel, and per output row of every input offset, of a
-    conv weight (O, I/groups, ...) as channel removal cuts it: to recover the original kernels."""
+    """The cuts channel removal made to one conv weight (O, I/groups, ...), in order, to cut the
+    weight it had before (its original kernels, for `--fill`) the same way."""
 
     def __init__(self, m: nn.Conv2d):
-        o, i = m.weight.shape[:2]
-        self.module = m
-        self.out_ids = torch.arange(o)  # (O,)
-        self.in_ids = torch.arange(i).expand(o, i)  # (O, I/groups)
+        self.shape = tuple(m.weight.shape[:2])
+        self.groups = m.groups
+        self.cuts: list[tuple[bool, list[int]]] = []  # (output channels?, indices removed)
 
     def cut(self, item: GroupItem, DG: tp.DependencyGraph) -> None:
-        m, idxs = self.module, list(item.idxs)
-        if DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m):
-            stays = torch.ones(len(self.out_ids), dtype=torch.bool)
-            stays[idxs] = False
-            self.out_ids, self.in_ids = self.out_ids[stays], self.in_ids[stays]
-        else:
-            self.in_ids = _cut_grouped_inputs(self.in_ids, m.groups, idxs)
+        m = item.dep.target.module
+        self.cuts.append((DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m), list(item.idxs)))
 
     def original(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` as it was before removal, cut to the kept channels: (O', I'/groups, ...)."""
-        rows = weight[self.out_ids]  # (O', I/groups, kh, kw)
-        index = self.in_ids.reshape(*self.in_ids.shape, *[1] * (rows.dim() - 2)).expand(-1, -1, *rows.shape[2:])
-        return rows.gather(1, index)
+        for out, idxs in self.cuts:
+            if out:
+                stays = torch.ones(len(weight), dtype=torch.bool)
+                stays[idxs] = False
+                weight = weight[stays]
+            else:
+                weight = _cut_grouped_inputs(weight, self.groups, idxs)
+        return weight
+
+    @property
+    def in_ids(self) -> torch.Tensor:
+        """(O', I'/groups) per kept output channel, the original offset of every kept input."""
+        return self.original(torch.arange(self.shape[1]).expand(*self.shape))
 
 
 @dataclass
@@ -224,7 +229,7 @@ class Graph:
         """Trace `model` on one example input."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            DG = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            DG = DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
         return cls(DG, find_shuffles(DG))
 
     def groups(self) -> list[tuple[tp.Group, list[Crossing] | None]]:
@@ -429,14 +434,15 @@ def _cut(model: nn.Module, graph: Graph, plan: list[tuple[nn.Module, list[int]]]
 
 
 def _cut_grouped_inputs(t: torch.Tensor, groups: int, idxs: list[int]) -> torch.Tensor:
-    """Remove input channels `idxs` (indices into I) from a (O, I/groups, ...) tensor, group by group."""
-    out_per_group, in_per_group = t.shape[0] // groups, t.shape[1]
-    cut = set(idxs)
-    rows = []
-    for g in range(groups):
-        keep = [j for j in range(in_per_group) if g * in_per_group + j not in cut]
-        rows.append(t[g * out_per_group : (g + 1) * out_per_group, keep])
-    return torch.cat(rows)
+    """Remove input channels `idxs` (indices into I) from a (O, I/groups, ...) tensor, group by group
+    (every group loses as many: `_balanced`)."""
+    o, per_group, rest = t.shape[0], t.shape[1], t.shape[2:]
+    keep = torch.ones(groups, per_group, dtype=torch.bool)
+    keep.view(-1)[idxs] = False
+    n = int(keep[0].sum())
+    columns = keep.nonzero()[:, 1].reshape(groups, 1, n, *[1] * len(rest))  # per group, the kept offsets
+    blocks = t.reshape(groups, o // groups, per_group, *rest)
+    return blocks.gather(2, columns.expand(groups, o // groups, n, *rest)).reshape(o, n, *rest)
 
 
 def _grouped_input_cuts(group: tp.Group, DG: tp.DependencyGraph) -> list[tuple[nn.Module, torch.Tensor, list[int]]]:

@@ -159,7 +159,7 @@ def _open_safetensors(path: Path, arch: ArchSpec | None) -> LoadedModel:
     if FORMAT not in raw_meta:
         if arch is None:
             raise UserError(f"{path} holds bare tensors with no architecture; pass --arch module.path:factory.")
-        return LoadedModel(_build_with_state(arch, tensors, path), arch, path)
+        return LoadedModel(_build_and_load(arch, tensors, path), arch, path)
     meta = json.loads(raw_meta[FORMAT])
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format version {meta.get('format_version')}; this explainfix reads {FORMAT_VERSION}.")
@@ -168,11 +168,9 @@ def _open_safetensors(path: Path, arch: ArchSpec | None) -> LoadedModel:
     if spec is None:
         raise UserError(f"{path} records no importable architecture; pass --arch path/to/script.py:ClassName.")
     try:
-        model = spec.build()
+        model = _build_and_load(spec, tensors, path, meta.get("shapes", {}))
     except UserError as e:
         raise UserError(f"{e} The file's architecture cannot be rebuilt here; pass --arch path/to/script.py:ClassName pointing at its code.") from None
-    _apply_shapes(model, meta.get("shapes", {}))
-    _load_tensors(model, tensors, path, strict=True)
     fixed = set(meta.get("fixed", []))
     for name, p in model.named_parameters():
         p.requires_grad_(name not in fixed)
@@ -205,7 +203,7 @@ def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> Lo
     state = _unwrap_state_dict(obj, path)
     if arch is None:
         raise UserError(f"{path} is a state dict, which has no architecture; pass --arch module.path:factory.")
-    return LoadedModel(_build_with_state(arch, state, path), arch, path)
+    return LoadedModel(_build_and_load(arch, state, path), arch, path)
 
 
 def _load_pickle(path: Path) -> Any:
@@ -230,18 +228,46 @@ def _unwrap_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     raise UserError(f"{path} holds neither a state dict nor a model (keys: {list(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__}).")
 
 
-def _build_with_state(arch: ArchSpec, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
-    model = arch.build()
-    # DataParallel / DistributedDataParallel checkpoints prefix every key with "module."
-    if state and all(k.startswith("module.") for k in state) and not hasattr(model, "module"):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    _load_tensors(model, state, path, strict=False)
+def _build_and_load(
+    arch: ArchSpec, state: Mapping[str, torch.Tensor], path: Path, shapes: Mapping[str, Mapping[str, Any]] | None = None
+) -> nn.Module:
+    """Build `arch`, give it the layer shapes of a pruned model (ours) and load `state` into it.
+
+    The build runs on the meta device, so no time goes into a random initialisation that `state`
+    overwrites (half of loading resnet50). A factory that cannot build there, or a model left with
+    tensors `state` does not hold (non-persistent buffers, plain tensor attributes), is built again
+    for real.
+    """
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = arch.build()
+        except Exception:  # a factory that computes with its tensors (.item(), numpy) cannot run on meta
+            if device == "cpu":
+                raise
+            continue
+        _apply_shapes(model, shapes or {})
+        _load_tensors(model, state, path, strict=shapes is not None)
+        if not _holds_meta(model):
+            break
     return model
+
+
+def _holds_meta(model: nn.Module) -> bool:
+    """Is any parameter, buffer or tensor attribute of `model` still without data?"""
+    return any(
+        isinstance(v, torch.Tensor) and v.is_meta
+        for m in model.modules()
+        for v in (*m._parameters.values(), *m._buffers.values(), *vars(m).values())
+    )
 
 
 def _load_tensors(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, strict: bool) -> None:
     """Load `state` into `model`, replacing tensors whose shape differs only when `strict` (ours)."""
     own = model.state_dict()
+    # DataParallel / DistributedDataParallel checkpoints prefix every key with "module."
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and not _is_optional_slot(model, k)]
     if missing or unexpected:
@@ -269,10 +295,11 @@ def _is_optional_slot(model: nn.Module, name: str) -> bool:
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
+    # the tensors come fresh from the file: no copy
     if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(tensor.clone(), requires_grad=tensor.is_floating_point())
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
     else:
-        module._buffers[attr] = tensor.clone()
+        module._buffers[attr] = tensor
 
 
 def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -309,8 +336,13 @@ def save_model(
     from safetensors.torch import save_file
 
     path = Path(path)
-    # clone: safetensors refuses tensors that share memory (tied weights)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors, storages = {}, set()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        storage = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory (tied weights): copy the second and later
+        tensors[name] = t.clone() if storage in storages else t
+        storages.add(storage)
     fixed = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
     # one metadata entry: safetensors stores several in hash order, which would break byte-identical output
     metadata = {

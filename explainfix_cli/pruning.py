@@ -34,9 +34,7 @@ def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: f
         raise UserError(f"--pct must be in [0, 100), not {pct}.")
     convs = require_spatial_convs(model)
     flat = torch.cat([scores[name].double().flatten() for name, _ in convs])  # layer, then o, then i
-    order = torch.sort(flat, stable=True).indices
-    chosen = torch.zeros(len(flat), dtype=torch.bool)
-    chosen[order[: math.floor(pct / 100 * len(flat))]] = True
+    chosen = _smallest_first(flat, math.floor(pct / 100 * len(flat)))
     masks, start = {}, 0
     for name, conv in convs:
         n = conv.weight.shape[0] * conv.weight.shape[1]
@@ -45,6 +43,21 @@ def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: f
         with torch.no_grad():
             conv.weight[masks[name]] = 0
     return masks
+
+
+def _smallest_first(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """(n,) True at the first k entries of a stable ascending sort of `flat`, without sorting:
+    everything below the k-th smallest value, then the earliest entries equal to it."""
+    chosen = torch.zeros(len(flat), dtype=torch.bool)
+    if k == 0:
+        return chosen
+    if flat.isnan().any():
+        raise UserError("the saliency scores contain NaN (the model's outputs or gradients are not finite on this data).")
+    kth = flat.kthvalue(k).values
+    chosen = flat < kth
+    ties = (flat == kth).nonzero().flatten()
+    chosen[ties[: k - int(chosen.sum())]] = True
+    return chosen
 
 
 def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill, generator: torch.Generator) -> int:
@@ -150,12 +163,13 @@ def prune(
     torch.manual_seed(seed)
     model.eval().to(device)
     convs = require_spatial_convs(model)
+    seen: list[torch.Tensor] = []  # the saliency passes' outputs: the original model's
     if scores is None:
-        scores = spatial_saliency(model, data, criterion, device)
+        scores = spatial_saliency(model, data, criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
-    out_before = outputs(model, data, device) if data is not None else None
+    out_before = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
 
-    original = {name: conv.weight.detach().clone() for name, conv in convs}
+    original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     removed: ChannelRemoval
     if granularity == "kernel":

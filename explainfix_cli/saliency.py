@@ -74,10 +74,13 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def spatial_gradients(model: nn.Module, data: Dataset, device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+def spatial_gradients(
+    model: nn.Module, data: Dataset, device: str = "cpu"
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (METHOD §1).
 
-    Yields `{name: G}` with G of shape (O, I/groups, kh, kw); the model is put in eval mode.
+    Yields `{name: G}` with G of shape (O, I/groups, kh, kw), and the minibatch's outputs
+    (detached); the model is put in eval mode.
     """
     convs = require_spatial_convs(model)
     weights = [m.weight for _, m in convs]
@@ -94,7 +97,7 @@ def spatial_gradients(model: nn.Module, data: Dataset, device: str = "cpu") -> I
             yield {
                 name: torch.zeros_like(w) if g is None else g
                 for (name, _), w, g in zip(convs, weights, grads, strict=True)
-            }
+            }, out.detach()
 
 
 def _accumulate(
@@ -102,15 +105,21 @@ def _accumulate(
     data: Dataset,
     device: str,
     per_kernel: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor],
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sum `per_kernel(conv, G)` -> (O, I/groups) over minibatches (and processes, under torchrun)."""
+    """Sum `per_kernel(conv, G)` -> (O, I/groups) over minibatches (and processes, under torchrun).
+
+    In a single process, the model's outputs on every minibatch are appended to `outputs` (on the CPU).
+    """
     import torch.distributed as dist
 
     convs = require_spatial_convs(model)
     sums = {name: torch.zeros(m.weight.shape[:2], dtype=torch.float64, device=device) for name, m in convs}
-    for grads in spatial_gradients(model, data, device):
+    for grads, out in spatial_gradients(model, data, device):
         for name, m in convs:
             sums[name] += per_kernel(m, grads[name])
+        if outputs is not None and _distributed()[1] == 1:
+            outputs.append(out.cpu())
     if _distributed()[1] > 1:
         for s in sums.values():
             dist.all_reduce(s)
@@ -122,17 +131,20 @@ def spatial_saliency(
     data: Dataset | None,
     criterion: Criterion = "gradient",
     device: str = "cpu",
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Kernel saliency per spatial conv, an (O, I/groups) matrix keyed by module name.
 
     `gradient` is METHOD §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
+    `outputs`, if given, receives the model's outputs per minibatch from the same forward passes
+    (gradient saliency in a single process), so the caller need not run them again.
     """
     convs = require_spatial_convs(model)
     if criterion == "magnitude":
         return {name: m.weight.detach().abs().sum(dim=(2, 3)).double().cpu() for name, m in convs}
     if data is None:
         raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude for the data-free fallback.")
-    return _accumulate(model, data, device, lambda m, g: (m.weight.detach() * g).abs().sum(dim=(2, 3)))
+    return _accumulate(model, data, device, lambda m, g: (m.weight.detach() * g).abs().sum(dim=(2, 3)), outputs)
 
 
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
-from explainfix_cli.channels import remove_dead_channels, remove_least_salient_channels
+from explainfix_cli.channels import Graph, remove_dead_channels, remove_least_salient_channels
 from explainfix_cli.data import Dataset
 
 torch.manual_seed(0)
@@ -148,3 +149,37 @@ def test_channel_granularity_removes_the_least_salient_per_group() -> None:
     result = remove_least_salient_channels(model, X[:1], {"0": first, "2": second}, pct=50)
     assert result.removed == 2 and model[0].out_channels == 2
     torch.testing.assert_close(model[0].weight.detach(), original[[0, 2]])
+
+
+class SplitShuffleUnit(nn.Module):
+    """torchvision's ShuffleNet v2 unit: chunk, transform one half, concatenate, shuffle by `.view`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.expand = nn.Conv2d(4, 4, 1)
+        self.spatial = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.relu(self.stem(x)).chunk(2, dim=1)
+        x = torch.cat((x1, self.spatial(torch.relu(self.expand(x2)))), dim=1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_chunk_and_view_shuffle_trace_under_torch2() -> None:
+    # torch-pruning 1.6 reads autograd's pre-2.0 attribute names: unwrapped, this graph sizes the
+    # chunk's first half as the whole concatenation and divides by zero at the 5-D view
+    model = SplitShuffleUnit().eval()
+    graph = Graph.trace(model, X[:1])
+    splits = [n.module for n in graph.DG.module2node.values() if n.type == tp.ops.OPTYPE.SPLIT]
+    assert [(s.split_sizes, s.offsets) for s in splits] == [([4, 4], [0, 4, 8])]
+    with torch.no_grad():
+        model.spatial.weight[:, 1] = 0  # `expand`'s channel 1 is read by nothing any more
+    before = run(model)
+    result = remove_dead_channels(model, X[:1], DATA)
+    assert result.removed == 1 and model.expand.out_channels == 3 and model.spatial.in_channels == 3
+    assert model.stem.out_channels == 8  # the shuffled channels of several groups stay
+    torch.testing.assert_close(run(model), before, rtol=0, atol=1e-6)

@@ -269,6 +269,81 @@ def test_script_class_needs_arch_path(tmp_path: Path) -> None:
     assert torch.equal(_out(load_model(out, arch=f"{script}:Net"), x), _out(net, x))
 
 
+FACTORIES_SCRIPT = """
+import torch
+from torch import nn
+
+
+class WithBuffer(nn.Module):  # a non-persistent buffer: not in the state dict
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.register_buffer("scale", torch.arange(1.0, 3.0).reshape(1, 2, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+class WithAttribute(WithBuffer):  # a plain tensor attribute, not registered at all
+    def __init__(self):
+        super().__init__()
+        del self.scale
+        self.scale = torch.arange(1.0, 3.0).reshape(1, 2, 1, 1)
+
+
+class ComputesAtInit(WithBuffer):  # reads a tensor's value while building
+    def __init__(self):
+        super().__init__()
+        self.factor = float(self.conv.weight.abs().max().item() > -1)
+
+    def forward(self, x):
+        return super().forward(x) * self.factor
+"""
+
+
+@pytest.mark.parametrize("name", ["WithBuffer", "WithAttribute", "ComputesAtInit"])
+def test_build_falls_back_from_the_meta_device(tmp_path: Path, name: str) -> None:
+    # the build runs on the meta device (no random initialisation); when the file cannot fill
+    # every tensor, or the factory needs real values, it is built again for real
+    script = tmp_path / "factories.py"
+    script.write_text(FACTORIES_SCRIPT)
+    spec = ArchSpec(f"{script}:{name}")
+    torch.manual_seed(0)
+    net = spec.build().eval()
+    torch.save(net.state_dict(), tmp_path / "state.pt")
+    x = _x(2)
+    for path in (tmp_path / "state.pt", save_model(net, tmp_path / "net.safetensors", arch=spec)):
+        loaded = load_model(path, arch=spec)
+        assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+        assert torch.equal(_out(loaded, x), _out(net, x))
+
+
+def test_common_architectures_build_on_the_meta_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    builds: list[str] = []
+    original = ArchSpec.build
+
+    def counting(self: ArchSpec) -> nn.Module:
+        model = original(self)
+        builds.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(ArchSpec, "build", counting)
+    load_model(_sample("resnet.pt"), arch=RESNET)
+    assert builds == ["meta"]  # one build, no random initialisation
+
+
+def test_tied_weights_save_and_load(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(), nn.Conv2d(1, 1, 3, padding=1)).eval()
+    net[2].weight = net[0].weight  # one tensor under two names: safetensors refuses shared memory
+    out = save_model(net, tmp_path / "tied.safetensors", arch=ArchSpec("torch.nn:Identity"))
+    rebuilt = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU(), nn.Conv2d(1, 1, 3, padding=1)).eval()
+    from safetensors.torch import load_file
+
+    rebuilt.load_state_dict(load_file(str(out)))
+    assert torch.equal(_out(rebuilt, _x(2)), _out(net, _x(2)))
+    assert net[0].weight.data_ptr() == net[2].weight.data_ptr()  # saving copied, the model is untouched
+
+
 # ---- atomic writes ------------------------------------------------------------------------------
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())

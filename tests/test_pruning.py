@@ -50,6 +50,19 @@ def test_global_ranking_with_deterministic_ties(pct: float, expected: dict[str, 
         assert ((weight == 0).flatten(2).all(dim=2) == mask).all()
 
 
+def test_selection_equals_a_stable_sort_under_many_ties() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 40, 3), nn.Conv2d(40, 30, 3, groups=2))
+    g = torch.Generator().manual_seed(0)
+    scores = {"0": torch.randint(0, 5, (40, 3), generator=g).double(), "1": torch.randint(0, 5, (30, 20), generator=g).double()}
+    flat = torch.cat([scores["0"].flatten(), scores["1"].flatten()])
+    for pct in (1, 17.5, 50, 83, 99.9):
+        k = int(pct / 100 * len(flat))
+        expected = torch.zeros(len(flat), dtype=torch.bool)
+        expected[torch.sort(flat, stable=True).indices[:k]] = True
+        masks = zero_least_salient(copy.deepcopy(model), scores, pct)
+        assert torch.equal(torch.cat([masks["0"].flatten(), masks["1"].flatten()]), expected), pct
+
+
 @pytest.mark.parametrize("pct", [-1, 100, 150])
 def test_pct_out_of_range(pct: float) -> None:
     with pytest.raises(UserError, match=r"\[0, 100\)"):

@@ -69,6 +69,18 @@ def test_accumulates_over_minibatches() -> None:
     assert any(not torch.allclose(both[layer], whole[layer]) for layer in both)
 
 
+def test_saliency_passes_give_the_models_outputs() -> None:
+    """prune reuses the saliency forwards as the original model's outputs: they must be those."""
+    model = sample_model("densenet").model
+    data = sample_data("densenet", batch_size=16, batches=3)
+    seen: list[torch.Tensor] = []
+    spatial_saliency(model, data, outputs=seen)
+    with torch.no_grad():
+        expected = model(data.x[:48])
+    assert [len(o) for o in seen] == [16, 16, 16]
+    assert torch.equal(torch.cat(seen), expected)
+
+
 def test_magnitude_is_labelled_fallback_without_data() -> None:
     model = sample_model("resnet").model
     scores = spatial_saliency(model, None, criterion="magnitude")

@@ -238,17 +238,35 @@ def whole_prune(state: Path, data_file: Path, out: Path, pct: float) -> tuple[di
     return {"load": loaded - start, "prune": end - loaded, "total": end - start, **timer.seconds}, report
 
 
-def latency(model: nn.Module, x: torch.Tensor, runs: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one forward on `x`, no gradients, after warm-up."""
-    model.eval()
-    times = []
+def latencies(models: list[nn.Module], x: torch.Tensor, runs: int = 30, warmup: int = 3) -> list[float]:
+    """Median seconds of one forward on `x` per model, no gradients, after warm-up. The models run
+    in turn, so a change in the machine's load affects each of them alike."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
         for i in range(warmup + runs):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for model, spent in zip(models, times, strict=True):
+                start = time.perf_counter()
+                model.eval()(x)
+                if i >= warmup:
+                    spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def time_by_op_kind(model: nn.Module, x: torch.Tensor, runs: int = 5) -> dict[str, float]:
+    """Seconds per forward spent in convolutions and linear layers, and in everything else
+    (batch norm, activations, additions, pooling), from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        model.eval()(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                model(x)
+    spent = {"conv/linear": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        kind = "conv/linear" if any(k in event.key for k in ("conv", "addmm", "linear", "matmul")) else "other"
+        spent[kind] += event.self_cpu_time_total / 1e6 / runs
+    return spent
 
 
 def speed(folder: Path, data_file: Path, data: Dataset, pct: float, profile: bool) -> None:
@@ -274,11 +292,15 @@ def speed(folder: Path, data_file: Path, data: Dataset, pct: float, profile: boo
 
     original = open_model(state, arch_of("resnet50")).model
     pruned = load_model(out)
-    before, after = latency(original, data.x), latency(pruned, data.x)
+    before, after = latencies([original, pruned], data.x)
     macs_ratio = report.macs_after / report.macs_before
-    print(f"inference on {IMAGES} images, median of 20 after warm-up: before {before * 1e3:.1f} ms, "
+    print(f"inference on {IMAGES} images, median of 30 (the two models in turn) after warm-up: before {before * 1e3:.1f} ms, "
           f"after {after * 1e3:.1f} ms, latency ratio {after / before:.3f} vs MACs ratio {macs_ratio:.3f} "
           f"({'meets' if after / before <= macs_ratio else 'misses'} the target: latency shrinking at least as MACs)")
+    kinds = [time_by_op_kind(m, data.x) for m in (original, pruned)]
+    print("  by op kind (profiler, per forward): " + "; ".join(
+        f"{k} {kinds[0][k] * 1e3:.1f} -> {kinds[1][k] * 1e3:.1f} ms (ratio {kinds[1][k] / kinds[0][k]:.3f})" for k in kinds[0]
+    ))
     print(f"params {report.params_before:,} -> {report.params_after:,}; "
           f"MACs {report.macs_before / 1e6:.1f}M -> {report.macs_after / 1e6:.1f}M; "
           f"prune's own seconds field {report.seconds:.2f} s")

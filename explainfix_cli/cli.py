@@ -312,6 +312,7 @@ def explain(
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
     attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
     log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
+    with_figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -338,7 +339,7 @@ def explain(
         with _working("explaining", as_json):
             result = explain_model(
                 loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
-                log_scale=log_scale, device=device,
+                log_scale=log_scale, with_figures=with_figures, device=device,
             )
         shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
         _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))

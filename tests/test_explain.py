@@ -283,6 +283,19 @@ def test_cli_json(tmp_path: Path) -> None:
     assert all(Path(f["path"]).is_file() for f in summary["figures"])
 
 
+def test_cli_no_figures_writes_the_same_numbers_only(tmp_path: Path) -> None:
+    if not (SAMPLES / "resnet.safetensors").exists():
+        pytest.skip("sample models not generated")
+    common = [str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "1", "--json"]
+    full = run_cli(*common, "--out", str(tmp_path / "full"), "--attributions", "1")
+    numbers = run_cli(*common, "--out", str(tmp_path / "numbers"), "--no-figures")
+    assert full.returncode == 0 and numbers.returncode == 0, numbers.stderr
+    assert json.loads(numbers.stdout)["figures"] == []
+    assert sorted(p.name for p in (tmp_path / "numbers").iterdir()) == ["index.html", "spectra.json"]
+    assert (tmp_path / "numbers" / "spectra.json").read_bytes() == (tmp_path / "full" / "spectra.json").read_bytes()
+    assert "--no-figures" in (tmp_path / "numbers" / "index.html").read_text()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

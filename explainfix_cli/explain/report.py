@@ -12,12 +12,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from explainfix_cli.data import Dataset
 from explainfix_cli.errors import UserError
 from explainfix_cli.explain import figures
-from explainfix_cli.explain.attributions import METHODS
+from explainfix_cli.explain.attributions import METHODS, Attributions
 from explainfix_cli.explain.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
 from explainfix_cli.outputs import atomic_dir, check_target
 from explainfix_cli.saliency import gradient_weights, require_spatial_convs
@@ -79,6 +80,7 @@ def explain(
     fmt: str = "png",
     attributions: int = 4,
     attribution_method: str = "saliency",
+    with_figures: bool = True,
     force: bool = False,
     log_scale: bool = False,
     device: str = "cpu",
@@ -88,8 +90,9 @@ def explain(
     With `data`, kernels are weighted by their saliency (one forward + backward per minibatch)
     and the first `attributions` inputs get an attribution map (`attribution_method`, see
     `attributions.input_attributions`); without it the spectra
-    are plain averages. `model` must already be on `device`. Everything lands in `out_dir`,
-    which appears only once complete.
+    are plain averages. `with_figures=False` writes the numbers only (spectra.json and index.html): no
+    figures and no attributions, for a CI job that tracks the spectra. `model` must already be on
+    `device`. Everything lands in `out_dir`, which appears only once complete.
     """
     if fmt not in figures.FORMATS:
         raise UserError(f"figure format {fmt!r} is not supported; use one of {', '.join(figures.FORMATS)}.")
@@ -106,14 +109,35 @@ def explain(
         weights = gradient_weights(model, data, device) if data is not None else None
     with _timed(seconds, "spectra"):
         layers = [layer_spectra(name, conv.weight, None if weights is None else weights[name]) for name, conv in convs]
-    attributed = None
-    if data is not None and attributions > 0:
+    attributed: Attributions | None = None
+    if with_figures and data is not None and attributions > 0:
         from explainfix_cli.explain.attributions import input_attributions
 
         with _timed(seconds, "attributions"):
             attributed = input_attributions(model, data, attributions, attribution_method, device)
 
-    first_name, first_conv = convs[0]
+    plan = _figures(layers, convs[0], weights, attributed, fmt, log_scale) if with_figures else []
+
+    # The result shares `seconds`, so the figures' time lands in it when the block below ends.
+    result = ExplainResult(out_dir, layers, [figure for figure, _ in plan], weights is not None, seconds)
+    with _timed(seconds, "figures"), atomic_dir(out_dir, force) as tmp:
+        for figure, draw in plan:
+            draw(tmp / figure.name)
+        (tmp / SPECTRA_FILE).write_text(json.dumps(result.spectra_json(), indent=2) + "\n")
+        (tmp / INDEX_FILE).write_text(_index_html(result))
+    return result
+
+
+def _figures(
+    layers: list[LayerSpectra],
+    first: tuple[str, nn.Conv2d],
+    weights: dict[str, torch.Tensor] | None,
+    attributed: Attributions | None,
+    fmt: str,
+    log_scale: bool,
+) -> list[tuple[FigureFile, Draw]]:
+    """Every figure of the report, in order, with the call that draws it."""
+    first_name, first_conv = first
     plan = _spectra_figures(layers, fmt, log_scale)
     plan.append(
         (
@@ -141,15 +165,7 @@ def explain(
                 ),
             )
         )
-
-    # The result shares `seconds`, so the figures' time lands in it when the block below ends.
-    result = ExplainResult(out_dir, layers, [figure for figure, _ in plan], weights is not None, seconds)
-    with _timed(seconds, "figures"), atomic_dir(out_dir, force) as tmp:
-        for figure, draw in plan:
-            draw(tmp / figure.name)
-        (tmp / SPECTRA_FILE).write_text(json.dumps(result.spectra_json(), indent=2) + "\n")
-        (tmp / INDEX_FILE).write_text(_index_html(result))
-    return result
+    return plan
 
 
 def _spectra_figures(layers: list[LayerSpectra], fmt: str, log_scale: bool) -> list[tuple[FigureFile, Draw]]:
@@ -190,7 +206,7 @@ def _index_html(result: ExplainResult) -> str:
         f"<td>{s.low_frequency_share:.3f}</td></tr>"
         for i, s in enumerate(result.layers)
     )
-    shown = "\n".join(_figure_html(f) for f in result.figures)
+    shown = "\n".join(_figure_html(f) for f in result.figures) or "<p>No figures (written with --no-figures).</p>"
     weighting = "weighted by kernel saliency on the data" if result.saliency_weighted else "unweighted (no data)"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>explainfix explain</title>

@@ -332,8 +332,10 @@ def remove_dead_channels(
 ) -> ChannelRemoval:
     """Remove, in place, every channel whose removal is exact (see the module docstring).
 
-    `removal="aggressive"` is the paper's original rule: a channel also goes when all its writers
-    are silent, with no fold, whatever that changes (for users who fine-tune afterwards).
+    `removal="aggressive"` adds the paper's original rule: a channel also goes when all its
+    writers are silent, whatever reads it, with no fold where a fold would not be exact, and
+    normalisation across channels does not stop it (for users who fine-tune afterwards). It removes
+    everything the exact rule removes, folded the same way, and more.
     """
     graph = Graph.trace(model, example)
     result = ChannelRemoval()
@@ -351,21 +353,23 @@ def remove_dead_channels(
         for r in readers:
             ignored = _ignored(r)
             const, value = ranges.constants(r.module, r.local)
-            foldable = const & _fold_is_exact(r.module) & (removal == "exact")
+            # a constant zero adds nothing anywhere, even where zero padding meets a constant
+            foldable = const & (_fold_is_exact(r.module) | (value == 0)) & ~ignored
             needed.index_add_(0, r.root, (~(ignored | foldable)).long())
-            decisions.append((r, ignored, value))
+            decisions.append((r, foldable, value))
         removable = needed == 0
-        if removal == "aggressive":
+        if removal == "aggressive":  # and silent channels, whatever reads them: no fold where it is not exact
             removable |= _silent(group, graph.DG, n_root)
         removable = _representable(removable, candidate, graph.DG)
         if not removable.any():
             continue
         folded = torch.zeros(n_root, dtype=torch.bool)
-        for r, ignored, value in decisions:
-            to_fold = (removable[r.root] & ~ignored).nonzero().flatten()
-            if removal == "exact" and len(to_fold):
-                _fold(r, to_fold, value[to_fold])
-                folded[r.root[to_fold]] = True
+        for r, foldable, value in decisions:
+            to_fold = (removable[r.root] & foldable).nonzero().flatten()
+            adds = to_fold[value[to_fold] != 0]  # a zero constant leaves the bias as it is
+            if len(adds):
+                _fold(r, adds, value[adds])
+            folded[r.root[to_fold]] = True
         plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
         result.removed += int(removable.sum())
         result.folded += int(folded.sum())

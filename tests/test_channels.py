@@ -183,3 +183,19 @@ def test_chunk_and_view_shuffle_trace_under_torch2() -> None:
     assert result.removed == 1 and model.expand.out_channels == 3 and model.spatial.in_channels == 3
     assert model.stem.out_channels == 8  # the shuffled channels of several groups stay
     torch.testing.assert_close(run(model), before, rtol=0, atol=1e-6)
+
+
+def test_constant_zero_channel_leaves_even_before_zero_padding() -> None:
+    # a dead ReLU channel is 0 everywhere: zero padding around it changes nothing, no bias to fold
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[0].weight[2] = 0
+        model[0].bias[2] = -1.0  # relu(-1) = 0 on every input: a constant zero
+        model[0].weight[3] = 0
+        model[0].bias[3] = 0.5  # constant 0.5: the padded conv sees 0 at the border, 0.5 inside
+    before = run(model)
+    bias = model[2].bias.detach().clone()
+    result = remove_dead_channels(model, X[:1], DATA)
+    assert (result.removed, result.folded) == (1, 1) and model[0].out_channels == 3
+    assert torch.equal(model[2].bias.detach(), bias)
+    torch.testing.assert_close(run(model), before, rtol=0, atol=1e-6)

@@ -117,12 +117,43 @@ def test_prune_is_faithful_and_reloads(name: str, pct: float, tmp_path: Path) ->
     assert all(not m.weight.requires_grad for m in reloaded.modules() if isinstance(m, nn.Conv2d) and min(m.kernel_size) > 1)
 
 
-@pytest.mark.parametrize("name", ["resnet", "vgg", "densenet", "mobilenet", "unet"])
+@pytest.mark.parametrize("name", ["resnet", "vgg", "densenet", "mobilenet", "shufflenet", "unet", "resnet_multilabel"])
 def test_pruning_shrinks_the_model(name: str) -> None:
     _, report = prune(sample_model(name).model, sample_data(name), pct=90)
     assert report.params_after < report.params_before
     assert report.macs_after < report.macs_before
     assert report.channels_removed > 0
+
+
+def test_convnext_keeps_its_shape_by_default_and_says_why() -> None:
+    # LayerNorm statistics include every channel: no removal through it is exact
+    _, report = prune(sample_model("convnext").model, sample_data("convnext"), pct=90)
+    assert report.channels_removed == 0 and report.params_after == report.params_before
+    assert report.blocked_groups["normalisation across channels"] > 0
+    assert report.max_logit_change == 0.0
+
+
+@pytest.mark.parametrize("name", ["convnext", "resnet"])
+def test_channel_granularity_shrinks_and_measures_against_the_original(name: str) -> None:
+    loaded, data = sample_model(name), sample_data(name)
+    original = outputs(copy.deepcopy(loaded.model), data)
+    pruned, report = prune(loaded.model, data, pct=90, granularity="channel")
+    assert report.params_after < report.params_before / 2 and report.zeroed_kernels == 0
+    assert report.max_logit_change == pytest.approx(float((outputs(pruned, data) - original).abs().max()), abs=1e-6)
+    assert report.max_logit_change > 1e-3  # whole salient-enough channels went: the output changed
+
+
+@pytest.mark.parametrize("name", ["vgg", "unet"])
+def test_aggressive_removal_goes_further_and_reports_the_change(name: str) -> None:
+    # silent channels before zero-padded convs carry a constant the padding breaks: exact keeps
+    # them, the paper's rule drops them
+    loaded, data = sample_model(name), sample_data(name)
+    zeroed = _zeroed_reference(name, 90, data)
+    exact = prune(copy.deepcopy(loaded.model), data, pct=90)[1]
+    pruned, aggressive = prune(loaded.model, data, pct=90, removal="aggressive")
+    assert aggressive.params_after < exact.params_after
+    assert aggressive.channels_removed > exact.channels_removed and aggressive.channels_folded >= exact.channels_folded
+    assert aggressive.max_logit_change == pytest.approx(float((outputs(pruned, data) - zeroed).abs().max()), abs=1e-6)
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:

@@ -63,6 +63,12 @@ def test_selection_equals_a_stable_sort_under_many_ties() -> None:
         assert torch.equal(torch.cat([masks["0"].flatten(), masks["1"].flatten()]), expected), pct
 
 
+def test_nan_scores_are_refused() -> None:
+    scores = {"0": torch.tensor([[3.0], [float("nan")]]), "2": torch.ones(2, 2)}
+    with pytest.raises(UserError, match="NaN"):
+        zero_least_salient(two_conv_model(), scores, 50)
+
+
 @pytest.mark.parametrize("pct", [-1, 100, 150])
 def test_pct_out_of_range(pct: float) -> None:
     with pytest.raises(UserError, match=r"\[0, 100\)"):

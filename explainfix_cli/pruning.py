@@ -48,9 +48,8 @@ def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: f
 def _smallest_first(flat: torch.Tensor, k: int) -> torch.Tensor:
     """(n,) True at the first k entries of a stable ascending sort of `flat`, without sorting:
     everything below the k-th smallest value, then the earliest entries equal to it."""
-    chosen = torch.zeros(len(flat), dtype=torch.bool)
     if k == 0:
-        return chosen
+        return torch.zeros(len(flat), dtype=torch.bool)
     if flat.isnan().any():
         raise UserError("the saliency scores contain NaN (the model's outputs or gradients are not finite on this data).")
     kth = flat.kthvalue(k).values

@@ -209,6 +209,32 @@ def test_same_input_gives_identical_files(fmt: str, tmp_path: Path) -> None:
         assert (tmp_path / "a" / figure.name).read_bytes() == (tmp_path / "b" / figure.name).read_bytes(), figure.name
 
 
+def test_figures_drawn_in_parallel_equal_figures_drawn_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainfix_cli.explain import figures
+
+    monkeypatch.setattr(figures.os, "cpu_count", lambda: 1)
+    in_turn = explain(small_model(), small_data(), tmp_path / "a", attributions=2)
+    monkeypatch.setattr(figures.os, "cpu_count", lambda: 4)  # forked workers (on Linux)
+    explain(small_model(), small_data(), tmp_path / "b", attributions=2)
+    assert len(in_turn.figures) == 9
+    for figure in in_turn.figures:
+        assert (tmp_path / "a" / figure.name).read_bytes() == (tmp_path / "b" / figure.name).read_bytes(), figure.name
+
+
+def _failing_figure(path: Path) -> None:
+    raise ValueError(f"cannot draw {path.name}")
+
+
+def test_a_figure_that_fails_in_a_worker_fails_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainfix_cli.explain import figures
+
+    monkeypatch.setattr(figures.os, "cpu_count", lambda: 4)
+    jobs = [(Path.touch, tmp_path / "fine.txt"), (_failing_figure, tmp_path / "broken.png")]
+    with pytest.raises(ValueError, match=r"cannot draw broken\.png"):
+        figures.draw_all(jobs)
+    assert (tmp_path / "fine.txt").exists() and not (tmp_path / "broken.png").exists()
+
+
 def test_existing_output_needs_force(tmp_path: Path) -> None:
     out = tmp_path / "report"
     out.mkdir()

@@ -2,26 +2,32 @@
 
 Every function draws one figure into `path` and knows nothing about the report around it. The
 object-oriented `Figure` API is used instead of pyplot: no global state, no GUI backend, and
-matplotlib is imported only when a figure is drawn.
+matplotlib is imported only when a figure is drawn. Inputs are numpy arrays, never tensors: the
+figures are drawn in forked processes, where a multi-threaded torch operation deadlocks (GNU
+OpenMP does not survive fork).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from explainfix_cli.dct import dct2_basis, frequency_order
+from explainfix_cli.dct import frequency_order
 from explainfix_cli.explain.spectra import LayerSpectra
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FORMATS = ("png", "svg", "pdf")
+Draw = Callable[[Path], None]  # draws one figure into the given file
 MAX_CHANNELS_SHOWN = 16  # a kernel grid larger than 16 x 16 is unreadable on a page
 MAX_LEGEND_ENTRIES = 8
 
@@ -39,6 +45,40 @@ def _save(fig: Figure, path: Path) -> None:
     metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(path.suffix[1:])
     with matplotlib.rc_context({"svg.hashsalt": "explainfix"}):
         fig.savefig(path, dpi=150, metadata=metadata)
+
+
+_pending: Sequence[tuple[Draw, Path]] = ()  # the jobs of `draw_all`, inherited by its forked workers
+
+
+def _draw_pending(index: int) -> None:
+    draw, path = _pending[index]
+    draw(path)
+
+
+def draw_all(jobs: Sequence[tuple[Draw, Path]]) -> None:
+    """Draw independent figures, each `draw(path)`, in forked worker processes where possible.
+
+    A figure is a few hundred milliseconds of single-threaded matplotlib work, the same whatever
+    the data, so a report's figures take about 1/cores of the time in parallel. Forked workers
+    inherit the jobs, matplotlib and the arrays (nothing is pickled); where fork is unsafe (macOS)
+    or there is one core, they are drawn in turn. A worker's exception is raised here.
+    """
+    global _pending
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2 or sys.platform == "darwin" or "fork" not in multiprocessing.get_all_start_methods():
+        for draw, path in jobs:
+            draw(path)
+        return
+    # imported once here, not once per worker
+    import matplotlib.backends.backend_agg
+    import matplotlib.figure  # noqa: F401
+
+    _pending = jobs
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(_draw_pending, range(len(jobs))))
+    finally:
+        _pending = ()
 
 
 def _layer_label(index: int, spectra: LayerSpectra) -> str:
@@ -69,8 +109,10 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     fig = _figure(cells_width + 4.5, min(3.2 + 0.28 * n_layers, 30.0))
     grid = fig.add_gridspec(2, 3, width_ratios=[cells_width, 1.6, 0.15], height_ratios=[1, 4])
     ax = fig.add_subplot(grid[1, 0])
-    top = fig.add_subplot(grid[0, 0], sharex=ax)
-    right = fig.add_subplot(grid[1, 1], sharey=ax)
+    # The margins line up with the cells by limits, not by sharing axes: a shared axis would
+    # build a hidden tick per basis vector and layer, and ticks are most of a figure's cost.
+    top = fig.add_subplot(grid[0, 0])
+    right = fig.add_subplot(grid[1, 1])
     bar = fig.add_subplot(grid[1, 2])
 
     positive = share[share > 0]
@@ -88,10 +130,12 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
 
     top.bar(range(n_basis), e_d.sum(axis=0), color="tab:blue")
     top.set_ylabel("total over\nlayers")
-    top.tick_params(labelbottom=False)
+    top.set_xlim(ax.get_xlim())
+    top.set_xticks([])
     right.barh(range(n_layers), totals, color="tab:blue")
     right.set_xlabel("layer total")
-    right.tick_params(labelleft=False)
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks([])
     # Plain numbers on the ticks: an offset such as "1e6" collides with the axis labels.
     top.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     right.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
@@ -213,28 +257,31 @@ def _draw_tiles(grid: ChannelGrid, title: str, colorbar: str | None) -> Figure:
     return fig
 
 
-def draw_basis(kh: int, kw: int, path: Path) -> None:
-    """The DCT-II basis vectors of a `(kh, kw)` kernel, each at its (vertical, horizontal) place."""
-    basis = dct2_basis(kh, kw).reshape(kh, kw, kh, kw).numpy()  # (a, b, kh, kw)
+def draw_basis(basis: np.ndarray, path: Path) -> None:
+    """The DCT-II basis vectors of a `(kh, kw)` kernel, each at its (vertical, horizontal) place.
+
+    `basis` is (kh, kw, kh, kw): `basis[a, b]` is the vector of vertical frequency a, horizontal b.
+    """
+    kh, kw = basis.shape[2:]
     grid = ChannelGrid(
         basis, list(range(kw)), list(range(kh)), "horizontal frequency (low → high)", "vertical frequency (low → high)"
     )
     _save(_draw_tiles(grid, f"DCT-II basis of a {kh}x{kw} kernel", None), path)
 
 
-def draw_kernels(name: str, weight: Tensor, path: Path) -> None:
-    """The spatial kernels of one layer, one tile per (output, input) channel pair."""
+def draw_kernels(name: str, weight: np.ndarray, path: Path) -> None:
+    """The spatial kernels of one layer, (O, I/groups, kh, kw), one tile per (output, input) pair."""
     kh, kw = weight.shape[2:]
-    grid = _channel_grid(weight.detach().cpu().double().numpy())  # (rows, cols, kh, kw)
+    grid = _channel_grid(weight)  # (rows, cols, kh, kw)
     _save(_draw_tiles(grid, f"{kh}x{kw} kernels of {name}", "kernel weight"), path)
 
 
-def draw_kernel_saliency(name: str, kernel_weights: Tensor, path: Path, log_scale: bool = False) -> None:
-    """The saliency weight `w_k` of every kernel of one layer, laid out like `draw_kernels`."""
+def draw_kernel_saliency(name: str, kernel_weights: np.ndarray, path: Path, log_scale: bool = False) -> None:
+    """The saliency weight `w_k` of every kernel of one layer, (O, I/groups), laid out like `draw_kernels`."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
-    grid = _channel_grid(kernel_weights.detach().cpu().double().numpy())  # (rows, cols)
+    grid = _channel_grid(kernel_weights)  # (rows, cols)
     rows, cols = grid.values.shape
     positive = grid.values[grid.values > 0]
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if log_scale and positive.size else None
@@ -251,18 +298,18 @@ def draw_kernel_saliency(name: str, kernel_weights: Tensor, path: Path, log_scal
     _save(fig, path)
 
 
-def _displayable(image: Tensor) -> np.ndarray:
+def _displayable(image: np.ndarray) -> np.ndarray:
     """A (C, H, W) input as an (H, W) or (H, W, 3) array in [0, 1] for imshow."""
-    image = image.detach().cpu().double()
-    image = image if image.shape[0] == 3 else image.mean(dim=0, keepdim=True)  # (3 or 1, H, W)
+    image = image if image.shape[0] == 3 else image.mean(axis=0, keepdims=True)  # (3 or 1, H, W)
     low, high = image.min(), image.max()
-    image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
-    return image.permute(1, 2, 0).squeeze(2).numpy()  # (H, W, 3) or (H, W)
+    image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    image = image.transpose(1, 2, 0)  # (H, W, 3 or 1)
+    return image if image.shape[2] == 3 else image[:, :, 0]  # (H, W, 3) or (H, W)
 
 
-def draw_attributions(images: Tensor, attributions: Tensor, captions: list[str], method: str, path: Path) -> None:
-    """Inputs (top row) and the magnitude of their attribution overlaid on them (bottom row)."""
-    heat = attributions.detach().cpu().double().abs().sum(dim=1)  # (n, H, W)
+def draw_attributions(images: np.ndarray, attributions: np.ndarray, captions: list[str], method: str, path: Path) -> None:
+    """Inputs (top row) and the magnitude of their attribution overlaid on them (bottom row), both (n, C, H, W)."""
+    heat = np.abs(attributions).sum(axis=1)  # (n, H, W)
     n = len(images)
     fig = _figure(1.0 + 2.0 * n, 4.6)
     axes = np.array(fig.subplots(2, n, squeeze=False))  # (2, n) of Axes
@@ -275,7 +322,7 @@ def draw_attributions(images: Tensor, attributions: Tensor, captions: list[str],
         grey = picture.mean(axis=2) if picture.ndim == 3 else picture  # (H, W)
         axes[1, k].imshow(grey, cmap="gray", interpolation="nearest")
         shown = axes[1, k].imshow(
-            heat[k].numpy() / scale, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest"
+            heat[k] / scale, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest"
         )
         for ax in axes[:, k]:
             ax.set_xticks([])

@@ -5,17 +5,19 @@ from __future__ import annotations
 import html
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from explainfix_cli.data import Dataset
+from explainfix_cli.dct import dct2_basis
 from explainfix_cli.errors import UserError
 from explainfix_cli.explain import figures
 from explainfix_cli.explain.attributions import METHODS, Attributions
@@ -24,7 +26,6 @@ from explainfix_cli.outputs import atomic_dir, check_target
 from explainfix_cli.saliency import gradient_weights, require_spatial_convs
 
 SPECTRA_FILE = "spectra.json"
-Draw = Callable[[Path], None]  # draws one figure into the given file
 INDEX_FILE = "index.html"
 
 
@@ -121,8 +122,7 @@ def explain(
     # The result shares `seconds`, so the figures' time lands in it when the block below ends.
     result = ExplainResult(out_dir, layers, [figure for figure, _ in plan], weights is not None, seconds)
     with _timed(seconds, "figures"), atomic_dir(out_dir, force) as tmp:
-        for figure, draw in plan:
-            draw(tmp / figure.name)
+        figures.draw_all([(draw, tmp / figure.name) for figure, draw in plan])
         (tmp / SPECTRA_FILE).write_text(json.dumps(result.spectra_json(), indent=2) + "\n")
         (tmp / INDEX_FILE).write_text(_index_html(result))
     return result
@@ -135,21 +135,21 @@ def _figures(
     attributed: Attributions | None,
     fmt: str,
     log_scale: bool,
-) -> list[tuple[FigureFile, Draw]]:
+) -> list[tuple[FigureFile, figures.Draw]]:
     """Every figure of the report, in order, with the call that draws it."""
     first_name, first_conv = first
     plan = _spectra_figures(layers, fmt, log_scale)
     plan.append(
         (
             FigureFile(f"kernels.{fmt}", f"The kernels of the first spatial layer, {first_name}."),
-            partial(figures.draw_kernels, first_name, first_conv.weight),
+            partial(figures.draw_kernels, first_name, _array(first_conv.weight)),
         )
     )
     if weights is not None:
         plan.append(
             (
                 FigureFile(f"kernel_saliency.{fmt}", f"How much each kernel of {first_name} matters on the data."),
-                partial(figures.draw_kernel_saliency, first_name, weights[first_name], log_scale=log_scale),
+                partial(figures.draw_kernel_saliency, first_name, _array(weights[first_name]), log_scale=log_scale),
             )
         )
     if attributed is not None:
@@ -158,8 +158,8 @@ def _figures(
                 FigureFile(f"attributions.{fmt}", f"Input pixels that drive the target output ({attributed.method})."),
                 partial(
                     figures.draw_attributions,
-                    attributed.images,
-                    attributed.attributions,
+                    _array(attributed.images),
+                    _array(attributed.attributions),
                     attributed.captions,
                     attributed.method,
                 ),
@@ -168,12 +168,17 @@ def _figures(
     return plan
 
 
-def _spectra_figures(layers: list[LayerSpectra], fmt: str, log_scale: bool) -> list[tuple[FigureFile, Draw]]:
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A float64 copy for the figures, made here: they are drawn in forked processes without torch."""
+    return t.detach().cpu().double().numpy()
+
+
+def _spectra_figures(layers: list[LayerSpectra], fmt: str, log_scale: bool) -> list[tuple[FigureFile, figures.Draw]]:
     """Heatmap, frequency profiles and basis per kernel shape: e_d of different sizes do not align."""
     by_shape: dict[tuple[int, int], list[tuple[int, LayerSpectra]]] = {}
     for depth, spectra in enumerate(layers):
         by_shape.setdefault(spectra.kernel_shape, []).append((depth, spectra))
-    plan: list[tuple[FigureFile, Draw]] = []
+    plan: list[tuple[FigureFile, figures.Draw]] = []
     for (kh, kw), group in by_shape.items():
         size = f"{kh}x{kw}"
         plan += [
@@ -194,7 +199,7 @@ def _spectra_figures(layers: list[LayerSpectra], fmt: str, log_scale: bool) -> l
             ),
             (
                 FigureFile(f"dct_basis_{size}.{fmt}", f"The {size} DCT-II basis vectors the spectra refer to."),
-                partial(figures.draw_basis, kh, kw),
+                partial(figures.draw_basis, _array(dct2_basis(kh, kw).reshape(kh, kw, kh, kw))),
             ),
         ]
     return plan

@@ -60,12 +60,13 @@ def draw_all(jobs: Sequence[tuple[Draw, Path]]) -> None:
 
     A figure is a few hundred milliseconds of single-threaded matplotlib work, the same whatever
     the data, so a report's figures take about 1/cores of the time in parallel. Forked workers
-    inherit the jobs, matplotlib and the arrays (nothing is pickled); where fork is unsafe (macOS)
-    or there is one core, they are drawn in turn. A worker's exception is raised here.
+    inherit the jobs, matplotlib and the arrays (nothing is pickled); where fork is unsafe (macOS),
+    in a daemon process, or on one core, they are drawn in turn. A worker's exception is raised here.
     """
     global _pending
     workers = min(len(jobs), os.cpu_count() or 1)
-    if workers < 2 or sys.platform == "darwin" or "fork" not in multiprocessing.get_all_start_methods():
+    forkable = sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
+    if workers < 2 or not forkable or multiprocessing.current_process().daemon:  # a daemon may not have children
         for draw, path in jobs:
             draw(path)
         return

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Preprocessing
 from .errors import UserError
 from .outputs import atomic_file
 
@@ -73,6 +74,12 @@ class LoadedModel:
     @property
     def history(self) -> list[dict[str, Any]]:
         return list(self.metadata.get("history", []))
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The input normalisation the file records, if any (see `data.Preprocessing`)."""
+        recorded = self.metadata.get("preprocessing")
+        return None if recorded is None else Preprocessing.from_json(recorded)
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
@@ -330,9 +337,14 @@ def save_model(
     arch: ArchSpec | None,
     history: list[dict[str, Any]] | None = None,
     report: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
     force: bool = False,
 ) -> Path:
-    """Write `model` as one safetensors file that `load_model` rebuilds exactly (PRODUCT.md "Models out")."""
+    """Write `model` as one safetensors file that `load_model` rebuilds exactly (PRODUCT.md "Models out").
+
+    `preprocessing` records how the model's inputs are made from images, so that `load_data`
+    normalises a folder of images the same way.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -354,6 +366,7 @@ def save_model(
                 "fixed": fixed,
                 "history": history or [],
                 "report": dict(report or {}),
+                **({"preprocessing": preprocessing.to_json()} if preprocessing is not None else {}),
             },
             sort_keys=True,
         )

@@ -21,7 +21,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .checkpoints import LoadedModel
-    from .data import Dataset
+    from .data import Dataset, Preprocessing
 
 app = typer.Typer(
     name="explainfix",
@@ -69,6 +69,8 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Minibatch size.
 BatchesOpt = Annotated[int | None, typer.Option("--batches", help="Use only the first N minibatches.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Resize images of an image folder to this square size.")]
 GrayscaleOpt = Annotated[bool, typer.Option("--grayscale", help="Read images of an image folder as one channel.")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract from an image folder's [0, 1] pixels, e.g. 0.485,0.456,0.406 (default: the model file's own).")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std to divide an image folder's pixels by, with --mean (default: the model file's own).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same inputs and seed give byte-identical outputs.")]
@@ -137,10 +139,41 @@ def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: b
     return open_model(model, parse_arch(arch, arch_kwargs), trust)
 
 
-def _load_data(data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool) -> Dataset | None:
+def _load_data(
+    data: Path | None,
+    batch_size: int,
+    batches: int | None,
+    image_size: int | None,
+    grayscale: bool,
+    mean: str | None = None,
+    std: str | None = None,
+    model: LoadedModel | None = None,
+) -> Dataset | None:
+    """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
     from .data import load_data
 
-    return None if data is None else load_data(data, batch_size, batches, image_size, grayscale)
+    explicit = _preprocessing(mean, std)
+    if data is None:
+        return None
+    if explicit is not None and not data.is_dir():
+        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
+    recorded = model.preprocessing if model is not None else None
+    return load_data(data, batch_size, batches, image_size, grayscale, _override(recorded, explicit))
+
+
+def _override(recorded: Preprocessing | None, explicit: Preprocessing | None) -> Preprocessing | None:
+    """--mean/--std replace the model's mean and std; its channel count and image size still apply."""
+    from dataclasses import replace
+
+    if recorded is None or explicit is None:
+        return explicit or recorded
+    return replace(recorded, mean=explicit.mean, std=explicit.std)
+
+
+def _preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
+    from .data import parse_preprocessing
+
+    return parse_preprocessing(mean, std)
 
 
 def _input_size(text: str | None) -> tuple[int, ...] | None:
@@ -218,6 +251,8 @@ def saliency(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -233,7 +268,7 @@ def saliency(
         check_target(out, force)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         with _working("computing saliency", as_json):
             scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
         save_saliency(scores, str(out), force, criterion.value)
@@ -264,6 +299,8 @@ def prune(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -283,13 +320,13 @@ def prune(
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         scores = load_saliency(str(saliency_file), loaded.model) if saliency_file else None
         with _working("pruning", as_json):
             _, report = prune_model(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=criterion.value, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
-                device=device, sample_shape=_input_size(input_size),
+                device=device, sample_shape=_input_size(input_size), preprocessing=_override(loaded.preprocessing, _preprocessing(mean, std)),
             )
         payload = report.to_json()
         _emit(as_json, payload, lambda: _table(f"prune → {target}", [(k, v) for k, v in payload.items()]))
@@ -320,6 +357,8 @@ def explain(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -335,7 +374,7 @@ def explain(
         check_target(out, force)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         with _working("explaining", as_json):
             result = explain_model(
                 loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,

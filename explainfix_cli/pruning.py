@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from .channels import ChannelRemoval, Removal, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
-from .data import Dataset
+from .data import Dataset, Preprocessing
 from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
@@ -143,12 +143,14 @@ def prune(
     seed: int = 0,
     device: str = "cpu",
     sample_shape: tuple[int, ...] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
     With `granularity="channel"` whole channels are ranked and removed instead (§3), and
     `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
-    input size for tracing and MACs, and no output-based numbers are reported.
+    input size for tracing and MACs, and no output-based numbers are reported. `preprocessing`
+    (the input normalisation) is recorded in the written file, for the input size pruned on.
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:
@@ -212,7 +214,9 @@ def prune(
     )
     if out is not None:
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
-        save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
+        if preprocessing is not None:
+            preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))
+        save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
 

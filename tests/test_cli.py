@@ -406,3 +406,31 @@ def test_usage_errors_are_one_sentence_as_a_real_process(args: list[str]) -> Non
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("explainfix: error: ")
+
+
+# ---- image folders normalised the model's way ---------------------------------------------------
+def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
+    """The bundled folder holds digits_val.npz's images 0-9 (ten each, named by index); with the
+    model file's recorded normalisation it scores what those npz samples do, not 0.13."""
+    root = Path(_sample("digits_images"))
+    index = [int(f.stem) for c in sorted(p.name for p in root.iterdir()) for f in sorted((root / c).iterdir())]
+    from explainfix_cli.checkpoints import open_model
+
+    model = _sample("resnet.safetensors")
+    with np.load(_sample("digits_val.npz")) as val, torch.no_grad():
+        logits = open_model(model).model(torch.from_numpy(val["x"][index]))
+        on_npz = float((logits.argmax(1) == torch.from_numpy(val["y"][index])).float().mean())
+    out = tmp_path / "b.safetensors"
+    on_folder = _json(_invoke("prune", model, "--data", str(root), "--pct", "30", "--out", str(out), "--json"))
+    assert on_folder["metric_before"] == pytest.approx(on_npz) and on_npz == pytest.approx(0.99)
+    assert open_model(out).preprocessing == open_model(model).preprocessing  # carried through
+    raw = _json(_invoke("prune", model, "--data", str(root), "--mean", "0", "--std", "1", "--pct", "0", "--out", str(tmp_path / "c.safetensors"), "--json"))
+    assert raw["metric_before"] < 0.3  # [0, 1] pixels: what the model was not trained on
+    written = open_model(tmp_path / "c.safetensors").preprocessing
+    assert written is not None and (written.mean, written.std, written.channels, written.size) == ((0.0,), (1.0,), 1, (16, 16))
+
+
+def test_mean_and_std_refused_for_a_data_file(tmp_path: Path) -> None:
+    result = _invoke("prune", _sample("resnet.safetensors"), *_data(["--mean", "0.5", "--std", "0.2"]), "--out", str(tmp_path / "o.safetensors"))
+    assert result.exit_code == 2 and "already preprocessed" in result.stderr
+    assert _listing(tmp_path) == []

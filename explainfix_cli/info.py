@@ -35,6 +35,7 @@ class ModelInfo:
     macs: int | None
     layers: list[LayerInfo] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    preprocessing: dict[str, Any] | None = None  # input normalisation the file records
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,4 +77,5 @@ def describe(loaded: LoadedModel, input_size: tuple[int, ...] | None = None) -> 
         macs=count_macs(model, input_size) if input_size else None,
         layers=layers,
         history=loaded.history,
+        preprocessing=None if loaded.preprocessing is None else loaded.preprocessing.to_json(),
     )

@@ -424,6 +424,9 @@ def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
     on_folder = _json(_invoke("prune", model, "--data", str(root), "--pct", "30", "--out", str(out), "--json"))
     assert on_folder["metric_before"] == pytest.approx(on_npz) and on_npz == pytest.approx(0.99)
     assert open_model(out).preprocessing == open_model(model).preprocessing  # carried through
+    digits = json.loads((SAMPLES / "metrics.json").read_text())["data"]["digits"]
+    recorded = _json(_invoke("info", str(out), "--json"))["preprocessing"]
+    assert recorded == {"mean": [digits["mean"]], "std": [digits["std"]], "channels": 1, "size": [16, 16]}
     raw = _json(_invoke("prune", model, "--data", str(root), "--mean", "0", "--std", "1", "--pct", "0", "--out", str(tmp_path / "c.safetensors"), "--json"))
     assert raw["metric_before"] < 0.3  # [0, 1] pixels: what the model was not trained on
     written = open_model(tmp_path / "c.safetensors").preprocessing

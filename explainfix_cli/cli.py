@@ -380,6 +380,8 @@ def explain(
                 loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
                 log_scale=log_scale, with_figures=with_figures, device=device,
             )
+        for note in result.notes:
+            print(f"explainfix: note: {note}", file=sys.stderr)
         shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
         _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
 

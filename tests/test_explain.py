@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import CLASSIFIERS, DATA_OF, SAMPLES, sample_data, sample_model
@@ -338,3 +339,46 @@ def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert done.stdout == ""
     assert not (tmp_path / "r").exists()
+
+
+# ---- attribution grid: captions, wrapping, the cap --------------------------------------------------
+def test_attribution_captions_say_truth_prediction_and_right_or_wrong() -> None:
+    from explainfix_cli.explain.attributions import input_attributions
+
+    model, data = small_model(), small_data()
+    with torch.no_grad():
+        predicted = model(data.x[:6]).argmax(dim=1)
+    result = input_attributions(model, data, 6)
+    for k, (caption, right) in enumerate(zip(result.captions, result.correct, strict=True)):
+        truth, guess = int(data.y[k]), int(predicted[k])
+        assert caption == f"true {truth}\npredicted {guess}\n{'right' if truth == guess else 'wrong'}"
+        assert right is (truth == guess)
+    assert set(result.correct) == {True, False}  # the untrained model gets some right, some wrong
+
+    names = Dataset(data.x, torch.nn.functional.one_hot(data.y, 3).float(), classes=["cat", "dog", "owl"])
+    with torch.no_grad():
+        positive = model(data.x[:2]) > 0  # (2, 3) what a multi-label reading predicts
+    multi = input_attributions(model, names, 2)
+    for k in range(2):
+        guessed = ", ".join(n for n, p in zip(["cat", "dog", "owl"], positive[k].tolist(), strict=True) if p) or "none"
+        assert multi.captions[k].startswith(f"true {['cat', 'dog', 'owl'][int(data.y[k])]}\npredicted {guessed}\n")
+        assert multi.correct[k] is (positive[k].nonzero().flatten().tolist() == [int(data.y[k])])
+
+
+def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainfix_cli.explain import attributions, figures, report
+
+    sizes = {}
+    for n in (8, 12):
+        images = np.random.default_rng(n).random((n, 1, 6, 6))  # (n, C, H, W)
+        figures.draw_attributions(images, images, ["true 1\npredicted 1\nright"] * n, [True] * n, "saliency", tmp_path / f"{n}.png")
+        with Image.open(tmp_path / f"{n}.png") as image:
+            sizes[n] = image.size
+    assert sizes[12][0] == sizes[8][0] and sizes[12][1] > 1.8 * sizes[8][1]  # a second row, not a wider one
+    monkeypatch.setattr(figures, "draw_all", lambda jobs: None)  # the notes, not the drawing
+    result = explain(small_model(), small_data(), tmp_path / "many", attributions=1000)
+    assert result.notes == ["attribution maps for the first 20 inputs, not 1000: the data holds only 20."]
+    monkeypatch.setattr(report, "MAX_ATTRIBUTIONS", 3)
+    result = explain(small_model(), small_data(), tmp_path / "cap", attributions=5)
+    assert result.notes == ["attribution maps for the first 3 inputs, not 5: one figure shows at most 3."]
+    assert attributions.MAX_ATTRIBUTIONS == 32

@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,6 +31,7 @@ FORMATS = ("png", "svg", "pdf")
 Draw = Callable[[Path], None]  # draws one figure into the given file
 MAX_CHANNELS_SHOWN = 16  # a kernel grid larger than 16 x 16 is unreadable on a page
 MAX_LEGEND_ENTRIES = 8
+ATTRIBUTION_COLUMNS = 8  # inputs per row of the attribution grid
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -308,28 +310,42 @@ def _displayable(image: np.ndarray) -> np.ndarray:
     return image if image.shape[2] == 3 else image[:, :, 0]  # (H, W, 3) or (H, W)
 
 
-def draw_attributions(images: np.ndarray, attributions: np.ndarray, captions: list[str], method: str, path: Path) -> None:
-    """Inputs (top row) and the magnitude of their attribution overlaid on them (bottom row), both (n, C, H, W)."""
+def draw_attributions(
+    images: np.ndarray, attributions: np.ndarray, captions: list[str], correct: list[bool | None], method: str, path: Path
+) -> None:
+    """Inputs and the magnitude of their attribution overlaid on them, both (n, C, H, W), in a
+    grid that wraps after `ATTRIBUTION_COLUMNS` inputs: per input the image above its map, under
+    a title with the true target and the prediction (green when right, red when wrong)."""
     heat = np.abs(attributions).sum(axis=1)  # (n, H, W)
     n = len(images)
-    fig = _figure(1.0 + 2.0 * n, 4.6)
-    axes = np.array(fig.subplots(2, n, squeeze=False))  # (2, n) of Axes
-    for k in range(n):
+    cols = min(n, ATTRIBUTION_COLUMNS)
+    rows = math.ceil(n / cols)
+    # long lists of label names wrap to the column's width
+    captions = ["\n".join(textwrap.fill(line, 24) for line in c.split("\n")) for c in captions]
+    lines = max(c.count("\n") + 1 for c in captions)
+    fig = _figure(1.6 + 1.7 * cols, (3.2 + 0.14 * lines) * rows + 0.4)
+    axes = np.array(fig.subplots(2 * rows, cols, squeeze=False))  # (2 * rows, cols) of Axes
+    colours = {True: "tab:green", False: "tab:red", None: "black"}
+    for k in range(rows * cols):
+        top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
+        if k >= n:
+            top.set_axis_off()
+            bottom.set_axis_off()
+            continue
         picture = _displayable(images[k])
         scale = float(heat[k].max()) or 1.0
-        axes[0, k].imshow(picture, cmap="gray", interpolation="nearest")
-        axes[0, k].set_title(captions[k])
+        top.imshow(picture, cmap="gray", interpolation="nearest")
+        top.set_title(captions[k], fontsize=8, color=colours[correct[k]])
         # Colour under the heat map would mix with it: the overlay shows the input in grey.
         grey = picture.mean(axis=2) if picture.ndim == 3 else picture  # (H, W)
-        axes[1, k].imshow(grey, cmap="gray", interpolation="nearest")
-        shown = axes[1, k].imshow(
-            heat[k] / scale, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest"
-        )
-        for ax in axes[:, k]:
+        bottom.imshow(grey, cmap="gray", interpolation="nearest")
+        shown = bottom.imshow(heat[k] / scale, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest")
+        for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_ylabel("input")
-    axes[1, 0].set_ylabel(f"{method}\n(overlaid)")
-    fig.colorbar(shown, ax=axes[1, :], label="attribution\n(share of max)", shrink=0.9)
+    for r in range(rows):
+        axes[2 * r, 0].set_ylabel("input")
+        axes[2 * r + 1, 0].set_ylabel(f"{method}\n(overlaid)")
+    fig.colorbar(shown, ax=axes, label="attribution (share of the input's max)", shrink=0.5 if rows > 1 else 0.9)
     fig.suptitle("Which input pixels drive the target output")
     _save(fig, path)

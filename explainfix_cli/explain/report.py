@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis
 from explainfix_cli.errors import UserError
 from explainfix_cli.explain import figures
-from explainfix_cli.explain.attributions import METHODS, Attributions
+from explainfix_cli.explain.attributions import MAX_ATTRIBUTIONS, METHODS, Attributions
 from explainfix_cli.explain.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
 from explainfix_cli.outputs import atomic_dir, check_target
 from explainfix_cli.saliency import gradient_weights, require_spatial_convs
@@ -46,6 +46,7 @@ class ExplainResult:
     figures: list[FigureFile]
     saliency_weighted: bool
     seconds: dict[str, float]  # wall time per stage: saliency, spectra, attributions, figures
+    notes: list[str] = field(default_factory=list)  # what a person should know, e.g. a capped request
 
     def spectra_json(self) -> dict[str, Any]:
         """The measurements alone, as written to `spectra.json` (identical across runs)."""
@@ -63,6 +64,7 @@ class ExplainResult:
             "spectra": str(self.out / SPECTRA_FILE),
             "index": str(self.out / INDEX_FILE),
             "seconds": self.seconds,
+            "notes": self.notes,
         }
 
 
@@ -111,16 +113,21 @@ def explain(
     with _timed(seconds, "spectra"):
         layers = [layer_spectra(name, conv.weight, None if weights is None else weights[name]) for name, conv in convs]
     attributed: Attributions | None = None
+    notes: list[str] = []
     if with_figures and data is not None and attributions > 0:
         from explainfix_cli.explain.attributions import input_attributions
 
+        count = min(attributions, MAX_ATTRIBUTIONS, len(data.x))
+        if count < attributions:
+            why = "one figure shows at most" if count == MAX_ATTRIBUTIONS else "the data holds only"
+            notes.append(f"attribution maps for the first {count} inputs, not {attributions}: {why} {count}.")
         with _timed(seconds, "attributions"):
-            attributed = input_attributions(model, data, attributions, attribution_method, device)
+            attributed = input_attributions(model, data, count, attribution_method, device)
 
     plan = _figures(layers, convs[0], weights, attributed, fmt, log_scale) if with_figures else []
 
     # The result shares `seconds`, so the figures' time lands in it when the block below ends.
-    result = ExplainResult(out_dir, layers, [figure for figure, _ in plan], weights is not None, seconds)
+    result = ExplainResult(out_dir, layers, [figure for figure, _ in plan], weights is not None, seconds, notes)
     with _timed(seconds, "figures"), atomic_dir(out_dir, force) as tmp:
         figures.draw_all([(draw, tmp / figure.name) for figure, draw in plan])
         (tmp / SPECTRA_FILE).write_text(json.dumps(result.spectra_json(), indent=2) + "\n")
@@ -161,6 +168,7 @@ def _figures(
                     _array(attributed.images),
                     _array(attributed.attributions),
                     attributed.captions,
+                    attributed.correct,
                     attributed.method,
                 ),
             )

@@ -170,6 +170,12 @@ def _override(recorded: Preprocessing | None, explicit: Preprocessing | None) ->
     return replace(recorded, mean=explicit.mean, std=explicit.std)
 
 
+def _folder_preprocessing(data: Path | None, mean: str | None, std: str | None, model: LoadedModel) -> dict[str, Any] | None:
+    """The normalisation `_load_data` applies to `data`: only an image folder gets one."""
+    applied = _override(model.preprocessing, _preprocessing(mean, std)) if data is not None and data.is_dir() else None
+    return None if applied is None else applied.to_json()
+
+
 def _preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
     from .data import parse_preprocessing
 
@@ -348,7 +354,8 @@ def explain(
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
     attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
-    log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
+    log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps (the kernel-saliency figure always has one).")] = False,
+    pct: Annotated[float, typer.Option("--pct", help="Mark in the kernel-saliency figure the kernels `explainfix prune --pct P` would zero.")] = 50.0,
     with_figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -368,6 +375,7 @@ def explain(
     """Which spatial frequencies each layer uses (ExplainSteer, METHOD §5): figures, spectra and attributions."""
 
     def body() -> None:
+        from .explain import ReportSource
         from .explain import explain as explain_model
         from .outputs import check_target
 
@@ -378,7 +386,10 @@ def explain(
         with _working("explaining", as_json):
             result = explain_model(
                 loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
-                log_scale=log_scale, with_figures=with_figures, device=device,
+                log_scale=log_scale, with_figures=with_figures, device=device, pct=pct, source=ReportSource(
+                    model=str(model), arch=loaded.arch.to_json() if loaded.arch else None, data=None if data is None else str(data), history=loaded.history,
+                    preprocessing=_folder_preprocessing(data, mean, std, loaded),
+                ),
             )
         for note in result.notes:
             print(f"explainfix: note: {note}", file=sys.stderr)

@@ -24,11 +24,12 @@ Fill = Literal["zero", "reset", "fillzero"]
 Granularity = Literal["kernel", "channel"]
 
 
-def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
-    """Zero the `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2).
+def least_salient_kernels(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+    """The `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2), per
+    layer an (O, I/groups) mask, without changing the model.
 
     One global ranking, ascending; ties broken by layer order, then o, then i (a stable sort of
-    the scores laid out in that order). Returns per layer the (O, I/groups) mask of zeroed kernels.
+    the scores laid out in that order).
     """
     if not 0 <= pct < 100:
         raise UserError(f"--pct must be in [0, 100), not {pct}.")
@@ -40,6 +41,13 @@ def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: f
         n = conv.weight.shape[0] * conv.weight.shape[1]
         masks[name] = chosen[start : start + n].reshape(conv.weight.shape[:2])  # (O, I/groups)
         start += n
+    return masks
+
+
+def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+    """Zero the kernels `least_salient_kernels` picks (§2); returns its masks."""
+    masks = least_salient_kernels(model, scores, pct)
+    for name, conv in require_spatial_convs(model):
         with torch.no_grad():
             conv.weight[masks[name]] = 0
     return masks

@@ -107,14 +107,15 @@ def _accumulate(
     per_kernel: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor],
     outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sum `per_kernel(conv, G)` -> (O, I/groups) over minibatches (and processes, under torchrun).
+    """Sum `per_kernel(conv, G)` -> (O, I/groups) or (k, O, I/groups) over minibatches (and processes, under torchrun).
 
     In a single process, the model's outputs on every minibatch are appended to `outputs` (on the CPU).
     """
     import torch.distributed as dist
 
     convs = require_spatial_convs(model)
-    sums = {name: torch.zeros(m.weight.shape[:2], dtype=torch.float64, device=device) for name, m in convs}
+    # per_kernel of a zero gradient gives the shape of the sums: (O, I/groups), or (k, O, I/groups)
+    sums = {name: torch.zeros_like(per_kernel(m, torch.zeros_like(m.weight)), dtype=torch.float64) for name, m in convs}
     for grads, out in spatial_gradients(model, data, device):
         for name, m in convs:
             sums[name] += per_kernel(m, grads[name])
@@ -150,6 +151,19 @@ def spatial_saliency(
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
     """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
     return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)))
+
+
+def saliency_and_gradient_weights(
+    model: nn.Module, data: Dataset, device: str = "cpu", outputs: list[torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """METHOD §1 saliency and §5 kernel weights together, from the same forward + backward passes
+    (the same numbers as `spatial_saliency` and `gradient_weights`)."""
+
+    def both(m: nn.Conv2d, g: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(m.weight.detach() * g).abs().sum(dim=(2, 3)), g.abs().sum(dim=(2, 3))])  # (2, O, I/groups)
+
+    sums = _accumulate(model, data, device, both, outputs)
+    return {k: v[0] for k, v in sums.items()}, {k: v[1] for k, v in sums.items()}
 
 
 def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, criterion: Criterion) -> None:

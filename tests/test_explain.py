@@ -382,3 +382,65 @@ def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.Mo
     result = explain(small_model(), small_data(), tmp_path / "cap", attributions=5)
     assert result.notes == ["attribution maps for the first 3 inputs, not 5: one figure shows at most 3."]
     assert attributions.MAX_ATTRIBUTIONS == 32
+
+
+# ---- a report that explains itself ------------------------------------------------------------------
+def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainfix_cli.explain import figures, report
+    from explainfix_cli.saliency import spatial_saliency
+
+    drawn: dict[str, tuple] = {}
+    monkeypatch.setattr(figures, "draw_kernel_saliency", lambda *args: drawn.setdefault("args", args))
+    monkeypatch.setattr(figures, "draw_all", lambda jobs: [draw(path) for draw, path in jobs if path.stem == "kernel_saliency"])
+    model, data = small_model(), small_data()
+    result = explain(model, data, tmp_path / "r", pct=40, attributions=0)
+    names, scores, zeroed, pct, total = drawn["args"][:5]
+    assert names == ["0", "2", "5"] and pct == 40
+    expected = spatial_saliency(model, data)  # what prune ranks by (METHOD §1)
+    flat_scores = np.concatenate([s.flatten() for s in scores])
+    flat_zeroed = np.concatenate([z.flatten() for z in zeroed])
+    assert np.allclose(flat_scores, np.concatenate([expected[n].numpy().flatten() for n in names]))
+    assert total == (int(0.4 * len(flat_scores)), len(flat_scores)) and int(flat_zeroed.sum()) == total[0]
+    assert flat_scores[flat_zeroed].max() <= flat_scores[~flat_zeroed].min()  # the least salient, over all layers
+    assert result.pct == 40 and "would zero" in next(f.caption for f in result.figures if f.name == "kernel_saliency.png")
+    assert report.MAX_SALIENCY_PANELS >= 3
+    with pytest.raises(UserError, match="--pct"):
+        explain(model, data, tmp_path / "bad", pct=100)
+
+
+def test_index_names_model_data_metric_and_history(tmp_path: Path) -> None:
+    from explainfix_cli.explain import ReportSource
+
+    model, data = small_model(), small_data()
+    with torch.no_grad():
+        accuracy = float((model(data.x).argmax(dim=1) == data.y).float().mean())
+    step = {"step": "prune", "pct": 80.0, "granularity": "kernel", "removal": "exact", "criterion": "gradient",
+            "params_before": 77754, "params_after": 26660, "metric": "accuracy", "metric_before": 0.9944, "metric_after": 0.3472}  # fmt: skip
+    source = ReportSource(model="models/small.safetensors", arch={"factory": "zoo:small", "kwargs": {"num_classes": 3}},
+                          data="digits.npz", history=[step], preprocessing={"mean": [0.3054], "std": [0.319]})  # fmt: skip
+    result = explain(model, data, tmp_path / "r", source=source, with_figures=False)
+    assert result.metric == "accuracy" and result.metric_value == pytest.approx(accuracy)
+    index = (tmp_path / "r" / "index.html").read_text()
+    for text in ("small.safetensors uses", "models/small.safetensors", "zoo:small(num_classes=3)", "digits.npz, 20 samples",
+                 f"accuracy on this data</th><td>{accuracy:.3f}", "mean 0.3054, std 0.319",
+                 "prune at --pct 80.0 (kernel granularity, exact removal, gradient saliency): 77,754 → 26,660 parameters, "
+                 "accuracy 0.994 → 0.347", "low-frequency share", "add up to 1", "e<sub>d</sub>"):  # fmt: skip
+        assert text in index, text
+    bare = explain(model, None, tmp_path / "bare", with_figures=False)
+    assert bare.metric is None and "none recorded" in (tmp_path / "bare" / "index.html").read_text()
+
+
+def test_cli_report_of_an_image_folder_names_its_sources(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from explainfix_cli.cli import app
+
+    model, folder = SAMPLES / "resnet.safetensors", SAMPLES / "digits_images"
+    if not model.exists() or not folder.exists():
+        pytest.skip("sample models not generated")
+    done = CliRunner().invoke(app, ["explain", str(model), "--data", str(folder), "--out", str(tmp_path / "r"), "--no-figures", "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["metric"] == "accuracy" and summary["metric_value"] == pytest.approx(0.99)  # normalised the model's way
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert all(text in index for text in (str(model), f"{folder}, 100 samples", "mean 0.3054, std 0.319", "none recorded"))

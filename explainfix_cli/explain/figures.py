@@ -306,8 +306,13 @@ def draw_kernel_saliency(
     n = len(grids)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = _figure(1.5 + 3.0 * cols, 1.2 + 2.9 * rows)
-    axes = np.array(fig.subplots(rows, cols, squeeze=False)).flatten()
+    from matplotlib.figure import Figure
+
+    width, height = 1.5 + 3.0 * cols, 1.0 + 2.9 * rows
+    # Fixed margins: a constrained layout of many panels costs more than drawing them.
+    fig = Figure(figsize=(width, height))
+    margins = {"left": 0.5 / width, "right": 1 - 1.4 / width, "top": 1 - 0.7 / height, "bottom": 0.3 / height}
+    axes = np.array(fig.subplots(rows, cols, squeeze=False, gridspec_kw={**margins, "wspace": 0.25, "hspace": 0.35})).flatten()
     cmap = colormaps["viridis"].with_extremes(bad="white", under="black")
     shown = None
     for ax, name, grid, mark, z in zip(axes, names, grids, marks, zeroed, strict=False):
@@ -323,7 +328,8 @@ def draw_kernel_saliency(
     for ax in axes[n:]:
         ax.set_axis_off()
     if shown is not None:
-        fig.colorbar(shown, ax=axes.tolist(), label="saliency  Σ|W · ∂L/∂W|  (log scale; black: 0)", shrink=0.6)
+        key = fig.add_axes((1 - 1.0 / width, 0.2, 0.15 / width, 0.6))
+        fig.colorbar(shown, cax=key, label="saliency  Σ|W · ∂L/∂W|  (log scale; black: 0)")
     fig.suptitle(
         f"Saliency of each kernel, layer by layer; red crosses: the {total[0]:,} of {total[1]:,} kernels "
         f"`explainfix prune --pct {pct:g}` would zero (the least salient over all layers)",

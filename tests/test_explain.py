@@ -368,13 +368,14 @@ def test_attribution_captions_say_truth_prediction_and_right_or_wrong() -> None:
 def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from explainfix_cli.explain import attributions, figures, report
 
+    monkeypatch.setattr(figures, "ATTRIBUTION_COLUMNS", 2)
     sizes = {}
-    for n in (8, 12):
+    for n in (2, 3):
         images = np.random.default_rng(n).random((n, 1, 6, 6))  # (n, C, H, W)
         figures.draw_attributions(images, images, ["true 1\npredicted 1\nright"] * n, [True] * n, "saliency", tmp_path / f"{n}.png")
         with Image.open(tmp_path / f"{n}.png") as image:
             sizes[n] = image.size
-    assert sizes[12][0] == sizes[8][0] and sizes[12][1] > 1.8 * sizes[8][1]  # a second row, not a wider one
+    assert sizes[3][0] == sizes[2][0] and sizes[3][1] > 1.8 * sizes[2][1]  # a second row, not a wider one
     monkeypatch.setattr(figures, "draw_all", lambda jobs: None)  # the notes, not the drawing
     result = explain(small_model(), small_data(), tmp_path / "many", attributions=1000)
     assert result.notes == ["attribution maps for the first 20 inputs, not 1000: the data holds only 20."]

@@ -232,7 +232,12 @@ def _figures(
     if attributed is not None:
         plan.append(
             (
-                FigureFile(f"attributions.{fmt}", f"Input pixels that drive the target output ({attributed.method})."),
+                FigureFile(
+                    f"attributions.{fmt}",
+                    f"Which pixels of the first {len(attributed.captions)} inputs drive the target output "
+                    f"({attributed.method}; brighter = more, relative to the input's brightest pixel). Titles give "
+                    "the true target and the prediction, green when right and red when wrong.",
+                ),
                 partial(
                     figures.draw_attributions,
                     _array(attributed.images),
@@ -309,7 +314,7 @@ td,th{{padding:2px 8px;text-align:left;vertical-align:top}} figure{{margin:2em 0
 <h2>How to read this report</h2>
 <p>A <b>spatial kernel</b> is one kh&times;kw slice of a convolution's weight (one output channel reading one input
 channel). Any kernel is a weighted sum of the kh&middot;kw <b>DCT-II basis vectors</b> (figure <i>dct_basis</i>):
-vector (0,0) is constant, vector (a,b) changes a times from top to bottom and b times from left to right, so
+vector (0,0) is constant, vector (a,b) changes sign a times from top to bottom and b times from left to right, so
 higher indices mean finer detail (higher spatial frequency).</p>
 <p>For each layer, the <b>energy on a basis vector</b> is the sum over the layer's kernels of the absolute
 coefficient of that vector, each kernel {_weighting_words(result.saliency_weighted)}. This is ExplainSteer's

@@ -445,3 +445,19 @@ def test_cli_report_of_an_image_folder_names_its_sources(tmp_path: Path) -> None
     assert summary["metric"] == "accuracy" and summary["metric_value"] == pytest.approx(0.99)  # normalised the model's way
     index = (tmp_path / "r" / "index.html").read_text()
     assert all(text in index for text in (str(model), f"{folder}, 100 samples", "mean 0.3054, std 0.319", "none recorded"))
+
+
+def test_cli_says_when_attributions_were_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from explainfix_cli.cli import app
+    from explainfix_cli.explain import figures
+
+    if not (SAMPLES / "resnet.safetensors").exists():
+        pytest.skip("sample models not generated")
+    monkeypatch.setattr(figures, "draw_all", lambda jobs: None)  # the message, not the drawing
+    args = ["explain", str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "1"]
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r"), "--attributions", "1000", "--json"])
+    assert done.exit_code == 0, done.output
+    assert "note: attribution maps for the first 32 inputs, not 1000: one figure shows at most 32." in done.stderr
+    assert json.loads(done.stdout)["notes"] == ["attribution maps for the first 32 inputs, not 1000: one figure shows at most 32."]

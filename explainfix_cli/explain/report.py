@@ -166,7 +166,7 @@ def explain(
     if with_figures and data is not None and attributions > 0:
         from explainfix_cli.explain.attributions import input_attributions
 
-        count = min(attributions, MAX_ATTRIBUTIONS, len(data.x))
+        count = min(attributions, MAX_ATTRIBUTIONS, data.num_samples)
         if count < attributions:
             why = "one figure shows at most" if count == MAX_ATTRIBUTIONS else "the data holds only"
             notes.append(f"attribution maps for the first {count} inputs, not {attributions}: {why} {count}.")

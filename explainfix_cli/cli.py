@@ -237,6 +237,7 @@ def info(
                 ("all-zero kernels", result.zero_kernels), ("fixed tensors", len(result.fixed_tensors)),
                 ("MACs per sample", "pass --input-size C,H,W" if result.macs is None else f"{result.macs:,} at {result.input_size}"),
                 ("history", ", ".join(h.get("step", "?") for h in result.history) or "none"),
+                ("input preprocessing", "none recorded" if result.preprocessing is None else f"mean {result.preprocessing['mean']}, std {result.preprocessing['std']}"),
             ])
 
         _emit(as_json, result.to_json(), render)

@@ -48,6 +48,9 @@ def describe(loaded: LoadedModel, input_size: tuple[int, ...] | None = None) -> 
     if input_size is None:  # a pruned file remembers the input size it was pruned on
         recorded = next((h.get("input_size") for h in reversed(loaded.history) if h.get("input_size")), None)
         input_size = tuple(recorded) if recorded else None
+    pre = loaded.preprocessing
+    if input_size is None and pre is not None and pre.channels and pre.size:  # or the input it was trained on
+        input_size = (pre.channels, *pre.size)
     layers = []
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)

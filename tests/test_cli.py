@@ -111,8 +111,10 @@ def test_info_json() -> None:
     first, conv = convs[0]
     assert layers[first]["weight_shape"] == list(conv.weight.shape)
     assert info["arch"]["factory"] == "explainfix_cli.zoo:resnet"
-    # without --input-size no MACs are invented
-    assert _json(_invoke("info", path, "--json"))["macs"] is None
+    # without --input-size the input the file records is used, and no MACs are invented for a bare state dict
+    recorded = _json(_invoke("info", path, "--json"))
+    assert (recorded["input_size"], recorded["macs"]) == ([1, 16, 16], info["macs"])
+    assert _json(_invoke("info", _sample("resnet.pt"), *RESNET_ARCH, "--json"))["macs"] is None
 
 
 def test_info_as_a_real_process() -> None:

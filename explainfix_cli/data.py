@@ -7,6 +7,7 @@ into a tensor of the model output's shape, which is what the saliency objective 
 
 from __future__ import annotations
 
+import json
 import math
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -179,7 +180,8 @@ def load_data(
 
 
 def _class_names(arrays: Mapping[str, np.ndarray], path: Path) -> list[str] | None:
-    """The optional `classes` array of a data file: one name per class, e.g. for multi-label targets."""
+    """The optional class names of a data file, one per class (e.g. the labels of multi-label
+    targets): a `classes` string array in a .npz, a JSON list in a .safetensors file's metadata."""
     names = arrays.get("classes")
     if names is None:
         return None
@@ -196,13 +198,21 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise UserError(f"{path} is not a readable .npz file ({e}).") from None
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.numpy import load_file
 
         try:
-            return load_file(str(path))
+            arrays = load_file(str(path))
+            with safe_open(str(path), framework="np") as f:
+                metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable safetensors file ({e}).") from None
+        if "classes" in metadata:  # safetensors holds no strings: class names are a JSON list in the metadata
+            try:
+                arrays["classes"] = np.array(json.loads(metadata["classes"]), dtype=str)
+            except (json.JSONDecodeError, ValueError):
+                raise UserError(f"{path}: the metadata entry classes must be a JSON list of class names.") from None
+        return arrays
     raise UserError(f"data {path} must be a .npz or .safetensors file or a folder of images per class.")
 
 

@@ -335,3 +335,7 @@ def test_class_names_of_a_data_file(tmp_path: Path) -> None:
     assert load_data(_sample("digits_multilabel_val.npz")).classes == ["even", "at_least_5", "prime", "multiple_of_3"]
     with pytest.raises(UserError, match="class names"):
         load_data(_npz(tmp_path / "e.npz", x=_x(2), y=np.arange(2), classes=np.arange(2)))
+    from safetensors.numpy import save_file
+
+    save_file({"x": _x(2), "y": np.eye(2, 3, dtype=np.float32)}, str(tmp_path / "d.safetensors"), metadata={"classes": '["cat", "dog", "owl"]'})
+    assert load_data(tmp_path / "d.safetensors").classes == ["cat", "dog", "owl"]

@@ -131,7 +131,7 @@ def open_model(
     arch: ArchSpec | None = None,
     trust_checkpoint: bool = False,
 ) -> LoadedModel:
-    """Load any supported model file (PRODUCT.md "Models in"); the model is returned in eval mode."""
+    """Load any supported model file (docs/cli.md "Models in"); the model is returned in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} does not exist.")
@@ -340,7 +340,7 @@ def save_model(
     preprocessing: Preprocessing | None = None,
     force: bool = False,
 ) -> Path:
-    """Write `model` as one safetensors file that `load_model` rebuilds exactly (PRODUCT.md "Models out").
+    """Write `model` as one safetensors file that `load_model` rebuilds exactly (docs/cli.md "Models out").
 
     `preprocessing` records how the model's inputs are made from images, so that `load_data`
     normalises a folder of images the same way.

@@ -250,7 +250,7 @@ def saliency(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Where to write the score matrices (.safetensors).")],
     data: DataOpt = None,
-    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
+    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -373,7 +373,7 @@ def explain(
     device: DeviceOpt = "cpu",
     debug: DebugOpt = False,
 ) -> None:
-    """Which spatial frequencies each layer uses (ExplainSteer, METHOD §5): figures, spectra and attributions."""
+    """Which spatial frequencies each layer uses (ExplainSteer, docs/method.md §5): figures, spectra and attributions."""
 
     def body() -> None:
         from .explain import ReportSource

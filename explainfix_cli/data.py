@@ -1,6 +1,6 @@
 """Data in: `.npz` / `.safetensors` files holding `x` and `y`, or a folder of images per class.
 
-Targets come in the three kinds of METHOD.md §1: integer class labels (N,), multi-label 0/1
+Targets come in the three kinds of docs/method.md §1: integer class labels (N,), multi-label 0/1
 vectors (N, K), or segmentation masks (N, K, H, W). `Dataset.targets` turns a minibatch's `y`
 into a tensor of the model output's shape, which is what the saliency objective needs.
 """
@@ -125,7 +125,7 @@ class Dataset:
             yield self.x[sl], self.y[sl]
 
     def targets(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y` as a tensor of the output's shape: one-hot for labels, as-is otherwise (METHOD §1)."""
+        """`y` as a tensor of the output's shape: one-hot for labels, as-is otherwise (docs/method.md §1)."""
         if self.target_kind == "labels":
             if output.dim() != 2:
                 raise UserError(
@@ -152,7 +152,7 @@ def load_data(
     grayscale: bool = False,
     preprocessing: Preprocessing | None = None,
 ) -> Dataset:
-    """Read a data file or image folder (PRODUCT.md "Data in").
+    """Read a data file or image folder (docs/cli.md "Data in").
 
     An image folder's pixels are scaled to [0, 1] and normalised by `preprocessing` (the model's
     own, or the user's); its `channels` and `size` apply unless `grayscale` / `image_size` say

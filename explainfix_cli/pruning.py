@@ -1,4 +1,4 @@
-"""METHOD.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
+"""docs/method.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill,
 
 @dataclass
 class PruneReport:
-    """Everything `prune` measured (PRODUCT.md: `prune --json` fields)."""
+    """Everything `prune` measured (docs/cli.md: `prune --json` fields)."""
 
     params_before: int
     params_after: int
@@ -153,7 +153,7 @@ def prune(
     sample_shape: tuple[int, ...] | None = None,
     preprocessing: Preprocessing | None = None,
 ) -> tuple[nn.Module, PruneReport]:
-    """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
+    """docs/method.md §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
     With `granularity="channel"` whole channels are ranked and removed instead (§3), and
     `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the

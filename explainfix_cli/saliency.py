@@ -1,4 +1,4 @@
-"""METHOD.md §1: the saliency of every spatial kernel, from one forward + backward per minibatch.
+"""docs/method.md §1: the saliency of every spatial kernel, from one forward + backward per minibatch.
 
     L = sum(y * output);  G = dL/dW;  s[o, i] += sum_(kh, kw) |W[o, i] * G[o, i]|
 
@@ -23,7 +23,7 @@ Criterion = Literal["gradient", "magnitude"]
 
 
 def is_spatial(module: nn.Module) -> bool:
-    """A 2-D convolution whose kernel is larger than 1x1 in every dimension (METHOD vocabulary)."""
+    """A 2-D convolution whose kernel is larger than 1x1 in every dimension (docs/method.md, "Words used throughout")."""
     return isinstance(module, nn.Conv2d) and all(k > 1 for k in module.kernel_size)
 
 
@@ -77,7 +77,7 @@ def _distributed() -> tuple[int, int]:
 def spatial_gradients(
     model: nn.Module, data: Dataset, device: str = "cpu"
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (METHOD §1).
+    """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (docs/method.md §1).
 
     Yields `{name: G}` with G of shape (O, I/groups, kh, kw), and the minibatch's outputs
     (detached); the model is put in eval mode.
@@ -136,7 +136,7 @@ def spatial_saliency(
 ) -> dict[str, torch.Tensor]:
     """Kernel saliency per spatial conv, an (O, I/groups) matrix keyed by module name.
 
-    `gradient` is METHOD §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
+    `gradient` is docs/method.md §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
     `outputs`, if given, receives the model's outputs per minibatch from the same forward passes
     (gradient saliency in a single process), so the caller need not run them again.
     """
@@ -149,14 +149,14 @@ def spatial_saliency(
 
 
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
+    """docs/method.md §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
     return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)))
 
 
 def saliency_and_gradient_weights(
     model: nn.Module, data: Dataset, device: str = "cpu", outputs: list[torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """METHOD §1 saliency and §5 kernel weights together, from the same forward + backward passes
+    """docs/method.md §1 saliency and §5 kernel weights together, from the same forward + backward passes
     (the same numbers as `spatial_saliency` and `gradient_weights`)."""
 
     def both(m: nn.Conv2d, g: torch.Tensor) -> torch.Tensor:

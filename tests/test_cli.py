@@ -1,4 +1,4 @@
-"""The command line (PRODUCT.md "Commands" and "Bad input"), in process and as a real process.
+"""The command line (docs/cli.md "Commands" and "Bad input"), in process and as a real process.
 
 The installed typer's CliRunner keeps stdout and stderr apart (`result.stdout`, `result.stderr`;
 `result.output` is both interleaved), so every test can check that stdout holds only the JSON.

@@ -1,4 +1,4 @@
-"""Data in (PRODUCT.md "Data in"): files and image folders, target kinds, batching, bad data."""
+"""Data in (docs/cli.md "Data in"): files and image folders, target kinds, batching, bad data."""
 
 from __future__ import annotations
 

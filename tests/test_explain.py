@@ -1,4 +1,4 @@
-"""ExplainSteer spectra (METHOD.md §5) against hand computations, and the explain report end to end."""
+"""ExplainSteer spectra (docs/method.md §5) against hand computations, and the explain report end to end."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def dct_coefficient(kernel: list[list[float]], a: int, b: int) -> float:
 
 
 def spectra_by_loop(weight: torch.Tensor, kernel_weights: torch.Tensor | None) -> tuple[list, list, list | None]:
-    """METHOD.md §5 one kernel and one basis vector at a time, as plain Python."""
+    """docs/method.md §5 one kernel and one basis vector at a time, as plain Python."""
     out_ch, in_ch, kh, kw = weight.shape
     e_d = [0.0] * (kh * kw)
     for o in range(out_ch):
@@ -397,7 +397,7 @@ def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch
     result = explain(model, data, tmp_path / "r", pct=40, attributions=0)
     names, scores, zeroed, pct, total = drawn["args"][:5]
     assert names == ["0", "2", "5"] and pct == 40
-    expected = spatial_saliency(model, data)  # what prune ranks by (METHOD §1)
+    expected = spatial_saliency(model, data)  # what prune ranks by (docs/method.md §1)
     flat_scores = np.concatenate([s.flatten() for s in scores])
     flat_zeroed = np.concatenate([z.flatten() for z in zeroed])
     assert np.allclose(flat_scores, np.concatenate([expected[n].numpy().flatten() for n in names]))

@@ -1,4 +1,4 @@
-"""Explain: which spatial frequencies each layer relies on (METHOD.md §5), and why it decides.
+"""Explain: which spatial frequencies each layer relies on (docs/method.md §5), and why it decides.
 
 `spectra` computes ExplainSteer, `attributions` wraps captum, `figures` draws, `report` ties
 them into one output folder.

@@ -50,7 +50,7 @@ METHODS = ("saliency", "integrated-gradients")
 
 
 def input_attributions(model: nn.Module, data: Dataset, count: int, method: str = "saliency", device: str = "cpu") -> Attributions:
-    """Attributions of the first `count` inputs to METHOD.md §1's objective per input,
+    """Attributions of the first `count` inputs to docs/method.md §1's objective per input,
     `sum(target * output)`: the labelled class's logit for class labels, the target-weighted
     output sum for multi-label targets and masks.
 

@@ -1,4 +1,4 @@
-"""Figures of an explanation (METHOD.md §5), drawn headless with matplotlib.
+"""Figures of an explanation (docs/method.md §5), drawn headless with matplotlib.
 
 Every function draws one figure into `path` and knows nothing about the report around it. The
 object-oriented `Figure` API is used instead of pyplot: no global state, no GUI backend, and
@@ -43,7 +43,7 @@ def _figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: Path) -> None:
     import matplotlib
 
-    # Dates and random ids would make two runs' files differ; PRODUCT.md wants identical bytes.
+    # Dates and random ids would make two runs' files differ; docs/cli.md wants identical bytes.
     metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(path.suffix[1:])
     with matplotlib.rc_context({"svg.hashsalt": "explainfix"}):
         fig.savefig(path, dpi=150, metadata=metadata)
@@ -292,7 +292,7 @@ def draw_kernels(name: str, weight: np.ndarray, path: Path) -> None:
 def draw_kernel_saliency(
     names: list[str], scores: list[np.ndarray], zeroed: list[np.ndarray], pct: float, total: tuple[int, int], path: Path
 ) -> None:
-    """The saliency (METHOD §1) of every kernel of each spatial layer, (O, I/groups) per layer,
+    """The saliency (docs/method.md §1) of every kernel of each spatial layer, (O, I/groups) per layer,
     laid out like `draw_kernels`, one panel per layer on one logarithmic colour scale (prune ranks
     all layers together), with a red cross on each kernel a prune at `pct` would zero;
     `total` is (zeroed, all) kernels in the model."""

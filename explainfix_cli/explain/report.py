@@ -54,7 +54,7 @@ class ReportSource:
 
 @dataclass(frozen=True)
 class PruneMarks:
-    """The saliency (METHOD §1) of each spatial layer's kernels, (O, I/groups) by layer name, and
+    """The saliency (docs/method.md §1) of each spatial layer's kernels, (O, I/groups) by layer name, and
     which of them a prune at `pct` would zero (§2, one ranking over the whole model)."""
 
     pct: float
@@ -69,7 +69,7 @@ class PruneMarks:
 
 @dataclass
 class ExplainResult:
-    """What `explain` measured and wrote (PRODUCT.md, `explain --json`)."""
+    """What `explain` measured and wrote (docs/cli.md, `explain --json`)."""
 
     out: Path
     layers: list[LayerSpectra]
@@ -128,7 +128,7 @@ def explain(
     pct: float = 50.0,
     source: ReportSource | None = None,
 ) -> ExplainResult:
-    """ExplainSteer spectra of every spatial conv (METHOD.md §5), their figures, and attributions.
+    """ExplainSteer spectra of every spatial conv (docs/method.md §5), their figures, and attributions.
 
     With `data`, kernels are weighted by their saliency (one forward + backward per minibatch)
     and the first `attributions` inputs get an attribution map (`attribution_method`, see

@@ -8,15 +8,17 @@ friends are imported inside the commands so that --help and completion answer at
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import typer
 
+from . import choices
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -33,30 +35,17 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-class Granularity(str, Enum):
-    kernel = "kernel"
-    channel = "channel"
+def _choice(name: str, values: Any) -> type[Enum]:
+    """A Typer choice built from the library's Literal (choices.py), so the values live in one place."""
+    return Enum(name, {v.replace("-", "_"): v for v in get_args(values)}, type=str)  # type: ignore[return-value]
 
 
-class CriterionOpt(str, Enum):
-    gradient = "gradient"
-    magnitude = "magnitude"
-
-
-class RemovalOpt(str, Enum):
-    exact = "exact"
-    aggressive = "aggressive"
-
-
-class AttributionOpt(str, Enum):
-    saliency = "saliency"
-    integrated_gradients = "integrated-gradients"
-
-
-class FillOpt(str, Enum):
-    zero = "zero"
-    reset = "reset"
-    fillzero = "fillzero"
+Granularity = _choice("Granularity", choices.Granularity)
+CriterionOpt = _choice("CriterionOpt", choices.Criterion)
+RemovalOpt = _choice("RemovalOpt", choices.Removal)
+AttributionOpt = _choice("AttributionOpt", choices.AttributionMethod)
+FillOpt = _choice("FillOpt", choices.Fill)
+FigureFormat = _choice("FigureFormat", choices.FigureFormat)
 
 
 # ---- options shared by the commands -------------------------------------------------------------
@@ -101,9 +90,20 @@ def _run(debug: bool, fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float as None: strict JSON parsers reject NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _emit(as_json: bool, payload: dict[str, Any], render: Callable[[], None]) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(payload, allow_nan=True) + "\n")
+        sys.stdout.write(json.dumps(_strict(payload), allow_nan=False) + "\n")
     else:
         render()
 
@@ -130,8 +130,9 @@ def _setup(seed: int, device: str) -> None:
 
 def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: bool, eager: bool = True) -> LoadedModel:
     from .checkpoints import open_model, parse_arch
+    from .formats import model_format
 
-    if eager and model.suffix == ".pt2":
+    if eager and model_format(model) == "torch-export":
         # an exported program keeps no nn.Conv2d modules to score, cut or explain
         raise UserError(f"{model} is a torch.export program, which only `info` reads; pass the model's state dict with --arch instead.")
     return open_model(model, parse_arch(arch, arch_kwargs), trust)
@@ -141,6 +142,11 @@ def _load_data(data: Path | None, batch_size: int, batches: int | None, image_si
     from .data import load_data
 
     return None if data is None else load_data(data, batch_size, batches, image_size, grayscale)
+
+
+def _needs_data(criterion: Enum, data: Path | None) -> None:
+    if criterion.value == "gradient" and data is None:
+        raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
 
 
 def _input_size(text: str | None) -> tuple[int, ...] | None:
@@ -231,6 +237,7 @@ def saliency(
         from .saliency import save_saliency, spatial_saliency
 
         check_target(out, force)
+        _needs_data(criterion, data)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
@@ -248,13 +255,14 @@ def saliency(
 def prune(
     model: ModelArg,
     data: DataOpt = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Held-out data the prune never sees: the removal's change and the metrics are measured on it too.")] = None,
     pct: Annotated[float, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100).")] = 50.0,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-pruned.safetensors beside the input).")] = None,
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
     saliency_file: Annotated[Path | None, typer.Option("--saliency", help="Reuse scores written by `explainfix saliency`.")] = None,
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
-    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that do not change the output (constants folded). aggressive: also drop silent channels unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
+    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that leave the output unchanged for every input. calibrated: also channels constant on --data only (check with --val). aggressive: also silent channels, unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
     no_fix: Annotated[bool, typer.Option("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
@@ -278,29 +286,23 @@ def prune(
 
         if not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
-        if criterion is CriterionOpt.gradient and data is None and saliency_file is None:
-            raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
+        if saliency_file is None:
+            _needs_data(criterion, data)
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        scores = load_saliency(str(saliency_file), loaded.model) if saliency_file else None
+        scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
         with _working("pruning", as_json):
             _, report = prune_model(
-                loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=criterion.value, scores=scores, fill=fill.value, removal=removal.value,
+                loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
-                device=device, sample_shape=_input_size(input_size),
+                device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale),
             )
         payload = report.to_json()
         _emit(as_json, payload, lambda: _table(f"prune → {target}", [(k, v) for k, v in payload.items()]))
 
     _run(debug, body)
-
-
-class FigureFormat(str, Enum):
-    png = "png"
-    svg = "svg"
-    pdf = "pdf"
 
 
 @app.command()
@@ -329,10 +331,10 @@ def explain(
     """Which spatial frequencies each layer uses (ExplainSteer, METHOD §5): figures, spectra and attributions."""
 
     def body() -> None:
-        from .explain import explain as explain_model
-        from .outputs import check_target
+        from .explanation import explain as explain_model
+        from .outputs import check_folder_target
 
-        check_target(out, force)
+        check_folder_target(out, force)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)

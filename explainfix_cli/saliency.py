@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import get_args
 
 import torch
 from torch import nn
 
+from .choices import Criterion
 from .data import Dataset
 from .errors import UserError
-
-Criterion = Literal["gradient", "magnitude"]
 
 
 def is_spatial(module: nn.Module) -> bool:
@@ -143,7 +142,7 @@ def spatial_saliency(
     if criterion == "magnitude":
         return {name: m.weight.detach().abs().sum(dim=(2, 3)).double().cpu() for name, m in convs}
     if data is None:
-        raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude for the data-free fallback.")
+        raise UserError("gradient saliency needs data; without data, use the magnitude criterion (the data-free fallback).")
     return _accumulate(model, data, device, lambda m, g: (m.weight.detach() * g).abs().sum(dim=(2, 3)), outputs)
 
 
@@ -162,16 +161,20 @@ def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, crite
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": criterion})
 
 
-def load_saliency(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Read scores written by `save_saliency` and check they belong to `model`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_saliency(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], Criterion]:
+    """Read scores written by `save_saliency`, check they belong to `model`; also the criterion
+    that made them (the file says)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        scores = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            scores = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            criterion = (f.metadata() or {}).get("criterion")
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"--saliency {path} is not a readable safetensors file ({e}).") from None
+        raise UserError(f"the saliency file {path} is not a readable safetensors file ({e}).") from None
+    if criterion not in get_args(Criterion):
+        raise UserError(f"the saliency file {path} does not say which criterion made it; write it again with `explainfix saliency`.")
     for name, m in require_spatial_convs(model):
         if name not in scores or tuple(scores[name].shape) != tuple(m.weight.shape[:2]):
-            raise UserError(f"--saliency {path} does not belong to this model (layer {name} missing or of another shape).")
-    return scores
+            raise UserError(f"the saliency file {path} does not belong to this model (layer {name} missing or of another shape).")
+    return scores, criterion

@@ -406,3 +406,24 @@ def test_usage_errors_are_one_sentence_as_a_real_process(args: list[str]) -> Non
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("explainfix: error: ")
+
+
+def test_prune_reports_the_criterion_of_a_saliency_file(tmp_path: Path) -> None:
+    scores = tmp_path / "magnitude.safetensors"
+    assert _invoke("saliency", _sample("resnet.safetensors"), "--criterion", "magnitude", "--out", str(scores)).exit_code == 0
+    report = _json(_invoke("prune", _sample("resnet.safetensors"), "--saliency", str(scores), *_data(), "--out", str(tmp_path / "p.safetensors"), "--json"))
+    assert report["criterion"] == "magnitude"
+    assert load_model(tmp_path / "p.safetensors") is not None
+
+
+def test_json_is_strict_undefined_numbers_are_null(tmp_path: Path) -> None:
+    # one sample: every label has one kind only, so the mean AUC is undefined
+    args = ["prune", _sample("resnet_multilabel.safetensors"), "--data", _sample("digits_multilabel_val.npz"), "--batch-size", "1", "--batches", "1"]
+    result = _invoke(*args, "--out", str(tmp_path / "p.safetensors"), "--json")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in JSON")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    assert report["metric"] == "auc" and report["metric_before"] is None and report["metric_after"] is None

@@ -19,10 +19,10 @@ from torch import nn
 from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis
 from explainfix_cli.errors import UserError
-from explainfix_cli.explain import figures
-from explainfix_cli.explain.attributions import METHODS, Attributions
-from explainfix_cli.explain.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
-from explainfix_cli.outputs import atomic_dir, check_target
+from explainfix_cli.explanation import figures
+from explainfix_cli.explanation.attributions import METHODS, Attributions
+from explainfix_cli.explanation.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
+from explainfix_cli.outputs import atomic_dir, check_folder_target
 from explainfix_cli.saliency import gradient_weights, require_spatial_convs
 
 SPECTRA_FILE = "spectra.json"
@@ -103,7 +103,7 @@ def explain(
         raise UserError(f"--attribution-method must be one of {', '.join(METHODS)}, not {attribution_method!r}.")
     out_dir = Path(out_dir)
     convs = require_spatial_convs(model)
-    check_target(out_dir, force)  # fail before the expensive part, not after it
+    check_folder_target(out_dir, force)  # fail before the expensive part, not after it
 
     seconds: dict[str, float] = {}
     with _timed(seconds, "saliency"):
@@ -112,7 +112,7 @@ def explain(
         layers = [layer_spectra(name, conv.weight, None if weights is None else weights[name]) for name, conv in convs]
     attributed: Attributions | None = None
     if with_figures and data is not None and attributions > 0:
-        from explainfix_cli.explain.attributions import input_attributions
+        from explainfix_cli.explanation.attributions import input_attributions
 
         with _timed(seconds, "attributions"):
             attributed = input_attributions(model, data, attributions, attribution_method, device)

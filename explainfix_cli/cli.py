@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from . import choices
 from .errors import UserError
@@ -25,14 +26,50 @@ if TYPE_CHECKING:
     from .checkpoints import LoadedModel
     from .data import Dataset
 
+def _flag_help(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""  # a flag: shown without a value
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
+
+
 app = typer.Typer(
     name="explainfix",
+    cls=_Group,
     help="Prune a CNN by spatial-filter saliency, fix its spatial filters, and explain its spectra (ExplainFix).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 T = TypeVar("T")
+
+
+def _flag(*names: str, help: str) -> Any:
+    """An on/off option, shown in --help as a flag (no value)."""
+    return typer.Option(*names, help=help, metavar="")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"explainfix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", metavar="", callback=_version, is_eager=True)] = False) -> None:
+    """Prune a CNN by spatial-filter saliency, fix its spatial filters, and explain its spectra (ExplainFix)."""
 
 
 def _choice(name: str, values: Any) -> type[Enum]:
@@ -52,17 +89,17 @@ FigureFormat = _choice("FigureFormat", choices.FigureFormat)
 ModelArg = Annotated[Path, typer.Argument(help="Model: .safetensors written by explainfix, a state dict .pt/.pth (with --arch), a pickled module (with --trust-checkpoint), or a .pt2 program.", show_default=False)]
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture factory module.path:name (or file.py:name) for state dicts, e.g. explainfix_cli.zoo:resnet.")]
 ArchKwargsOpt = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading a pickled module (this runs code from the file).")]
+TrustOpt = Annotated[bool, _flag("--trust-checkpoint", help="Allow loading a pickled module (this runs code from the file).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Data: .npz/.safetensors with x (N,C,H,W) and y, or a folder with one sub-folder of images per class.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Minibatch size.")]
 BatchesOpt = Annotated[int | None, typer.Option("--batches", help="Use only the first N minibatches.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Resize images of an image folder to this square size.")]
-GrayscaleOpt = Annotated[bool, typer.Option("--grayscale", help="Read images of an image folder as one channel.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+GrayscaleOpt = Annotated[bool, _flag("--grayscale", help="Read images of an image folder as one channel.")]
+JsonOpt = Annotated[bool, _flag("--json", help="Print exactly one JSON object on stdout.")]
+ForceOpt = Annotated[bool, _flag("--force", help="Replace an existing output.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same inputs and seed give byte-identical outputs.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, or cuda when present.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of errors.")]
+DebugOpt = Annotated[bool, _flag("--debug", help="Show the traceback of errors.")]
 InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="Input size C,H,W for MACs and tracing when no --data is given, e.g. 1,16,16.")]
 
 
@@ -70,6 +107,13 @@ def _stderr():  # type: ignore[no-untyped-def]
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def _stdout():  # type: ignore[no-untyped-def]
+    """Results a person asked for (tables) go to stdout, so `explainfix info m > info.txt` works."""
+    from rich.console import Console
+
+    return Console()
 
 
 def _run(debug: bool, fn: Callable[[], T]) -> T:
@@ -108,13 +152,36 @@ def _emit(as_json: bool, payload: dict[str, Any], render: Callable[[], None]) ->
         render()
 
 
+class _Bars:
+    """The library's stages (progress.py) as rich progress bars on stderr, one per open stage."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_stderr(), transient=True)
+        self.open: list[Any] = []
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.open.append(self.bars.add_task(stage, total=total))
+
+    def advance(self, steps: int) -> None:
+        if self.open:
+            self.bars.advance(self.open[-1], steps)
+
+    def finish(self) -> None:
+        self.bars.remove_task(self.open.pop())
+
+
 @contextmanager
-def _working(message: str, quiet: bool) -> Iterator[None]:
-    """A spinner on stderr, only for a person at a terminal."""
-    if quiet or not sys.stderr.isatty():
+def _working(message: str) -> Iterator[None]:
+    """Progress bars on stderr, only for a person at a terminal: piped output stays clean."""
+    if not sys.stderr.isatty():
         yield
         return
-    with _stderr().status(message):
+    from . import progress
+
+    bars = _Bars()
+    with bars.bars, progress.reporting(bars), progress.stage(message):
         yield
 
 
@@ -144,6 +211,73 @@ def _load_data(data: Path | None, batch_size: int, batches: int | None, image_si
     return None if data is None else load_data(data, batch_size, batches, image_size, grayscale)
 
 
+def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None) -> None:
+    """The checks that need no model, run before torch is imported: a typo answers at once."""
+    from .formats import model_format
+
+    if model is not None:
+        model_format(model)
+    for flag, path in (("--data", data), ("--val", val)):
+        if path is not None and not path.exists():
+            raise UserError(f"{flag} {path} does not exist.")
+
+
+def _check_batches(batch_size: int, batches: int | None, image_size: int | None) -> None:
+    for flag, value in (("--batch-size", batch_size), ("--batches", batches), ("--image-size", image_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}.")
+
+
+# ---- rendering for people ----------------------------------------------------------------------
+BLOCKED_IN_WORDS = {
+    "reaches the model output": "they reach the model's output",
+    "normalisation across channels": "a LayerNorm/GroupNorm mixes their channels",
+    "channel shuffle of several groups": "a channel shuffle interleaves them with other groups",
+    "grouped transposed convolution": "a grouped transposed convolution reads them",
+    "no layer reads it": "no layer reads them",
+}
+METRIC_DROP_WARNING = 0.02  # a fall larger than this in the metric gets a sentence and a way out
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _render_prune(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prune → {r['out']}", title_justify="left")
+    for column in ("", "before", "after", "change"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, key in (("parameters", "params"), ("MACs per sample", "macs"), ("spatial kernels", "spatial_kernels")):
+        before, after = r[f"{key}_before"], r[f"{key}_after"]
+        table.add_row(label, f"{before:,}", f"{after:,}", f"{(after - before) / before:+.1%}" if before else "")
+    for label, prefix in ((r["metric"], ""), (f"{r['metric']} on --val", "val_")):
+        if r["metric"] and r.get(f"{prefix}metric_before") is not None:
+            before, after = r[f"{prefix}metric_before"], r[f"{prefix}metric_after"]
+            change = "" if before is None or after is None else f"{after - before:+.3f}"
+            table.add_row(label, _number(before), _number(after), change)
+    out = _stdout()
+    out.print(table)
+    zeroed = f"{r['zeroed_kernels']:,} of {r['spatial_kernels_before']:,} spatial kernels zeroed ({r['pct']:g} %, {r['criterion']} saliency)"
+    removed = f"{r['channels_removed']:,} channels removed ({r['channels_folded']:,} folded into biases), --removal {r['removal']}"
+    out.print(f"{zeroed}; {removed}.")
+    if r["max_logit_change"] is not None:
+        change = f"largest output change from removal: {r['max_logit_change']:.2g} on {r['calibration_samples']:,} samples"
+        if r.get("val_max_logit_change") is not None:
+            change += f", {r['val_max_logit_change']:.2g} on {r['val_samples']:,} held-out samples"
+        out.print(change + ".")
+    for reason, count in r["blocked_groups"].items():
+        out.print(f"{count:,} channel group{'s' if count != 1 else ''} kept whole: {BLOCKED_IN_WORDS.get(reason, reason)}.")
+    before, after = r.get("metric_before"), r.get("metric_after")
+    if before is not None and after is not None and before - after > METRIC_DROP_WARNING:
+        print(
+            f"explainfix: {r['metric']} fell from {before:.3f} to {after:.3f}: train the remaining parameters to recover it "
+            f"(explainfix finetune {r['out']} --data TRAIN --val VAL --teacher ORIGINAL --out TUNED).",
+            file=sys.stderr,
+        )
+
+
 def _needs_data(criterion: Enum, data: Path | None) -> None:
     if criterion.value == "gradient" and data is None:
         raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
@@ -167,7 +301,7 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     table = Table(title=title, show_header=False)
     for key, value in rows:
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    _stderr().print(table)
+    _stdout().print(table)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -184,6 +318,7 @@ def info(
     """Layers, parameters, spatial kernels, fixed tensors, MACs and the file's metadata."""
 
     def body() -> None:
+        _check_paths(model)
         from .info import describe
 
         result = describe(_load_model(model, arch, arch_kwargs, trust_checkpoint, eager=False), _input_size(input_size))
@@ -197,7 +332,7 @@ def info(
             for layer in result.layers:
                 zero = "" if layer.zero_kernels is None else f"{layer.zero_kernels}"
                 table.add_row(layer.name, layer.type, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}", zero, "yes" if layer.fixed else "")
-            _stderr().print(table)
+            _stdout().print(table)
             _table("summary", [
                 ("architecture", result.arch), ("parameters", result.params), ("trainable", result.trainable_params),
                 ("spatial layers", result.spatial_layers), ("spatial kernels", result.spatial_kernels),
@@ -234,14 +369,17 @@ def saliency(
 
     def body() -> None:
         from .outputs import check_target
-        from .saliency import save_saliency, spatial_saliency
 
         check_target(out, force)
         _needs_data(criterion, data)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .saliency import save_saliency, spatial_saliency
+
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        with _working("computing saliency", as_json):
+        with _working("computing saliency"):
             scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
         save_saliency(scores, str(out), force, criterion.value)
         layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
@@ -263,7 +401,7 @@ def prune(
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that leave the output unchanged for every input. calibrated: also channels constant on --data only (check with --val). aggressive: also silent channels, unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
-    no_fix: Annotated[bool, typer.Option("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
+    no_fix: Annotated[bool, _flag("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -281,26 +419,32 @@ def prune(
     """Zero the least salient spatial kernels, remove dead channels, write a smaller fixed-filter model."""
 
     def body() -> None:
-        from .pruning import prune as prune_model
-        from .saliency import load_saliency
+        from .outputs import check_target
 
         if not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
         if saliency_file is None:
             _needs_data(criterion, data)
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
+        check_target(target, force)
+        _check_paths(model, data, val)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        from .pruning import prune as prune_model
+        from .saliency import load_saliency
+
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
-        with _working("pruning", as_json):
+
+        with _working("pruning"):
             _, report = prune_model(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
                 device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale),
             )
         payload = report.to_json()
-        _emit(as_json, payload, lambda: _table(f"prune → {target}", [(k, v) for k, v in payload.items()]))
+        _emit(as_json, payload, lambda: _render_prune(payload))
 
     _run(debug, body)
 
@@ -313,8 +457,8 @@ def explain(
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
     attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
-    log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
-    with_figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
+    log_scale: Annotated[bool, _flag("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
+    with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -331,14 +475,17 @@ def explain(
     """Which spatial frequencies each layer uses (ExplainSteer, METHOD §5): figures, spectra and attributions."""
 
     def body() -> None:
-        from .explanation import explain as explain_model
         from .outputs import check_folder_target
 
         check_folder_target(out, force)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .explanation import explain as explain_model
+
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        with _working("explaining", as_json):
+        with _working("explaining"):
             result = explain_model(
                 loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
                 log_scale=log_scale, with_figures=with_figures, device=device,
@@ -347,6 +494,11 @@ def explain(
         _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
 
     _run(debug, body)
+
+
+for _info in app.registered_commands:  # every command, whoever added it, shows flags as flags
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:
@@ -361,6 +513,8 @@ def main() -> None:
         if message is None:
             raise
         if message():  # empty when the help was shown for a bare `explainfix`
-            print(f"explainfix: error: {message()} (see explainfix COMMAND --help)", file=sys.stderr)
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None and ctx.command_path != "explainfix" else "explainfix COMMAND"
+            print(f"explainfix: error: {message()} (see {where} --help)", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import progress
 from .channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
 from .choices import Criterion, Fill, Granularity, Removal
@@ -164,22 +165,27 @@ def prune(
     if scores is None:
         scores = spatial_saliency(model, data, criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
-    out_before = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
-    val_before = None if val is None else outputs(model, val, device)
+    with progress.stage("measuring the original"):
+        out_before = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
+        val_before = None if val is None else outputs(model, val, device)
 
     original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     removed: ChannelRemoval
     if granularity == "kernel":
-        masks = zero_least_salient(model, scores, pct)
-        val_zeroed = None if val is None else outputs(model, val, device)
-        removed = remove_dead_channels(model, example, data, device, removal)
+        with progress.stage("zeroing"):
+            masks = zero_least_salient(model, scores, pct)
+            val_zeroed = None if val is None else outputs(model, val, device)
+        with progress.stage("removing channels"):
+            removed = remove_dead_channels(model, example, data, device, removal)
         out_zeroed = removed.outputs_before
     else:  # nothing is zeroed: the removal is measured against the original model
         masks, out_zeroed, val_zeroed = {}, out_before, val_before
-        removed = remove_least_salient_channels(model, example, scores, pct)
-    out_removed = outputs(model, data, device) if data is not None else None
-    val_removed = None if val is None else outputs(model, val, device)
+        with progress.stage("removing channels"):
+            removed = remove_least_salient_channels(model, example, scores, pct)
+    with progress.stage("measuring the pruned model"):
+        out_removed = outputs(model, data, device) if data is not None else None
+        val_removed = None if val is None else outputs(model, val, device)
     remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
     fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
 
@@ -220,7 +226,8 @@ def prune(
     )
     if out is not None:
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
-        save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
+        with progress.stage("writing"):
+            save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
 

@@ -16,6 +16,7 @@ from typing import get_args
 import torch
 from torch import nn
 
+from . import progress
 from .choices import Criterion
 from .data import Dataset
 from .errors import UserError
@@ -105,6 +106,7 @@ def _accumulate(
     device: str,
     per_kernel: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor],
     outputs: list[torch.Tensor] | None = None,
+    label: str = "saliency",
 ) -> dict[str, torch.Tensor]:
     """Sum `per_kernel(conv, G)` -> (O, I/groups) over minibatches (and processes, under torchrun).
 
@@ -114,11 +116,13 @@ def _accumulate(
 
     convs = require_spatial_convs(model)
     sums = {name: torch.zeros(m.weight.shape[:2], dtype=torch.float64, device=device) for name, m in convs}
-    for grads, out in spatial_gradients(model, data, device):
-        for name, m in convs:
-            sums[name] += per_kernel(m, grads[name])
-        if outputs is not None and _distributed()[1] == 1:
-            outputs.append(out.cpu())
+    with progress.stage(label, total=len(range(_distributed()[0], len(data), _distributed()[1]))):
+        for grads, out in spatial_gradients(model, data, device):
+            for name, m in convs:
+                sums[name] += per_kernel(m, grads[name])
+            if outputs is not None and _distributed()[1] == 1:
+                outputs.append(out.cpu())
+            progress.advance()
     if _distributed()[1] > 1:
         for s in sums.values():
             dist.all_reduce(s)
@@ -148,7 +152,7 @@ def spatial_saliency(
 
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
     """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
-    return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)))
+    return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)), label="gradients")
 
 
 def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, criterion: Criterion) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from explainfix_cli import progress
 from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis
 from explainfix_cli.errors import UserError
@@ -69,7 +70,8 @@ class ExplainResult:
 @contextmanager
 def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
-    yield
+    with progress.stage(stage):
+        yield
     seconds[stage] = round(time.perf_counter() - start, 4)
 
 

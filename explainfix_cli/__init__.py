@@ -26,7 +26,7 @@ _API = {
     "remove_dead_channels": "channels",
     "fix_spatial_filters": "fixed",
     "describe": "info",
-    "explain": "explain",
+    "explain": "explanation",
     "UserError": "errors",
 }
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .data import Preprocessing
 from .errors import UserError
+from .formats import model_format
 from .outputs import atomic_file
 
 FORMAT = "explainfix"
@@ -91,6 +92,8 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
+                if file.stem.isidentifier():  # moved with its model: importable by name from here
+                    return resolve_factory(f"{file.stem}:{attr}")
                 raise UserError(f"--arch {spec}: the file {file} does not exist.")
             mod_spec = importlib.util.spec_from_file_location(f"explainfix_arch_{file.stem}", file)
             assert mod_spec is not None and mod_spec.loader is not None
@@ -100,7 +103,7 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         else:
             module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"--arch {spec}: cannot import {module_name} ({e}); check the name or install the package.") from None
+        raise UserError(f"--arch {spec}: cannot import {module_name} ({e}); check the name, install the package, or pass --arch path/to/file.py:{attr}.") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -123,6 +126,10 @@ def parse_arch(arch: str | None, arch_kwargs: str | None) -> ArchSpec | None:
         raise UserError(f"--arch-kwargs is not valid JSON ({e.msg}); write e.g. '{{\"num_classes\": 10}}'.") from None
     if not isinstance(kwargs, dict):
         raise UserError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'.")
+    module_name, sep, attr = arch.partition(":")
+    if module_name.endswith(".py") and Path(module_name).is_file():
+        # recorded in the files we write: found again from any folder (or by the module's name, if moved)
+        arch = f"{Path(module_name).resolve()}{sep}{attr}"
     return ArchSpec(arch, kwargs)
 
 
@@ -133,15 +140,14 @@ def open_model(
 ) -> LoadedModel:
     """Load any supported model file (docs/cli.md "Models in"); the model is returned in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist.")
-    if path.suffix == ".safetensors":
+    fmt = model_format(path)  # by content: a file's name may say anything
+    if fmt == "safetensors":
         loaded = _open_safetensors(path, arch)
-    elif path.suffix == ".pt2":
+    elif fmt == "torch-export":
         loaded = _open_exported(path)
     else:
         loaded = _open_torch(path, arch, trust_checkpoint)
-    if path.suffix != ".pt2":  # an exported program's mode is fixed at export; its module refuses eval()
+    if fmt != "torch-export":  # an exported program's mode is fixed at export; its module refuses eval()
         loaded.model.eval()
     return loaded
 
@@ -194,7 +200,8 @@ def _open_exported(path: Path) -> LoadedModel:
 
 def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> LoadedModel:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would go by a .safetensors name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if not trust_checkpoint:
             raise UserError(
@@ -215,7 +222,8 @@ def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> Lo
 
 def _load_pickle(path: Path) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as e:
         raise UserError(f"{path} refers to code that cannot be imported here ({e}); import or install it first.") from None
     except Exception as e:  # unpickling arbitrary objects can fail in any way

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .formats import is_zip, sniff
 
 TargetKind = Literal["labels", "multilabel", "mask"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -191,13 +192,17 @@ def _class_names(arrays: Mapping[str, np.ndarray], path: Path) -> list[str] | No
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".npz":
+    """The arrays of a .npz or safetensors file, told apart by content, not by name."""
+    kind = sniff(path)
+    if kind in ("torch-zip", "torch-export"):
+        raise UserError(f"data {path} is a PyTorch model file, not data; pass a .npz or .safetensors file with x and y.")
+    if is_zip(path):
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise UserError(f"{path} is not a readable .npz file ({e}).") from None
-    if path.suffix == ".safetensors":
+    if kind == "safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.numpy import load_file
 
@@ -213,7 +218,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             except (json.JSONDecodeError, ValueError):
                 raise UserError(f"{path}: the metadata entry classes must be a JSON list of class names.") from None
         return arrays
-    raise UserError(f"data {path} must be a .npz or .safetensors file or a folder of images per class.")
+    raise UserError(f"data {path} is neither a .npz nor a safetensors file nor a folder of images per class.")
 
 
 def _validated(x: torch.Tensor, y: torch.Tensor, path: Path) -> tuple[torch.Tensor, torch.Tensor]:

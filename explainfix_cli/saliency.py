@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import get_args
 
 import torch
 from torch import nn
 
+from . import progress
+from .choices import Criterion
 from .data import Dataset
 from .errors import UserError
-
-Criterion = Literal["gradient", "magnitude"]
 
 
 def is_spatial(module: nn.Module) -> bool:
@@ -106,6 +106,7 @@ def _accumulate(
     device: str,
     per_kernel: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor],
     outputs: list[torch.Tensor] | None = None,
+    label: str = "saliency",
 ) -> dict[str, torch.Tensor]:
     """Sum `per_kernel(conv, G)` -> (O, I/groups) or (k, O, I/groups) over minibatches (and processes, under torchrun).
 
@@ -116,11 +117,13 @@ def _accumulate(
     convs = require_spatial_convs(model)
     # per_kernel of a zero gradient gives the shape of the sums: (O, I/groups), or (k, O, I/groups)
     sums = {name: torch.zeros_like(per_kernel(m, torch.zeros_like(m.weight)), dtype=torch.float64) for name, m in convs}
-    for grads, out in spatial_gradients(model, data, device):
-        for name, m in convs:
-            sums[name] += per_kernel(m, grads[name])
-        if outputs is not None and _distributed()[1] == 1:
-            outputs.append(out.cpu())
+    with progress.stage(label, total=len(range(_distributed()[0], len(data), _distributed()[1]))):
+        for grads, out in spatial_gradients(model, data, device):
+            for name, m in convs:
+                sums[name] += per_kernel(m, grads[name])
+            if outputs is not None and _distributed()[1] == 1:
+                outputs.append(out.cpu())
+            progress.advance()
     if _distributed()[1] > 1:
         for s in sums.values():
             dist.all_reduce(s)
@@ -144,13 +147,13 @@ def spatial_saliency(
     if criterion == "magnitude":
         return {name: m.weight.detach().abs().sum(dim=(2, 3)).double().cpu() for name, m in convs}
     if data is None:
-        raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude for the data-free fallback.")
+        raise UserError("gradient saliency needs data; without data, use the magnitude criterion (the data-free fallback).")
     return _accumulate(model, data, device, lambda m, g: (m.weight.detach() * g).abs().sum(dim=(2, 3)), outputs)
 
 
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """docs/method.md §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
-    return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)))
+    """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
+    return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)), label="gradients")
 
 
 def saliency_and_gradient_weights(
@@ -162,7 +165,7 @@ def saliency_and_gradient_weights(
     def both(m: nn.Conv2d, g: torch.Tensor) -> torch.Tensor:
         return torch.stack([(m.weight.detach() * g).abs().sum(dim=(2, 3)), g.abs().sum(dim=(2, 3))])  # (2, O, I/groups)
 
-    sums = _accumulate(model, data, device, both, outputs)
+    sums = _accumulate(model, data, device, both, outputs, label="saliency")
     return {k: v[0] for k, v in sums.items()}, {k: v[1] for k, v in sums.items()}
 
 
@@ -176,16 +179,20 @@ def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, crite
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": criterion})
 
 
-def load_saliency(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Read scores written by `save_saliency` and check they belong to `model`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_saliency(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], Criterion]:
+    """Read scores written by `save_saliency`, check they belong to `model`; also the criterion
+    that made them (the file says)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        scores = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            scores = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            criterion = (f.metadata() or {}).get("criterion")
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"--saliency {path} is not a readable safetensors file ({e}).") from None
+        raise UserError(f"the saliency file {path} is not a readable safetensors file ({e}).") from None
+    if criterion not in get_args(Criterion):
+        raise UserError(f"the saliency file {path} does not say which criterion made it; write it again with `explainfix saliency`.")
     for name, m in require_spatial_convs(model):
         if name not in scores or tuple(scores[name].shape) != tuple(m.weight.shape[:2]):
-            raise UserError(f"--saliency {path} does not belong to this model (layer {name} missing or of another shape).")
-    return scores
+            raise UserError(f"the saliency file {path} does not belong to this model (layer {name} missing or of another shape).")
+    return scores, criterion

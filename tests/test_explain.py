@@ -18,7 +18,7 @@ from torch import nn
 from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis, frequency_order
 from explainfix_cli.errors import UserError
-from explainfix_cli.explain import explain, explainsteer_spectra, layer_spectra
+from explainfix_cli.explanation import explain, explainsteer_spectra, layer_spectra
 
 ORDER_3X3 = [0, 1, 3, 2, 6, 4, 5, 7, 8]
 LAYER_FIELDS = {"name", "kernel_shape", "e_d", "e_1", "e_0", "low_frequency_share", "saliency_weighted"}
@@ -145,7 +145,7 @@ def assert_images(folder: Path, names: list[str]) -> None:
 
 
 def test_attribution_methods_against_hand_computations() -> None:
-    from explainfix_cli.explain.attributions import input_attributions
+    from explainfix_cli.explanation.attributions import input_attributions
 
     model, data = small_model(), small_data()
     x, y = data.x[:3].clone().requires_grad_(True), data.y[:3]
@@ -211,7 +211,7 @@ def test_same_input_gives_identical_files(fmt: str, tmp_path: Path) -> None:
 
 
 def test_figures_drawn_in_parallel_equal_figures_drawn_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explain import figures
+    from explainfix_cli.explanation import figures
 
     monkeypatch.setattr(figures.os, "cpu_count", lambda: 1)
     in_turn = explain(small_model(), small_data(), tmp_path / "a", attributions=2)
@@ -227,7 +227,7 @@ def _failing_figure(path: Path) -> None:
 
 
 def test_a_figure_that_fails_in_a_worker_fails_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explain import figures
+    from explainfix_cli.explanation import figures
 
     monkeypatch.setattr(figures.os, "cpu_count", lambda: 4)
     jobs = [(Path.touch, tmp_path / "fine.txt"), (_failing_figure, tmp_path / "broken.png")]
@@ -244,7 +244,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
         explain(small_model(), None, out)
     assert (out / "keep.txt").read_text() == "mine"
     explain(small_model(), None, out, force=True)
-    assert not (out / "keep.txt").exists()
+    assert (out / "keep.txt").read_text() == "mine"  # --force replaces only what explain writes
     assert (out / "index.html").exists()
 
 
@@ -343,7 +343,7 @@ def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_
 
 # ---- attribution grid: captions, wrapping, the cap --------------------------------------------------
 def test_attribution_captions_say_truth_prediction_and_right_or_wrong() -> None:
-    from explainfix_cli.explain.attributions import input_attributions
+    from explainfix_cli.explanation.attributions import input_attributions
 
     model, data = small_model(), small_data()
     with torch.no_grad():
@@ -366,7 +366,7 @@ def test_attribution_captions_say_truth_prediction_and_right_or_wrong() -> None:
 
 
 def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explain import attributions, figures, report
+    from explainfix_cli.explanation import attributions, figures, report
 
     monkeypatch.setattr(figures, "ATTRIBUTION_COLUMNS", 2)
     sizes = {}
@@ -387,7 +387,7 @@ def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.Mo
 
 # ---- a report that explains itself ------------------------------------------------------------------
 def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explain import figures, report
+    from explainfix_cli.explanation import figures, report
     from explainfix_cli.saliency import spatial_saliency
 
     drawn: dict[str, tuple] = {}
@@ -410,7 +410,7 @@ def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch
 
 
 def test_index_names_model_data_metric_and_history(tmp_path: Path) -> None:
-    from explainfix_cli.explain import ReportSource
+    from explainfix_cli.explanation import ReportSource
 
     model, data = small_model(), small_data()
     with torch.no_grad():
@@ -451,7 +451,7 @@ def test_cli_says_when_attributions_were_capped(tmp_path: Path, monkeypatch: pyt
     from typer.testing import CliRunner
 
     from explainfix_cli.cli import app
-    from explainfix_cli.explain import figures
+    from explainfix_cli.explanation import figures
 
     if not (SAMPLES / "resnet.safetensors").exists():
         pytest.skip("sample models not generated")

@@ -4,7 +4,7 @@
 them into one output folder.
 """
 
-from explainfix_cli.explain.report import ExplainResult, FigureFile, ReportSource, explain
-from explainfix_cli.explain.spectra import LayerSpectra, explainsteer_spectra, layer_spectra
+from explainfix_cli.explanation.report import ExplainResult, FigureFile, ReportSource, explain
+from explainfix_cli.explanation.spectra import LayerSpectra, explainsteer_spectra, layer_spectra
 
 __all__ = ["ExplainResult", "FigureFile", "LayerSpectra", "ReportSource", "explain", "explainsteer_spectra", "layer_spectra"]

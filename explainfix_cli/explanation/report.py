@@ -16,14 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from explainfix_cli import progress
 from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis
 from explainfix_cli.errors import UserError
-from explainfix_cli.explain import figures
-from explainfix_cli.explain.attributions import MAX_ATTRIBUTIONS, METHODS, Attributions
-from explainfix_cli.explain.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
+from explainfix_cli.explanation import figures
+from explainfix_cli.explanation.attributions import MAX_ATTRIBUTIONS, METHODS, Attributions
+from explainfix_cli.explanation.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
 from explainfix_cli.measure import metric
-from explainfix_cli.outputs import atomic_dir, check_target
+from explainfix_cli.outputs import atomic_dir, check_folder_target
 from explainfix_cli.pruning import least_salient_kernels
 from explainfix_cli.saliency import require_spatial_convs, saliency_and_gradient_weights
 
@@ -109,7 +110,8 @@ class ExplainResult:
 @contextmanager
 def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
-    yield
+    with progress.stage(stage):
+        yield
     seconds[stage] = round(time.perf_counter() - start, 4)
 
 
@@ -149,7 +151,7 @@ def explain(
         raise UserError(f"--pct must be in [0, 100), not {pct}.")
     out_dir = Path(out_dir)
     convs = require_spatial_convs(model)
-    check_target(out_dir, force)  # fail before the expensive part, not after it
+    check_folder_target(out_dir, force)  # fail before the expensive part, not after it
 
     seconds: dict[str, float] = {}
     seen: list[torch.Tensor] = []  # the model's outputs from the saliency passes
@@ -164,7 +166,7 @@ def explain(
     attributed: Attributions | None = None
     notes: list[str] = []
     if with_figures and data is not None and attributions > 0:
-        from explainfix_cli.explain.attributions import input_attributions
+        from explainfix_cli.explanation.attributions import input_attributions
 
         count = min(attributions, MAX_ATTRIBUTIONS, data.num_samples)
         if count < attributions:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
+from explainfix_cli.choices import AttributionMethod
 from explainfix_cli.data import Dataset
 from explainfix_cli.saliency import model_output
 
@@ -46,7 +48,7 @@ def _caption(data: Dataset, y: Tensor, out: Tensor) -> tuple[str, bool | None]:
     return f"mask, {int(mask.sum())} target pixels\npredicted {int(pred.sum())}\nDice {dice:.2f}", None
 
 
-METHODS = ("saliency", "integrated-gradients")
+METHODS: tuple[str, ...] = get_args(AttributionMethod)
 
 
 def input_attributions(model: nn.Module, data: Dataset, count: int, method: str = "saliency", device: str = "cpu") -> Attributions:

@@ -17,17 +17,18 @@ import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, get_args
 
 import numpy as np
 
+from explainfix_cli.choices import FigureFormat
 from explainfix_cli.dct import frequency_order
-from explainfix_cli.explain.spectra import LayerSpectra
+from explainfix_cli.explanation.spectra import LayerSpectra
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-FORMATS = ("png", "svg", "pdf")
+FORMATS: tuple[str, ...] = get_args(FigureFormat)
 Draw = Callable[[Path], None]  # draws one figure into the given file
 MAX_CHANNELS_SHOWN = 16  # a kernel grid larger than 16 x 16 is unreadable on a page
 MAX_LEGEND_ENTRIES = 8

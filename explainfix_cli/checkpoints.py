@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Preprocessing
 from .errors import UserError
 from .formats import model_format
 from .outputs import atomic_file
+from .preprocessing import Preprocessing
 
 FORMAT = "explainfix"
 FORMAT_VERSION = "1"

@@ -24,7 +24,8 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .checkpoints import LoadedModel
-    from .data import Dataset, Preprocessing
+    from .data import Dataset
+    from .preprocessing import Preprocessing
 
 def _flag_help(option: Any) -> Any:
     if option is not None:
@@ -220,11 +221,9 @@ def _load_data(
     """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
     from .data import load_data
 
-    explicit = _preprocessing(mean, std)
+    explicit = _preprocessing(data, mean, std)
     if data is None:
         return None
-    if explicit is not None and not data.is_dir():
-        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
     recorded = model.preprocessing if model is not None else None
     return load_data(data, batch_size, batches, image_size, grayscale, _override(recorded, explicit))
 
@@ -240,14 +239,18 @@ def _override(recorded: Preprocessing | None, explicit: Preprocessing | None) ->
 
 def _folder_preprocessing(data: Path | None, mean: str | None, std: str | None, model: LoadedModel) -> dict[str, Any] | None:
     """The normalisation `_load_data` applies to `data`: only an image folder gets one."""
-    applied = _override(model.preprocessing, _preprocessing(mean, std)) if data is not None and data.is_dir() else None
+    applied = _override(model.preprocessing, _preprocessing(data, mean, std)) if data is not None and data.is_dir() else None
     return None if applied is None else applied.to_json()
 
 
-def _preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
-    from .data import parse_preprocessing
+def _preprocessing(data: Path | None, mean: str | None, std: str | None) -> Preprocessing | None:
+    """--mean/--std, checked before torch is imported: they normalise a folder of images only."""
+    from .preprocessing import parse_preprocessing
 
-    return parse_preprocessing(mean, std)
+    explicit = parse_preprocessing(mean, std)
+    if explicit is not None and data is not None and not data.is_dir():
+        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
+    return explicit
 
 
 def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None) -> None:
@@ -416,6 +419,7 @@ def saliency(
         _needs_data(criterion, data)
         _check_paths(model, data)
         _check_batches(batch_size, batches, image_size)
+        _preprocessing(data, mean, std)
         _setup(seed, device)
         from .saliency import save_saliency, spatial_saliency
 
@@ -473,6 +477,7 @@ def prune(
         check_target(target, force)
         _check_paths(model, data, val)
         _check_batches(batch_size, batches, image_size)
+        _preprocessing(data, mean, std)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
@@ -486,7 +491,7 @@ def prune(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
                 device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
-                preprocessing=_override(loaded.preprocessing, _preprocessing(mean, std)),
+                preprocessing=_override(loaded.preprocessing, _preprocessing(data, mean, std)),
             )
         payload = report.to_json()
         _emit(as_json, payload, lambda: _render_prune(payload))
@@ -528,6 +533,9 @@ def explain(
         check_folder_target(out, force)
         _check_paths(model, data)
         _check_batches(batch_size, batches, image_size)
+        _preprocessing(data, mean, std)
+        if not 0 <= pct < 100:
+            raise UserError(f"--pct must be in [0, 100), not {pct}.")
         _setup(seed, device)
         from .explanation import ReportSource
         from .explanation import explain as explain_model

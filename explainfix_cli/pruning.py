@@ -15,11 +15,12 @@ from . import progress
 from .channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
 from .choices import Criterion, Fill, Granularity, Removal
-from .data import Dataset, Preprocessing
+from .data import Dataset
 from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
+from .preprocessing import Preprocessing
 from .saliency import require_spatial_convs, spatial_saliency
 
 

@@ -92,6 +92,9 @@ def test_flags_show_no_value_in_help() -> None:
         (["prune", "MODEL", "--data", "DATA", "--pct", "100"], "--pct must be in [0, 100)"),
         (["prune", "NOISE", "--data", "DATA"], "unrecognised model format"),
         (["explain", "MODEL", "--out", "DATA"], "is a file"),
+        (["explain", "MODEL", "--out", "report", "--pct", "-1"], "--pct must be in [0, 100)"),
+        (["prune", "MODEL", "--data", "DATA", "--mean", "0.5", "--std", "0.2"], "already preprocessed"),
+        (["saliency", "MODEL", "--data", "DATA", "--mean", "0.5", "--out", "s.safetensors"], "--mean and --std go together"),
     ],
 )
 def test_argument_errors_answer_before_torch_is_imported(args: list[str], words: str, tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def spatial_saliency(
 
 
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
+    """docs/method.md §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
     return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)), label="gradients")
 
 

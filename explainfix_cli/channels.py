@@ -1,4 +1,4 @@
-"""METHOD.md §3: remove channels that no longer affect the output, over a dependency graph.
+"""docs/method.md §3: remove channels that no longer affect the output, over a dependency graph.
 
 The coupling of channels (residual additions, concatenations, depthwise convolutions, batch
 norms, flatten→linear, squeeze-excitation products, layer-scale parameters) comes from
@@ -460,7 +460,7 @@ def _channel_saliency(group: tp.Group, DG: tp.DependencyGraph, scores: dict[str,
 def remove_least_salient_channels(
     model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor], pct: float
 ) -> ChannelRemoval:
-    """`--granularity channel` (METHOD §3): in every coupled group that holds spatial kernels,
+    """`--granularity channel` (docs/method.md §3): in every coupled group that holds spatial kernels,
     remove the `floor(pct/100 * channels)` channels of least summed kernel saliency (ties: lower
     index first). The output changes; the caller measures by how much."""
     graph = Graph.trace(model, example)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Preprocessing
 from .errors import UserError
 from .formats import model_format
 from .outputs import atomic_file
@@ -74,6 +75,12 @@ class LoadedModel:
     @property
     def history(self) -> list[dict[str, Any]]:
         return list(self.metadata.get("history", []))
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The input normalisation the file records, if any (see `data.Preprocessing`)."""
+        recorded = self.metadata.get("preprocessing")
+        return None if recorded is None else Preprocessing.from_json(recorded)
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
@@ -131,7 +138,7 @@ def open_model(
     arch: ArchSpec | None = None,
     trust_checkpoint: bool = False,
 ) -> LoadedModel:
-    """Load any supported model file (PRODUCT.md "Models in"); the model is returned in eval mode."""
+    """Load any supported model file (docs/cli.md "Models in"); the model is returned in eval mode."""
     path = Path(path)
     fmt = model_format(path)  # by content: a file's name may say anything
     if fmt == "safetensors":
@@ -338,9 +345,14 @@ def save_model(
     arch: ArchSpec | None,
     history: list[dict[str, Any]] | None = None,
     report: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
     force: bool = False,
 ) -> Path:
-    """Write `model` as one safetensors file that `load_model` rebuilds exactly (PRODUCT.md "Models out")."""
+    """Write `model` as one safetensors file that `load_model` rebuilds exactly (docs/cli.md "Models out").
+
+    `preprocessing` records how the model's inputs are made from images, so that `load_data`
+    normalises a folder of images the same way.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -362,6 +374,7 @@ def save_model(
                 "fixed": fixed,
                 "history": history or [],
                 "report": dict(report or {}),
+                **({"preprocessing": preprocessing.to_json()} if preprocessing is not None else {}),
             },
             sort_keys=True,
         )

@@ -24,7 +24,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .checkpoints import LoadedModel
-    from .data import Dataset
+    from .data import Dataset, Preprocessing
 
 def _flag_help(option: Any) -> Any:
     if option is not None:
@@ -95,6 +95,8 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Minibatch size.
 BatchesOpt = Annotated[int | None, typer.Option("--batches", help="Use only the first N minibatches.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Resize images of an image folder to this square size.")]
 GrayscaleOpt = Annotated[bool, _flag("--grayscale", help="Read images of an image folder as one channel.")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract from an image folder's [0, 1] pixels, e.g. 0.485,0.456,0.406 (default: the model file's own).")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std to divide an image folder's pixels by, with --mean (default: the model file's own).")]
 JsonOpt = Annotated[bool, _flag("--json", help="Print exactly one JSON object on stdout.")]
 ForceOpt = Annotated[bool, _flag("--force", help="Replace an existing output.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same inputs and seed give byte-identical outputs.")]
@@ -205,10 +207,47 @@ def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: b
     return open_model(model, parse_arch(arch, arch_kwargs), trust)
 
 
-def _load_data(data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool) -> Dataset | None:
+def _load_data(
+    data: Path | None,
+    batch_size: int,
+    batches: int | None,
+    image_size: int | None,
+    grayscale: bool,
+    mean: str | None = None,
+    std: str | None = None,
+    model: LoadedModel | None = None,
+) -> Dataset | None:
+    """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
     from .data import load_data
 
-    return None if data is None else load_data(data, batch_size, batches, image_size, grayscale)
+    explicit = _preprocessing(mean, std)
+    if data is None:
+        return None
+    if explicit is not None and not data.is_dir():
+        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
+    recorded = model.preprocessing if model is not None else None
+    return load_data(data, batch_size, batches, image_size, grayscale, _override(recorded, explicit))
+
+
+def _override(recorded: Preprocessing | None, explicit: Preprocessing | None) -> Preprocessing | None:
+    """--mean/--std replace the model's mean and std; its channel count and image size still apply."""
+    from dataclasses import replace
+
+    if recorded is None or explicit is None:
+        return explicit or recorded
+    return replace(recorded, mean=explicit.mean, std=explicit.std)
+
+
+def _folder_preprocessing(data: Path | None, mean: str | None, std: str | None, model: LoadedModel) -> dict[str, Any] | None:
+    """The normalisation `_load_data` applies to `data`: only an image folder gets one."""
+    applied = _override(model.preprocessing, _preprocessing(mean, std)) if data is not None and data.is_dir() else None
+    return None if applied is None else applied.to_json()
+
+
+def _preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
+    from .data import parse_preprocessing
+
+    return parse_preprocessing(mean, std)
 
 
 def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None) -> None:
@@ -339,6 +378,7 @@ def info(
                 ("all-zero kernels", result.zero_kernels), ("fixed tensors", len(result.fixed_tensors)),
                 ("MACs per sample", "pass --input-size C,H,W" if result.macs is None else f"{result.macs:,} at {result.input_size}"),
                 ("history", ", ".join(h.get("step", "?") for h in result.history) or "none"),
+                ("input preprocessing", "none recorded" if result.preprocessing is None else f"mean {result.preprocessing['mean']}, std {result.preprocessing['std']}"),
             ])
 
         _emit(as_json, result.to_json(), render)
@@ -351,7 +391,7 @@ def saliency(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Where to write the score matrices (.safetensors).")],
     data: DataOpt = None,
-    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
+    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -359,6 +399,8 @@ def saliency(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -378,7 +420,7 @@ def saliency(
         from .saliency import save_saliency, spatial_saliency
 
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         with _working("computing saliency"):
             scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
         save_saliency(scores, str(out), force, criterion.value)
@@ -410,6 +452,8 @@ def prune(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -431,17 +475,17 @@ def prune(
         _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         from .pruning import prune as prune_model
         from .saliency import load_saliency
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
-
         with _working("pruning"):
             _, report = prune_model(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
-                device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale),
+                device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
+                preprocessing=_override(loaded.preprocessing, _preprocessing(mean, std)),
             )
         payload = report.to_json()
         _emit(as_json, payload, lambda: _render_prune(payload))
@@ -457,7 +501,8 @@ def explain(
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
     attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
-    log_scale: Annotated[bool, _flag("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
+    log_scale: Annotated[bool, _flag("--log-scale", help="Logarithmic colour scale in the spectra heatmaps (the kernel-saliency figure always has one).")] = False,
+    pct: Annotated[float, typer.Option("--pct", help="Mark in the kernel-saliency figure the kernels `explainfix prune --pct P` would zero.")] = 50.0,
     with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -466,13 +511,15 @@ def explain(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     debug: DebugOpt = False,
 ) -> None:
-    """Which spatial frequencies each layer uses (ExplainSteer, METHOD §5): figures, spectra and attributions."""
+    """Which spatial frequencies each layer uses (ExplainSteer, docs/method.md §5): figures, spectra and attributions."""
 
     def body() -> None:
         from .outputs import check_folder_target
@@ -481,15 +528,21 @@ def explain(
         _check_paths(model, data)
         _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .explanation import ReportSource
         from .explanation import explain as explain_model
 
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         with _working("explaining"):
             result = explain_model(
                 loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
-                log_scale=log_scale, with_figures=with_figures, device=device,
+                log_scale=log_scale, with_figures=with_figures, device=device, pct=pct, source=ReportSource(
+                    model=str(model), arch=loaded.arch.to_json() if loaded.arch else None, data=None if data is None else str(data), history=loaded.history,
+                    preprocessing=_folder_preprocessing(data, mean, std, loaded),
+                ),
             )
+        for note in result.notes:
+            print(f"explainfix: note: {note}", file=sys.stderr)
         shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
         _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
 

@@ -1,10 +1,10 @@
-"""METHOD.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
+"""docs/method.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from . import progress
 from .channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
 from .choices import Criterion, Fill, Granularity, Removal
-from .data import Dataset
+from .data import Dataset, Preprocessing
 from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
@@ -23,11 +23,12 @@ from .outputs import check_target
 from .saliency import require_spatial_convs, spatial_saliency
 
 
-def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
-    """Zero the `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2).
+def least_salient_kernels(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+    """The `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2), per
+    layer an (O, I/groups) mask, without changing the model.
 
     One global ranking, ascending; ties broken by layer order, then o, then i (a stable sort of
-    the scores laid out in that order). Returns per layer the (O, I/groups) mask of zeroed kernels.
+    the scores laid out in that order).
     """
     if not 0 <= pct < 100:
         raise UserError(f"--pct must be in [0, 100), not {pct}.")
@@ -39,6 +40,13 @@ def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: f
         n = conv.weight.shape[0] * conv.weight.shape[1]
         masks[name] = chosen[start : start + n].reshape(conv.weight.shape[:2])  # (O, I/groups)
         start += n
+    return masks
+
+
+def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+    """Zero the kernels `least_salient_kernels` picks (§2); returns its masks."""
+    masks = least_salient_kernels(model, scores, pct)
+    for name, conv in require_spatial_convs(model):
         with torch.no_grad():
             conv.weight[masks[name]] = 0
     return masks
@@ -86,7 +94,7 @@ def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill,
 
 @dataclass
 class PruneReport:
-    """Everything `prune` measured (PRODUCT.md: `prune --json` fields)."""
+    """Everything `prune` measured (docs/cli.md: `prune --json` fields)."""
 
     params_before: int
     params_after: int
@@ -141,14 +149,17 @@ def prune(
     device: str = "cpu",
     sample_shape: tuple[int, ...] | None = None,
     val: Dataset | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[nn.Module, PruneReport]:
-    """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
+    """docs/method.md §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
     With `granularity="channel"` whole channels are ranked and removed instead (§3), and
     `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
     input size for tracing and MACs, and no output-based numbers are reported. `val`, held-out
     data the prune never sees, gets the same comparisons as `data`: the check that a removal
     is exact beyond the data it was calibrated on. `seed` seeds only `fill`'s own generator.
+    `preprocessing` (the input normalisation) is recorded in the written file, for the input
+    size pruned on.
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:
@@ -226,8 +237,10 @@ def prune(
     )
     if out is not None:
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
+        if preprocessing is not None:
+            preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))
         with progress.stage("writing"):
-            save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
+            save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
 

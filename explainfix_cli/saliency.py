@@ -1,4 +1,4 @@
-"""METHOD.md §1: the saliency of every spatial kernel, from one forward + backward per minibatch.
+"""docs/method.md §1: the saliency of every spatial kernel, from one forward + backward per minibatch.
 
     L = sum(y * output);  G = dL/dW;  s[o, i] += sum_(kh, kw) |W[o, i] * G[o, i]|
 
@@ -23,7 +23,7 @@ from .errors import UserError
 
 
 def is_spatial(module: nn.Module) -> bool:
-    """A 2-D convolution whose kernel is larger than 1x1 in every dimension (METHOD vocabulary)."""
+    """A 2-D convolution whose kernel is larger than 1x1 in every dimension (docs/method.md, "Words used throughout")."""
     return isinstance(module, nn.Conv2d) and all(k > 1 for k in module.kernel_size)
 
 
@@ -77,7 +77,7 @@ def _distributed() -> tuple[int, int]:
 def spatial_gradients(
     model: nn.Module, data: Dataset, device: str = "cpu"
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (METHOD §1).
+    """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (docs/method.md §1).
 
     Yields `{name: G}` with G of shape (O, I/groups, kh, kw), and the minibatch's outputs
     (detached); the model is put in eval mode.
@@ -108,14 +108,15 @@ def _accumulate(
     outputs: list[torch.Tensor] | None = None,
     label: str = "saliency",
 ) -> dict[str, torch.Tensor]:
-    """Sum `per_kernel(conv, G)` -> (O, I/groups) over minibatches (and processes, under torchrun).
+    """Sum `per_kernel(conv, G)` -> (O, I/groups) or (k, O, I/groups) over minibatches (and processes, under torchrun).
 
     In a single process, the model's outputs on every minibatch are appended to `outputs` (on the CPU).
     """
     import torch.distributed as dist
 
     convs = require_spatial_convs(model)
-    sums = {name: torch.zeros(m.weight.shape[:2], dtype=torch.float64, device=device) for name, m in convs}
+    # per_kernel of a zero gradient gives the shape of the sums: (O, I/groups), or (k, O, I/groups)
+    sums = {name: torch.zeros_like(per_kernel(m, torch.zeros_like(m.weight)), dtype=torch.float64) for name, m in convs}
     with progress.stage(label, total=len(range(_distributed()[0], len(data), _distributed()[1]))):
         for grads, out in spatial_gradients(model, data, device):
             for name, m in convs:
@@ -138,7 +139,7 @@ def spatial_saliency(
 ) -> dict[str, torch.Tensor]:
     """Kernel saliency per spatial conv, an (O, I/groups) matrix keyed by module name.
 
-    `gradient` is METHOD §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
+    `gradient` is docs/method.md §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
     `outputs`, if given, receives the model's outputs per minibatch from the same forward passes
     (gradient saliency in a single process), so the caller need not run them again.
     """
@@ -151,8 +152,21 @@ def spatial_saliency(
 
 
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
+    """docs/method.md §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
     return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)), label="gradients")
+
+
+def saliency_and_gradient_weights(
+    model: nn.Module, data: Dataset, device: str = "cpu", outputs: list[torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """docs/method.md §1 saliency and §5 kernel weights together, from the same forward + backward passes
+    (the same numbers as `spatial_saliency` and `gradient_weights`)."""
+
+    def both(m: nn.Conv2d, g: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(m.weight.detach() * g).abs().sum(dim=(2, 3)), g.abs().sum(dim=(2, 3))])  # (2, O, I/groups)
+
+    sums = _accumulate(model, data, device, both, outputs)
+    return {k: v[0] for k, v in sums.items()}, {k: v[1] for k, v in sums.items()}
 
 
 def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, criterion: Criterion) -> None:

@@ -1,4 +1,4 @@
-"""METHOD §3 channel removal on hand-built networks whose answer is known."""
+"""docs/method.md §3 channel removal on hand-built networks whose answer is known."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Models in and out (PRODUCT.md "Models in", "Models out"): every format loads, saves round-trip."""
+"""Models in and out (docs/cli.md "Models in", "Models out"): every format loads, saves round-trip."""
 
 from __future__ import annotations
 

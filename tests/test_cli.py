@@ -1,4 +1,4 @@
-"""The command line (PRODUCT.md "Commands" and "Bad input"), in process and as a real process.
+"""The command line (docs/cli.md "Commands" and "Bad input"), in process and as a real process.
 
 The installed typer's CliRunner keeps stdout and stderr apart (`result.stdout`, `result.stderr`;
 `result.output` is both interleaved), so every test can check that stdout holds only the JSON.
@@ -152,8 +152,10 @@ def test_info_json() -> None:
     first, conv = convs[0]
     assert layers[first]["weight_shape"] == list(conv.weight.shape)
     assert info["arch"]["factory"] == "explainfix_cli.zoo:resnet"
-    # without --input-size no MACs are invented
-    assert _json(_invoke("info", path, "--json"))["macs"] is None
+    # without --input-size the input the file records is used, and no MACs are invented for a bare state dict
+    recorded = _json(_invoke("info", path, "--json"))
+    assert (recorded["input_size"], recorded["macs"]) == ([1, 16, 16], info["macs"])
+    assert _json(_invoke("info", _sample("resnet.pt"), *RESNET_ARCH, "--json"))["macs"] is None
 
 
 def test_info_tables_go_to_stdout_as_a_real_process(tmp_path: Path) -> None:
@@ -477,3 +479,32 @@ def test_json_is_strict_undefined_numbers_are_null(tmp_path: Path) -> None:
 
     report = json.loads(result.stdout, parse_constant=refuse)
     assert report["metric"] == "auc" and report["metric_before"] is None and report["metric_after"] is None
+# ---- image folders normalised the model's way ---------------------------------------------------
+def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
+    """The bundled folder holds digits_val.npz's images 0-9 (ten each, named by index); with the
+    model file's recorded normalisation it scores what those npz samples do, not 0.13."""
+    root = Path(_sample("digits_images"))
+    index = [int(f.stem) for c in sorted(p.name for p in root.iterdir()) for f in sorted((root / c).iterdir())]
+    from explainfix_cli.checkpoints import open_model
+
+    model = _sample("resnet.safetensors")
+    with np.load(_sample("digits_val.npz")) as val, torch.no_grad():
+        logits = open_model(model).model(torch.from_numpy(val["x"][index]))
+        on_npz = float((logits.argmax(1) == torch.from_numpy(val["y"][index])).float().mean())
+    out = tmp_path / "b.safetensors"
+    on_folder = _json(_invoke("prune", model, "--data", str(root), "--pct", "30", "--out", str(out), "--json"))
+    assert on_folder["metric_before"] == pytest.approx(on_npz) and on_npz == pytest.approx(0.99)
+    assert open_model(out).preprocessing == open_model(model).preprocessing  # carried through
+    digits = json.loads((SAMPLES / "metrics.json").read_text())["data"]["digits"]
+    recorded = _json(_invoke("info", str(out), "--json"))["preprocessing"]
+    assert recorded == {"mean": [digits["mean"]], "std": [digits["std"]], "channels": 1, "size": [16, 16]}
+    raw = _json(_invoke("prune", model, "--data", str(root), "--mean", "0", "--std", "1", "--pct", "0", "--out", str(tmp_path / "c.safetensors"), "--json"))
+    assert raw["metric_before"] < 0.3  # [0, 1] pixels: what the model was not trained on
+    written = open_model(tmp_path / "c.safetensors").preprocessing
+    assert written is not None and (written.mean, written.std, written.channels, written.size) == ((0.0,), (1.0,), 1, (16, 16))
+
+
+def test_mean_and_std_refused_for_a_data_file(tmp_path: Path) -> None:
+    result = _invoke("prune", _sample("resnet.safetensors"), *_data(["--mean", "0.5", "--std", "0.2"]), "--out", str(tmp_path / "o.safetensors"))
+    assert result.exit_code == 2 and "already preprocessed" in result.stderr
+    assert _listing(tmp_path) == []

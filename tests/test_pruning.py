@@ -1,4 +1,4 @@
-"""METHOD §2 zeroing by a hand-worked example, and the whole prune on every sample model."""
+"""docs/method.md §2 zeroing by a hand-worked example, and the whole prune on every sample model."""
 
 from __future__ import annotations
 

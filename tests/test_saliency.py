@@ -1,4 +1,4 @@
-"""METHOD §1 against an independent few-line computation, for every kind of target."""
+"""docs/method.md §1 against an independent few-line computation, for every kind of target."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,6 +120,17 @@ def _stdout():  # type: ignore[no-untyped-def]
     return Console()
 
 
+# The library names its parameters in backticks (`pct`); on the command line they are flags (--pct).
+LIBRARY_PARAMETERS = {
+    "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
+    "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
+}
+
+
+def _in_flags(message: str) -> str:
+    return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in LIBRARY_PARAMETERS else m.group(0), message)
+
+
 def _run(debug: bool, fn: Callable[[], T]) -> T:
     """Run a command body: bad input → one sentence and exit 2; a failure → exit 1."""
     try:
@@ -126,7 +138,7 @@ def _run(debug: bool, fn: Callable[[], T]) -> T:
     except UserError as e:
         if debug:
             raise
-        print(f"explainfix: error: {e}", file=sys.stderr)
+        print(f"explainfix: error: {_in_flags(str(e))}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -485,7 +497,6 @@ def prune(
         from .saliency import load_saliency
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
-
         with _working("pruning"):
             _, report = prune_model(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,

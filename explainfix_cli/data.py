@@ -37,9 +37,9 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}.")
+            raise UserError(f"`batch_size` must be at least 1, not {self.batch_size}.")
         if self.batches is not None and self.batches < 1:
-            raise UserError(f"--batches must be at least 1, not {self.batches}.")
+            raise UserError(f"`batches` must be at least 1, not {self.batches}.")
 
     @property
     def target_kind(self) -> TargetKind:
@@ -206,7 +206,7 @@ def _read_image_folder(
         raise UserError(f"{root} holds no images in its class folders.")
     sizes = {im.shape[:2] for im in images}
     if len(sizes) > 1:
-        raise UserError(f"{root} holds images of different sizes {sorted(sizes)[:3]}; pass --image-size to resize them.")
+        raise UserError(f"{root} holds images of different sizes {sorted(sizes)[:3]}; pass `image_size` to resize them.")
     x = torch.from_numpy(np.stack(images))  # (N, H, W) or (N, H, W, 3)
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
     return x.contiguous(), torch.tensor(labels, dtype=torch.long), classes

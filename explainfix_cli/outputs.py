@@ -38,7 +38,7 @@ def check_target(path: Path, force: bool) -> None:
     if path.is_dir():
         raise UserError(f"{path} is a folder, but this command writes one file; name a file as the output.")
     if path.exists() and not force:
-        raise UserError(f"{path} already exists; pass --force to replace it or choose another output path.")
+        raise UserError(f"{path} already exists; pass `force` to replace it or choose another output path.")
     _check_parent(path)
 
 
@@ -49,7 +49,7 @@ def check_folder_target(path: Path, force: bool) -> None:
         raise UserError(f"{path} is a file, but this command writes a folder; name a folder as the output.")
     if path.is_dir():
         if any(path.iterdir()) and not force:
-            raise UserError(f"the folder {path} is not empty; pass --force to replace the files this command writes there, or choose another output folder.")
+            raise UserError(f"the folder {path} is not empty; pass `force` to replace the files this command writes there, or choose another output folder.")
         if not os.access(path, os.W_OK):
             raise UserError(f"the folder {path} is not writable; choose another output folder.")
         return

@@ -71,9 +71,9 @@ def parse_preprocessing(mean: str | None, std: str | None) -> Preprocessing | No
     if mean is None and std is None:
         return None
     if mean is None or std is None:
-        raise UserError("--mean and --std go together; give both (one value, or one per channel).")
+        raise UserError("`mean` and `std` go together; give both (one value, or one per channel).")
     values = []
-    for name, text in (("--mean", mean), ("--std", std)):
+    for name, text in (("`mean`", mean), ("`std`", std)):
         try:
             values.append(tuple(float(v) for v in text.split(",")))
         except ValueError:

@@ -32,7 +32,7 @@ def least_salient_kernels(model: nn.Module, scores: dict[str, torch.Tensor], pct
     the scores laid out in that order).
     """
     if not 0 <= pct < 100:
-        raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
     convs = require_spatial_convs(model)
     flat = torch.cat([scores[name].double().flatten() for name, _ in convs])  # layer, then o, then i
     chosen = _smallest_first(flat, math.floor(pct / 100 * len(flat)))
@@ -164,13 +164,13 @@ def prune(
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:
-        raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
     if out is not None:
         check_target(Path(out), force)
     if data is not None:
         sample_shape = tuple(data.x.shape[1:])
     if sample_shape is None:
-        raise UserError("without --data, give the input size with --input-size C,H,W.")
+        raise UserError("without `data`, give the input size with `input_size` C,H,W.")
     model.eval().to(device)
     convs = require_spatial_convs(model)
     seen: list[torch.Tensor] = []  # the saliency passes' outputs: the original model's

@@ -45,7 +45,7 @@ def model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = model(x)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"inputs of shape {tuple(x.shape[1:])} do not fit the model ({first}); check the data or --input-size.") from None
+        raise UserError(f"inputs of shape {tuple(x.shape[1:])} do not fit the model ({first}); check the data or `input_size`.") from None
     if isinstance(out, (tuple, list)):  # e.g. auxiliary heads: the first output is the prediction
         out = out[0]
     if not isinstance(out, torch.Tensor):

@@ -83,13 +83,13 @@ def test_dataparallel_prefix(tmp_path: Path, resnet_reference: torch.Tensor) -> 
 
 
 def test_state_dict_without_arch_is_refused() -> None:
-    with pytest.raises(UserError, match="--arch"):
+    with pytest.raises(UserError, match="`arch`"):
         open_model(_sample("resnet.pt"))
 
 
 def test_pickled_module_needs_trust() -> None:
     path = _sample("vgg_module.pt")
-    with pytest.raises(UserError, match="--trust-checkpoint"):
+    with pytest.raises(UserError, match="`trust_checkpoint`"):
         open_model(path)
     loaded = open_model(path, trust_checkpoint=True)
     reference = load_model(_sample("vgg.safetensors"))
@@ -115,7 +115,7 @@ def test_unknown_arch_and_bad_kwargs() -> None:
 
 def test_wrong_arch_kwargs_names_the_tensor() -> None:
     spec = ArchSpec("explainfix_cli.zoo:resnet", {"num_classes": 5, "in_channels": 1})
-    with pytest.raises(UserError, match=r"fc\.weight.*\(10, 64\).*\(5, 64\).*--arch-kwargs"):
+    with pytest.raises(UserError, match=r"fc\.weight.*\(10, 64\).*\(5, 64\).*`arch_kwargs`"):
         load_model(_sample("resnet.pt"), arch=spec)
 
 
@@ -174,7 +174,7 @@ def test_safetensors_of_bare_tensors_needs_arch(tmp_path: Path, resnet_reference
     state = torch.load(_sample("resnet.pt"), weights_only=True)
     path = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    with pytest.raises(UserError, match="--arch"):
+    with pytest.raises(UserError, match="`arch`"):
         open_model(path)
     assert torch.equal(_out(load_model(path, arch=RESNET), _x()), resnet_reference)
 
@@ -249,7 +249,7 @@ def test_script_class_needs_arch_path(tmp_path: Path) -> None:
         pickled = tmp_path / "net.pt"
         torch.save(net, pickled)
 
-        with pytest.raises(UserError, match="--trust-checkpoint"):
+        with pytest.raises(UserError, match="`trust_checkpoint`"):
             open_model(pickled)
         loaded = open_model(pickled, trust_checkpoint=True)
         assert loaded.arch == ArchSpec("net_script:Net")
@@ -257,7 +257,7 @@ def test_script_class_needs_arch_path(tmp_path: Path) -> None:
     finally:
         del sys.modules["net_script"]  # as in a fresh process: the script is not importable
 
-    with pytest.raises(UserError, match=r"--arch path/to/script\.py:ClassName"):
+    with pytest.raises(UserError, match=r"`arch` path/to/script\.py:ClassName"):
         load_model(out)
     rebuilt = load_model(out, arch=ArchSpec(f"{script}:Net"))
     x = _x(3)
@@ -372,5 +372,5 @@ def test_arch_given_as_a_relative_path_is_found_from_another_folder(tmp_path: Pa
     x = _x(3)
     assert torch.equal(_out(load_model(out), x), _out(net, x))
     (project / "my_net.py").rename(tmp_path / "moved.py")
-    with pytest.raises(UserError, match=r"--arch path/to/script\.py:ClassName"):
+    with pytest.raises(UserError, match=r"`arch` path/to/script\.py:ClassName"):
         load_model(out)

@@ -513,3 +513,14 @@ def test_mean_and_std_refused_for_a_data_file(tmp_path: Path) -> None:
     result = _invoke("prune", _sample("resnet.safetensors"), *_data(["--mean", "0.5", "--std", "0.2"]), "--out", str(tmp_path / "o.safetensors"))
     assert result.exit_code == 2 and "already preprocessed" in result.stderr
     assert _listing(tmp_path) == []
+
+
+def test_library_errors_name_parameters_and_the_command_line_names_flags(tmp_path: Path) -> None:
+    from explainfix_cli.errors import UserError
+    from explainfix_cli.pruning import zero_least_salient
+
+    with pytest.raises(UserError) as e:
+        zero_least_salient(nn.Sequential(nn.Conv2d(1, 2, 3)), {}, 150)
+    assert "--" not in str(e.value) and "`pct`" in str(e.value)
+    result = _invoke("prune", _sample("resnet.safetensors"), *_data(), "--pct", "150", "--out", str(tmp_path / "p.safetensors"))
+    assert result.exit_code == 2 and "--pct must be in [0, 100)" in result.stderr

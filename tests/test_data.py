@@ -145,7 +145,7 @@ def test_load_data_passes_batching(tmp_path: Path) -> None:
     assert [b[1].tolist() for b in data] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
-@pytest.mark.parametrize(("batch_size", "batches", "option"), [(0, None, "--batch-size"), (4, 0, "--batches")])
+@pytest.mark.parametrize(("batch_size", "batches", "option"), [(0, None, "`batch_size`"), (4, 0, "`batches`")])
 def test_bad_batching_options(tmp_path: Path, batch_size: int, batches: int | None, option: str) -> None:
     with pytest.raises(UserError, match=option):
         load_data(_npz(tmp_path / "d.npz", x=_x(2), y=np.arange(2)), batch_size=batch_size, batches=batches)
@@ -180,7 +180,7 @@ def _rgb_folder(root: Path) -> Path:
 
 def test_image_folder_of_mixed_sizes(tmp_path: Path) -> None:
     root = _rgb_folder(tmp_path / "images")
-    with pytest.raises(UserError, match="--image-size"):
+    with pytest.raises(UserError, match="`image_size`"):
         load_data(root)
     data = load_data(root, image_size=5)
     assert data.x.shape == (3, 3, 5, 5)

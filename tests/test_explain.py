@@ -240,7 +240,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     out = tmp_path / "report"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="`force`"):
         explain(small_model(), None, out)
     assert (out / "keep.txt").read_text() == "mine"
     explain(small_model(), None, out, force=True)
@@ -405,7 +405,7 @@ def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch
     assert flat_scores[flat_zeroed].max() <= flat_scores[~flat_zeroed].min()  # the least salient, over all layers
     assert result.pct == 40 and "would zero" in next(f.caption for f in result.figures if f.name == "kernel_saliency.png")
     assert report.MAX_SALIENCY_PANELS >= 3
-    with pytest.raises(UserError, match="--pct"):
+    with pytest.raises(UserError, match="`pct`"):
         explain(model, data, tmp_path / "bad", pct=100)
 
 

@@ -57,7 +57,7 @@ def test_atomic_file_keeps_the_old_file_when_a_forced_write_fails(tmp_path: Path
 def test_atomic_file_refuses_existing_without_force(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    with pytest.raises(UserError, match="--force"), atomic_file(target, force=False):
+    with pytest.raises(UserError, match="`force`"), atomic_file(target, force=False):
         pass
     assert target.read_bytes() == b"old"
     with atomic_file(target, force=True) as tmp:

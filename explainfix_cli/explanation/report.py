@@ -144,11 +144,11 @@ def explain(
     if fmt not in figures.FORMATS:
         raise UserError(f"figure format {fmt!r} is not supported; use one of {', '.join(figures.FORMATS)}.")
     if attributions < 0:
-        raise UserError(f"--attributions must be 0 or more, not {attributions}.")
+        raise UserError(f"`attributions` must be 0 or more, not {attributions}.")
     if attribution_method not in METHODS:
-        raise UserError(f"--attribution-method must be one of {', '.join(METHODS)}, not {attribution_method!r}.")
+        raise UserError(f"`attribution_method` must be one of {', '.join(METHODS)}, not {attribution_method!r}.")
     if not 0 <= pct < 100:
-        raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
     out_dir = Path(out_dir)
     convs = require_spatial_convs(model)
     check_folder_target(out_dir, force)  # fail before the expensive part, not after it

@@ -347,6 +347,96 @@ def explain(
     _run(debug, body)
 
 
+# ---- evaluate and bench: measurements with CI gates (a gate not met: one sentence, exit 1) ---------
+VsOpt = Annotated[Path | None, typer.Option("--vs", help="Another model to compare with, side by side (loaded with the same --arch options).")]
+
+
+def _stdout():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console()
+
+
+def _gate_verdict(gates: list[Any]) -> None:
+    """Exit 1 with one sentence when a gate failed (after the results were printed)."""
+    failures = [g.sentence.rstrip(".") for g in gates if not g.passed]
+    if failures:
+        print(f"explainfix: gate failed: {'; '.join(failures)}.", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _side_by_side(title: str, names: list[str], rows: list[tuple[str, list[Any]]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ["", *names]:
+        table.add_column(col, justify="right" if col else "left")
+    for label, values in rows:
+        table.add_row(label, *("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values))
+    _stdout().print(table)
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    data: DataOpt = None,
+    vs: VsOpt = None,
+    min_metric: Annotated[float | None, typer.Option("--min-metric", help="Gate: exit 1 unless the model's metric is at least this.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Gate (with --vs): exit 1 if the model's metric is more than this below OTHER's.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """The target's metric (accuracy, AUC, dice) and loss on the data, optionally against --vs; CI gates exit 1."""
+
+    def body() -> Any:
+        from .evaluation import evaluate as evaluate_model
+
+        if data is None:
+            raise UserError("evaluate needs data: pass --data D.")
+        if max_drop is not None and vs is None:
+            raise UserError("--max-drop compares with another model; pass it with --vs OTHER.")
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint).model.to(device) if vs else None
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        with _working("evaluating", as_json):
+            report = evaluate_model(loaded.model.to(device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=device)
+
+        def render() -> None:
+            runs = [report.model] if report.vs is None else [report.model, report.vs]
+            r0 = runs[0]
+            rows: list[tuple[str, list[Any]]] = [("samples", [r.samples for r in runs]), (r0.metric, [r.value for r in runs]), (f"loss ({r0.loss_name})", [r.loss for r in runs])]
+            if r0.target == "labels":
+                names = r0.classes or [str(k) for k in range(len(r0.per_class_accuracy or []))]
+                rows += [(f"accuracy of class {c}", [(r.per_class_accuracy or [])[k] for r in runs]) for k, c in enumerate(names)]
+            elif r0.target == "multilabel":
+                rows += [(f"AUC of label {k}", [(r.auc_per_label or [])[k] for r in runs]) for k in range(len(r0.auc_per_label or []))]
+            else:
+                rows += [("IoU", [r.iou for r in runs])]
+            if report.drop is not None:
+                rows.append((f"{r0.metric} drop against --vs", [report.drop] + [None] * (len(runs) - 1)))
+            _side_by_side(f"evaluate on {data}", [r.model for r in runs], rows)
+            for r in runs:
+                if r.confusion_matrix is not None:
+                    _side_by_side(f"confusion matrix of {r.model} (rows: true class, columns: predicted)", [str(k) for k in range(len(r.confusion_matrix))], [(str(k), list(row)) for k, row in enumerate(r.confusion_matrix)])
+            for g in report.gates:
+                _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
+
+        _emit(as_json, report.to_json(), render)
+        return report
+
+    _gate_verdict(_run(debug, body).gates)
+
+
 def main() -> None:
     """The console script: click's own usage errors also become one sentence and exit code 2."""
     command = typer.main.get_command(app)

@@ -256,6 +256,7 @@ def prune(
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that do not change the output (constants folded). aggressive: also drop silent channels unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
     no_fix: Annotated[bool, typer.Option("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
+    min_kernels_per_layer: Annotated[int, typer.Option("--min-kernels-per-layer", help="Keep the K most salient kernels of every spatial layer out of zeroing, against layer collapse (0: pure global ranking).")] = 0,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -278,6 +279,8 @@ def prune(
 
         if not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        if min_kernels_per_layer < 0:
+            raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
         if criterion is CriterionOpt.gradient and data is None and saliency_file is None:
             raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
@@ -289,8 +292,10 @@ def prune(
             _, report = prune_model(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=criterion.value, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
-                device=device, sample_shape=_input_size(input_size),
+                device=device, sample_shape=_input_size(input_size), min_kernels_per_layer=min_kernels_per_layer,
             )
+        for warning in report.warnings():
+            print(f"explainfix: warning: {warning}", file=sys.stderr)
         payload = report.to_json()
         _emit(as_json, payload, lambda: _table(f"prune → {target}", [(k, v) for k, v in payload.items()]))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,23 +18,36 @@ from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
-from .saliency import Criterion, require_spatial_convs, spatial_saliency
+from .saliency import Criterion, require_spatial_convs, spatial_convs, spatial_saliency
 
 Fill = Literal["zero", "reset", "fillzero"]
 Granularity = Literal["kernel", "channel"]
 
 
-def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+def zero_least_salient(
+    model: nn.Module, scores: dict[str, torch.Tensor], pct: float, min_kernels_per_layer: int = 0
+) -> dict[str, torch.Tensor]:
     """Zero the `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2).
 
     One global ranking, ascending; ties broken by layer order, then o, then i (a stable sort of
-    the scores laid out in that order). Returns per layer the (O, I/groups) mask of zeroed kernels.
+    the scores laid out in that order). `min_kernels_per_layer` K > 0 is a floor against layer
+    collapse: the K most salient kernels of every layer (ties to the earlier o, i) stay out of
+    the ranking, which is otherwise unchanged, and at most the kernels left in it are zeroed.
+    Returns per layer the (O, I/groups) mask of zeroed kernels.
     """
     if not 0 <= pct < 100:
         raise UserError(f"--pct must be in [0, 100), not {pct}.")
+    if min_kernels_per_layer < 0:
+        raise UserError(f"the minimum of kernels kept per layer must be 0 or more, not {min_kernels_per_layer}.")
     convs = require_spatial_convs(model)
     flat = torch.cat([scores[name].double().flatten() for name, _ in convs])  # layer, then o, then i
-    chosen = _smallest_first(flat, math.floor(pct / 100 * len(flat)))
+    k = math.floor(pct / 100 * len(flat))
+    if min_kernels_per_layer == 0:
+        chosen = _smallest_first(flat, k)
+    else:
+        ranked = ~torch.cat([_most_salient(scores[name].double().flatten(), min_kernels_per_layer) for name, _ in convs])  # (total,)
+        chosen = torch.zeros(len(flat), dtype=torch.bool)
+        chosen[ranked] = _smallest_first(flat[ranked], min(k, int(ranked.sum())))
     masks, start = {}, 0
     for name, conv in convs:
         n = conv.weight.shape[0] * conv.weight.shape[1]
@@ -57,6 +70,19 @@ def _smallest_first(flat: torch.Tensor, k: int) -> torch.Tensor:
     ties = (flat == kth).nonzero().flatten()
     chosen[ties[: k - int(chosen.sum())]] = True
     return chosen
+
+
+def _most_salient(layer: torch.Tensor, k: int) -> torch.Tensor:
+    """(n,) True at the k highest scores of one layer; among equal scores the earlier kernel."""
+    keep = torch.zeros(len(layer), dtype=torch.bool)
+    keep[torch.sort(layer, descending=True, stable=True).indices[:k]] = True
+    return keep
+
+
+def collapsed_layers(model: nn.Module) -> list[str]:
+    """Spatial convs with no nonzero kernel left: their output no longer depends on their input,
+    so neither does the model's, unless a skip connection goes around them."""
+    return [name for name, conv in spatial_convs(model) if not bool(conv.weight.detach().ne(0).any())]
 
 
 def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill, generator: torch.Generator) -> int:
@@ -120,9 +146,27 @@ class PruneReport:
     fixed_tensors: int
     seconds: float
     out: str | None
+    min_kernels_per_layer: int = 0
+    collapsed_layers: list[str] = field(default_factory=list)  # spatial convs left with every kernel zero
+    constant_output: bool | None = None  # the written model gives every sample of the data the same output
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def warnings(self) -> list[str]:
+        """Sentences for a person: layer collapse is never silent (METHOD §2 at high pct)."""
+        if not self.collapsed_layers:
+            return []
+        names = ", ".join(self.collapsed_layers[:5]) + (f" and {len(self.collapsed_layers) - 5} more" if len(self.collapsed_layers) > 5 else "")
+        effect = (
+            "the pruned model gives every sample of the data the same output"
+            if self.constant_output
+            else "their outputs are constants, so only paths around them still carry the input"
+        )
+        return [
+            f"pruning zeroed every kernel of {len(self.collapsed_layers)} spatial layer(s) ({names}): {effect}; "
+            "keep a floor of kernels per layer (--min-kernels-per-layer K) or prune less."
+        ]
 
 
 def prune(
@@ -143,6 +187,7 @@ def prune(
     seed: int = 0,
     device: str = "cpu",
     sample_shape: tuple[int, ...] | None = None,
+    min_kernels_per_layer: int = 0,
 ) -> tuple[nn.Module, PruneReport]:
     """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
@@ -172,12 +217,14 @@ def prune(
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     removed: ChannelRemoval
     if granularity == "kernel":
-        masks = zero_least_salient(model, scores, pct)
+        masks = zero_least_salient(model, scores, pct, min_kernels_per_layer)
+        collapsed = collapsed_layers(model)
         removed = remove_dead_channels(model, example, data, device, removal)
         out_zeroed = removed.outputs_before
     else:  # nothing is zeroed: the removal is measured against the original model
         masks, out_zeroed = {}, out_before
         removed = remove_least_salient_channels(model, example, scores, pct)
+        collapsed = collapsed_layers(model)
     out_removed = outputs(model, data, device) if data is not None else None
     remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
     fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
@@ -209,12 +256,23 @@ def prune(
         fixed_tensors=len(fixed),
         seconds=0.0,
         out=str(out) if out is not None else None,
+        min_kernels_per_layer=min_kernels_per_layer,
+        collapsed_layers=collapsed,
+        constant_output=_constant(out_after),
     )
     if out is not None:
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
         save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
+
+
+def _constant(out: torch.Tensor | None) -> bool | None:
+    """Whether every sample's output equals the first one's (to float rounding)."""
+    if out is None or len(out) < 2:
+        return None
+    spread = (out - out[:1]).abs().max()
+    return bool(spread <= 1e-5 * out.abs().max().clamp_min(1e-12))
 
 
 def _max_change(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:

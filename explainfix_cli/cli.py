@@ -442,6 +442,79 @@ def evaluate(
     _gate_verdict(_run(debug, body).gates)
 
 
+@app.command()
+def bench(
+    model: ModelArg,
+    vs: VsOpt = None,
+    input_size: Annotated[str | None, typer.Option("--input-size", help="Input size C,H,W; needed when the file does not remember one (a pruned file does).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="The larger batch N that latency is also measured at (besides batch 1).")] = 16,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model, form and batch; the median is reported.")] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before the timed ones.")] = 3,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op CPU threads (default: torch's); the count used is reported.")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms", help="Gate: exit 1 if the median latency at batch 1, as written, is above this.")] = None,
+    max_params: Annotated[int | None, typer.Option("--max-params", help="Gate: exit 1 if the model has more parameters.")] = None,
+    max_macs: Annotated[int | None, typer.Option("--max-macs", help="Gate: exit 1 if the model needs more MACs per sample.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Parameters, MACs, file size, peak memory and latency, as written and in deployment form; CI gates exit 1."""
+
+    def body() -> Any:
+        from .bench import bench as bench_model
+
+        for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads or 1)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, not {value}.")
+        if warmup < 0:
+            raise UserError(f"--warmup must be 0 or more, not {warmup}.")
+        if device != "cpu":
+            raise UserError("bench measures CPU latency; run it with --device cpu.")
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint) if vs else None
+        size = _input_size(input_size) or loaded.input_size or (other.input_size if other else None)
+        if size is None:
+            raise UserError(f"{model} does not record its input size; pass --input-size C,H,W.")
+        with _working("benchmarking", as_json):
+            report = bench_model(
+                loaded.model, size, name=str(model), path=model, vs=other.model if other else None, vs_name=str(vs), vs_path=vs,
+                batch_size=batch_size, repeats=repeats, warmup=warmup, threads=threads, seed=seed,
+                max_latency_ms=max_latency_ms, max_params=max_params, max_macs=max_macs,
+            )
+
+        def render() -> None:
+            runs = [report.model] if report.vs is None else [report.model, report.vs]
+            labels = {"params": "parameters", "macs": "MACs per sample", "file_bytes": "file bytes", "peak_memory_bytes": "peak memory bytes"}
+            keys = [*labels, *(f"latency_{k}" for k in report.model.latency_ms)]
+
+            def label(key: str) -> str:
+                return labels.get(key) or "latency ms, " + key.removeprefix("latency_").replace("_", " ").replace("batch n", f"batch {report.batch_size}")
+
+            def value(r: Any, key: str) -> Any:
+                return r.latency_ms[key.removeprefix("latency_")] if key.startswith("latency_") else getattr(r, key)
+
+            ratio = (lambda key: [report.ratios.get(key)]) if report.ratios else (lambda key: [])
+            rows = [(label(k), [value(r, k) for r in runs] + ratio(k)) for k in keys]
+            rows.append(("batch norms folded", [r.folded_batch_norms for r in runs] + ratio("")))
+            names = [r.model for r in runs] + (["ratio"] if report.ratios else [])
+            _side_by_side(f"bench at {'x'.join(map(str, report.input_size))}, {report.threads} threads, median of {report.repeats}", names, rows)
+            for r in runs:
+                if r.deployment_note:
+                    _stderr().print(f"{r.model}: {r.deployment_note}")
+            for g in report.gates:
+                _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
+
+        _emit(as_json, report.to_json(), render)
+        return report
+
+    _gate_verdict(_run(debug, body).gates)
+
+
 def main() -> None:
     """The console script: click's own usage errors also become one sentence and exit code 2."""
     command = typer.main.get_command(app)

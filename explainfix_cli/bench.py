@@ -129,6 +129,7 @@ class BenchReport:
     repeats: int
     warmup: int
     threads: int
+    load_average: float | None  # the machine's 1-minute load while measuring: other work slows every latency
     gates: list[Gate] = field(default_factory=list)
 
     @property
@@ -209,6 +210,7 @@ def bench(
         gates.append(at_most("max_macs", f"the MACs per sample of {name}", ours.macs, max_macs))
     return BenchReport(
         model=ours, vs=results[1] if vs is not None else None, ratios=_ratios(ours, results[1]) if vs is not None else None,
-        input_size=list(input_size), batch_size=batch_size, repeats=repeats, warmup=warmup, threads=used, gates=gates,
+        input_size=list(input_size), batch_size=batch_size, repeats=repeats, warmup=warmup, threads=used,
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, gates=gates,
     )
 

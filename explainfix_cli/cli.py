@@ -502,7 +502,8 @@ def bench(
             rows = [(label(k), [value(r, k) for r in runs] + ratio(k)) for k in keys]
             rows.append(("batch norms folded", [r.folded_batch_norms for r in runs] + ratio("")))
             names = [r.model for r in runs] + (["ratio"] if report.ratios else [])
-            _side_by_side(f"bench at {'x'.join(map(str, report.input_size))}, {report.threads} threads, median of {report.repeats}", names, rows)
+            load = "" if report.load_average is None else f", load {report.load_average:.1f}"
+            _side_by_side(f"bench at {'x'.join(map(str, report.input_size))}, {report.threads} threads{load}, median of {report.repeats}", names, rows)
             for r in runs:
                 if r.deployment_note:
                     _stderr().print(f"{r.model}: {r.deployment_note}")

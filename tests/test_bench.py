@@ -21,13 +21,16 @@ from explainfix_cli.pruning import prune
 
 BATCH_NORMS_AFTER_A_CONV = {"resnet": 9, "mobilenet": 14, "vgg": 4, "shufflenet": 15, "unet": 10, "densenet": 0, "convnext": 0}
 
+pytestmark = pytest.mark.usefixtures("keep_global_rng")
+
 
 @pytest.fixture(scope="module")
 def pruned_vgg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The VGG sample pruned at 90 %: a smaller file that remembers its input size."""
-    loaded = sample_model("vgg")
     out = tmp_path_factory.mktemp("bench") / "vgg-small.safetensors"
-    prune(loaded.model, sample_data("vgg", batches=1), pct=90, arch=loaded.arch, out=out)
+    with torch.random.fork_rng():  # prune seeds torch's global RNG; later test files must not notice
+        loaded = sample_model("vgg")
+        prune(loaded.model, sample_data("vgg", batches=1), pct=90, arch=loaded.arch, out=out)
     return out
 
 

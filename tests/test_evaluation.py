@@ -14,6 +14,8 @@ from typer.testing import CliRunner, Result
 from explainfix_cli.cli import app
 from explainfix_cli.evaluation import confusion_matrix, evaluate, evaluate_model
 
+pytestmark = pytest.mark.usefixtures("keep_global_rng")
+
 
 def _logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The sample's outputs on its data, computed here in one plain forward pass."""

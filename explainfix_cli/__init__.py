@@ -26,6 +26,9 @@ _API = {
     "remove_dead_channels": "channels",
     "fix_spatial_filters": "fixed",
     "describe": "info",
+    "evaluate": "evaluation",
+    "EvaluationReport": "evaluation",
+    "loss_for": "losses",
     "explain": "explanation",
     "UserError": "errors",
 }

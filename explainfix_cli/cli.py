@@ -611,6 +611,8 @@ def evaluate(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -625,10 +627,11 @@ def evaluate(
             raise UserError("evaluate needs data: pass --data D.")
         if max_drop is not None and vs is None:
             raise UserError("--max-drop compares with another model; pass it with --vs OTHER.")
+        _preprocessing(data, mean, std)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         other = _load_model(vs, arch, arch_kwargs, trust_checkpoint).model.to(device) if vs else None
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         with _working("evaluating"):
             report = evaluate_model(loaded.model.to(device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=device)
 

@@ -499,6 +499,7 @@ def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
     out = tmp_path / "b.safetensors"
     on_folder = _json(_invoke("prune", model, "--data", str(root), "--pct", "30", "--out", str(out), "--json"))
     assert on_folder["metric_before"] == pytest.approx(on_npz) and on_npz == pytest.approx(0.99)
+    assert _json(_invoke("evaluate", model, "--data", str(root), "--json"))["model"]["value"] == pytest.approx(on_npz)
     assert open_model(out).preprocessing == open_model(model).preprocessing  # carried through
     digits = json.loads((SAMPLES / "metrics.json").read_text())["data"]["digits"]
     recorded = _json(_invoke("info", str(out), "--json"))["preprocessing"]

@@ -84,9 +84,13 @@ class LoadedModel:
 
     @property
     def input_size(self) -> tuple[int, ...] | None:
-        """The input size (C, H, W) the latest step of the history recorded (a pruned file remembers it)."""
+        """The input size (C, H, W) the latest step of the history recorded (a pruned file remembers
+        it), or else the one the input preprocessing records (the input the model was trained on)."""
         recorded = next((h.get("input_size") for h in reversed(self.history) if h.get("input_size")), None)
-        return tuple(recorded) if recorded else None
+        if recorded:
+            return tuple(recorded)
+        pre = self.preprocessing
+        return (pre.channels, *pre.size) if pre is not None and pre.channels and pre.size else None
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:

@@ -232,11 +232,13 @@ def saliency(
 
         check_target(out, force)
         _setup(seed, device)
+        rank = _distributed_setup(device)  # under torchrun every process scores a share of the minibatches
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
         with _working("computing saliency", as_json):
             scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
-        save_saliency(scores, str(out), force, criterion.value)
+        if rank == 0:
+            save_saliency(scores, str(out), force, criterion.value)
         layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
         payload = {"out": str(out), "criterion": criterion.value, "layers": layers}
         _emit(as_json, payload, lambda: _table(f"saliency → {out}", [(k, f"{v['shape']}  sum {v['total']:.4g}") for k, v in layers.items()]))
@@ -282,6 +284,7 @@ def prune(
             raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
         _setup(seed, device)
+        _distributed_setup(device)  # under torchrun the saliency pass is shared; process 0 writes
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
         scores = load_saliency(str(saliency_file), loaded.model) if saliency_file else None

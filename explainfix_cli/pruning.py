@@ -18,7 +18,7 @@ from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
-from .saliency import Criterion, require_spatial_convs, spatial_saliency
+from .saliency import Criterion, _distributed, require_spatial_convs, spatial_saliency
 
 Fill = Literal["zero", "reset", "fillzero"]
 Granularity = Literal["kernel", "channel"]
@@ -210,7 +210,7 @@ def prune(
         seconds=0.0,
         out=str(out) if out is not None else None,
     )
-    if out is not None:
+    if out is not None and _distributed()[0] == 0:  # under torchrun, process 0 writes
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
         save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
     report.seconds = round(time.perf_counter() - start, 3)

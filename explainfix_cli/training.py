@@ -117,6 +117,19 @@ def distill_loss(out: torch.Tensor, teacher: torch.Tensor, kind: TargetKind, tem
     return t2 * F.binary_cross_entropy_with_logits(out / temperature, soft, reduction="none").flatten(1).mean(dim=1)
 
 
+def _check_fits(model: nn.Module, train: Dataset, val: Dataset, teacher: nn.Module | None, device: str) -> None:
+    """Fail before training when the data, the model and the teacher do not go together."""
+    if train.target_kind != val.target_kind:
+        raise UserError(f"the training data has {train.target_kind} targets but the validation data {val.target_kind}; they must be of one kind.")
+    model.eval()
+    with torch.no_grad():
+        x, y = train.x[:2].to(device), train.y[:2].to(device)
+        out = model_output(model, x)
+        train.targets(out, y)  # raises when the targets do not fit the output
+        if teacher is not None and model_output(teacher, x).shape != out.shape:
+            raise UserError(f"the teacher's outputs have shape {tuple(model_output(teacher, x).shape[1:])} but the model's {tuple(out.shape[1:])}; they must match.")
+
+
 def _optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -178,6 +191,7 @@ def finetune(
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
+    _check_fits(model, train, val, teacher, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         report = _train(model, params, train, val, recipe, teacher, device, on_epoch)

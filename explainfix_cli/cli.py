@@ -439,7 +439,7 @@ def finetune(
     val: Annotated[Path, typer.Option("--val", help="Validation data: the best epoch by its metric is kept.")],
     out: OutModelOpt,
     train: Annotated[TrainOpt, typer.Option("--train", help="unfixed: train only what is not fixed; all: unfreeze the spatial filters too.")] = TrainOpt.unfixed,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs to train.")] = 15,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs to train.")] = 20,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule to zero).")] = 1e-2,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.")] = 0.0,
     optimizer: Annotated[OptimizerOpt, typer.Option("--optimizer", help="adam, adamw or sgd (Nesterov momentum 0.9).")] = OptimizerOpt.adam,

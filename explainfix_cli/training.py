@@ -36,7 +36,7 @@ OptimizerName = Literal["adam", "adamw", "sgd"]
 class Recipe:
     """How to train: the defaults are the recipe measured on the bundled samples (README)."""
 
-    epochs: int = 15
+    epochs: int = 20
     lr: float = 1e-2
     weight_decay: float = 0.0
     optimizer: OptimizerName = "adam"

@@ -52,7 +52,7 @@ class Bench:
 BENCHES = {
     "resnet": Bench("resnet", "resnet", "digits", 64, "resnet"),
     "densenet": Bench("densenet", "densenet", "digits", 64, "densenet"),
-    "densenet_bc": Bench("densenet_bc", "densenet_bc", "digits", 64, None),
+    "densenet_bc": Bench("densenet_bc", "densenet_bc", "digits", 64, "densenet_bc"),
     "mobilenet": Bench("mobilenet", "mobilenet", "digits", 64, "mobilenet"),
     "unet": Bench("unet", "unet", "nuclei", 32, "unet", (("num_classes", 1), ("in_channels", 1))),
 }
@@ -78,7 +78,7 @@ def row(bench: Bench, setting: str, model: nn.Module, value: float, seconds: flo
     total, zero = kernel_counts(model)
     r = Row(bench.name, setting, total - zero, sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad), value, seconds, best)  # fmt: skip
-    log(f"{bench.name:12s} {setting:32s} metric {value:.4f}  kernels {r.spatial_kernels:6d}  trainable {r.trainable:6d}  s/epoch {seconds}")
+    print(markdown_row(r), flush=True)  # as it comes: a long run that is stopped keeps its rows
     return r
 
 
@@ -138,23 +138,21 @@ def epoch_speed(models: dict[str, nn.Module | None], data: tuple[Dataset, Datase
     return best
 
 
-def markdown(rows: list[Row]) -> str:
-    lines = [
-        "| model | setting | spatial kernels | params | trainable | held-out metric | s/epoch | best epoch |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        sec = "" if r.seconds_per_epoch is None else f"{r.seconds_per_epoch:.2f}"
-        best = "" if r.best_epoch is None else str(r.best_epoch)
-        lines.append(f"| {r.model} | {r.setting} | {r.spatial_kernels:,} | {r.params:,} | {r.trainable:,} | {r.metric:.4f} | {sec} | {best} |")
-    return "\n".join(lines)
+HEADER = """| model | setting | spatial kernels | params | trainable | held-out metric | s/epoch | best epoch |
+| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"""
+
+
+def markdown_row(r: Row) -> str:
+    sec = "" if r.seconds_per_epoch is None else f"{r.seconds_per_epoch:.2f}"
+    best = "" if r.best_epoch is None else str(r.best_epoch)
+    return f"| {r.model} | {r.setting} | {r.spatial_kernels:,} | {r.params:,} | {r.trainable:,} | {r.metric:.4f} | {sec} | {best} |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet,densenet,densenet_bc,mobilenet,unet")
     parser.add_argument("--epochs", type=int, default=Recipe().epochs)
-    parser.add_argument("--pcts", default="50,90,95,99")
+    parser.add_argument("--pcts", default="50,90,95,99", help="comma-separated; empty for no pruning rows")
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch rows (learned and fixed)")
     parser.add_argument("--json", type=Path, help="also write the rows and speeds here")
@@ -163,14 +161,17 @@ def main() -> None:
     started = time.perf_counter()
     rows: list[Row] = []
     speeds: dict[str, dict[str, float]] = {}
-    for name in args.models.split(","):
-        r, speeds[name] = run(BENCHES[name], recipe, [float(p) for p in args.pcts.split(",")], args.speed_rounds, not args.no_scratch)
-        rows += r
     print(f"Default recipe: {json.dumps(recipe.to_json())}; torch threads {torch.get_num_threads()}\n")
-    print(markdown(rows))
+    print(HEADER, flush=True)
+    pcts = [float(p) for p in args.pcts.split(",") if p]
+    for name in args.models.split(","):
+        r, speeds[name] = run(BENCHES[name], recipe, pcts, args.speed_rounds, not args.no_scratch)
+        rows += r
     print("\n| model | s/epoch learned | s/epoch fixed | s/epoch fixed, pruned 90 % | fixed vs learned | pruned 90 % vs learned |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, s in speeds.items():
+        if "learned" not in s or "fixed" not in s:
+            continue
         p90 = s.get("fixed, pruned 90 %")
         faster = f"{1 - p90 / s['learned']:.0%} faster" if p90 else ""
         print(f"| {name} | {s['learned']:.3f} | {s['fixed']:.3f} | {p90 or float('nan'):.3f} | {1 - s['fixed'] / s['learned']:.0%} faster | {faster} |")

@@ -399,7 +399,7 @@ def _distributed_setup(device: str) -> int:
 @app.command()
 def fix(
     model: Annotated[Path | None, typer.Argument(help="Model to fix (any format of MODEL); leave out with --arch for a fresh network.", show_default=False)] = None,
-    out: OutModelOpt = Path("fixed.safetensors"),
+    out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-fixed.safetensors beside the input).")] = None,
     init: Annotated[InitOpt, typer.Option("--init", help="keep the filters, or re-initialise them: dct2 / ghaar (steered), random (Kaiming, the negative control).")] = InitOpt.keep,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -418,16 +418,19 @@ def fix(
         from .fixed import fix as fix_model
         from .outputs import check_target
 
-        check_target(out, force)
-        _setup(seed, device)
         spec = parse_arch(arch, arch_kwargs)
         if model is None and spec is None:
             raise UserError("give a MODEL to fix, or --arch module.path:factory (with --input-size C,H,W) for a fresh network.")
+        if model is None and out is None:
+            raise UserError("a fresh network has no file to name the output after; pass --out OUT.safetensors.")
+        target = out or model.with_name(f"{model.stem}-fixed.safetensors")  # type: ignore[union-attr]
+        check_target(target, force)
+        _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint) if model else LoadedModel(spec.build(), spec, Path("-"))  # type: ignore[union-attr]
         _, report = fix_model(loaded.model, init.value, seed=seed, sample_shape=_input_size(input_size))
-        save_model(loaded.model, out, arch=loaded.arch, history=[*loaded.history, report.history_step()], report=report.history_step(), force=force)
-        report.out = str(out)
-        _emit(as_json, report.to_json(), lambda: _table(f"fix → {out}", list(report.to_json().items())))
+        save_model(loaded.model, target, arch=loaded.arch, history=[*loaded.history, report.history_step()], report=report.history_step(), force=force)
+        report.out = str(target)
+        _emit(as_json, report.to_json(), lambda: _table(f"fix → {target}", list(report.to_json().items())))
 
     _run(debug, body)
 

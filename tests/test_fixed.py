@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,11 @@ def test_fix_leaves_only_non_spatial_parameters_trainable(tmp_path: Path) -> Non
 
 
 def test_fix_keep_fixes_a_trained_model_without_changing_it(tmp_path: Path) -> None:
-    out = tmp_path / "kept.safetensors"
-    result = CliRunner().invoke(app, ["fix", str(SAMPLES / "resnet.safetensors"), "--out", str(out)])
+    source = tmp_path / "kept.safetensors"
+    shutil.copy(SAMPLES / "resnet.safetensors", source)
+    result = CliRunner().invoke(app, ["fix", str(source)])
     assert result.exit_code == 0, result.output
+    out = tmp_path / "kept-fixed.safetensors"  # the default output, beside the input
     original, fixed = load_model(SAMPLES / "resnet.safetensors"), load_model(out)
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():

@@ -93,7 +93,9 @@ def train(model: nn.Module, data: tuple[Dataset, Dataset], recipe: Recipe, teach
     return model, report.metric_after, report.seconds_per_epoch, report.best_epoch
 
 
-def run(bench: Bench, recipe: Recipe, pcts: list[float], speed_rounds: int, scratch: bool = True) -> tuple[list[Row], dict[str, float]]:
+def run(
+    bench: Bench, recipe: Recipe, pcts: list[float], speed_rounds: int, scratch: bool = True, speed_only: bool = False
+) -> tuple[list[Row], dict[str, float]]:
     train_data = load_data(SAMPLES / f"{bench.data}_train.npz", batch_size=bench.batch_size)
     val = load_data(SAMPLES / f"{bench.data}_val.npz", batch_size=256)
     data = (train_data, val)
@@ -103,7 +105,7 @@ def run(bench: Bench, recipe: Recipe, pcts: list[float], speed_rounds: int, scra
         trained = open_model(SAMPLES / f"{bench.sample}.safetensors").model
         rows.append(row(bench, "trained sample (bundled)", trained, metric(val, outputs(trained, val))))
     speed_models: dict[str, nn.Module | None] = {}
-    if scratch or trained is None:
+    if (scratch and not speed_only) or trained is None:
         learned, value, seconds, best = train(fresh(bench), data, recipe)
         rows.append(row(bench, "learned, from scratch", learned, value, seconds, best))
         speed_models["learned"] = learned
@@ -116,6 +118,9 @@ def run(bench: Bench, recipe: Recipe, pcts: list[float], speed_rounds: int, scra
     else:
         speed_models = {"learned": trained, "fixed": fix(copy.deepcopy(trained), "keep")[0]}
     saliency_data = load_data(SAMPLES / f"{bench.data}_train.npz", batch_size=256)
+    if speed_only:
+        speed_models["fixed, pruned 90 %"] = prune(copy.deepcopy(trained), saliency_data, pct=90)[0]
+        return rows, epoch_speed(speed_models, data, speed_rounds)
     for pct in pcts:
         small, _ = prune(copy.deepcopy(trained), saliency_data, pct=pct)
         if pct == 90:
@@ -148,6 +153,11 @@ def markdown_row(r: Row) -> str:
     return f"| {r.model} | {r.setting} | {r.spatial_kernels:,} | {r.params:,} | {r.trainable:,} | {r.metric:.4f} | {sec} | {best} |"
 
 
+def versus(seconds: float, learned: float) -> str:
+    change = 1 - seconds / learned
+    return f"{change:.0%} faster" if change >= 0 else f"{-change:.0%} slower"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet,densenet,densenet_bc,mobilenet,unet")
@@ -155,6 +165,7 @@ def main() -> None:
     parser.add_argument("--pcts", default="50,90,95,99", help="comma-separated; empty for no pruning rows")
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch rows (learned and fixed)")
+    parser.add_argument("--speed-only", action="store_true", help="only the epoch speeds (trained sample, fixed, pruned 90 %%)")
     parser.add_argument("--json", type=Path, help="also write the rows and speeds here")
     args = parser.parse_args()
     recipe = Recipe(epochs=args.epochs)
@@ -165,16 +176,16 @@ def main() -> None:
     print(HEADER, flush=True)
     pcts = [float(p) for p in args.pcts.split(",") if p]
     for name in args.models.split(","):
-        r, speeds[name] = run(BENCHES[name], recipe, pcts, args.speed_rounds, not args.no_scratch)
+        r, speeds[name] = run(BENCHES[name], recipe, pcts, args.speed_rounds, not args.no_scratch, args.speed_only)
         rows += r
-    print("\n| model | s/epoch learned | s/epoch fixed | s/epoch fixed, pruned 90 % | fixed vs learned | pruned 90 % vs learned |")
+    print("\n| model | s/epoch learned | s/epoch fixed | s/epoch fixed, pruned 90 % | pruned 90 % vs learned | fixed vs learned |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, s in speeds.items():
         if "learned" not in s or "fixed" not in s:
             continue
         p90 = s.get("fixed, pruned 90 %")
-        faster = f"{1 - p90 / s['learned']:.0%} faster" if p90 else ""
-        print(f"| {name} | {s['learned']:.3f} | {s['fixed']:.3f} | {p90 or float('nan'):.3f} | {1 - s['fixed'] / s['learned']:.0%} faster | {faster} |")
+        p90_cells = f"{p90:.3f} | {versus(p90, s['learned'])}" if p90 else " | "
+        print(f"| {name} | {s['learned']:.3f} | {s['fixed']:.3f} | {p90_cells} | {versus(s['fixed'], s['learned'])} |")
     if args.json:
         args.json.write_text(json.dumps({"recipe": recipe.to_json(), "rows": [r.__dict__ for r in rows], "speed": speeds}, indent=1))
     log(f"done in {time.perf_counter() - started:.0f} s")

@@ -493,7 +493,7 @@ def finetune(
             loaded, train_data, val_data, out, recipe=recipe, teacher=teacher_model, device=device, on_epoch=progress, force=force,
         )
         payload = report.to_json()
-        rows = [(k, v) for k, v in payload.items() if k not in ("history", "recipe")]
+        rows = [(k, str(v) if isinstance(v, bool) else v) for k, v in payload.items() if k not in ("history", "recipe")]
         _emit(as_json, payload, lambda: _table(f"finetune → {out}", rows))
 
     _run(debug, body)

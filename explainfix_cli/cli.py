@@ -746,6 +746,10 @@ def _distributed_setup(device: str) -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if device.startswith("cuda"):  # one GPU per process: torchrun's local rank picks it
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         atexit.register(dist.destroy_process_group)
     rank = dist.get_rank()

@@ -501,6 +501,9 @@ def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
     assert on_folder["metric_before"] == pytest.approx(on_npz) and on_npz == pytest.approx(0.99)
     assert _json(_invoke("evaluate", model, "--data", str(root), "--json"))["model"]["value"] == pytest.approx(on_npz)
     assert open_model(out).preprocessing == open_model(model).preprocessing  # carried through
+    fixed = tmp_path / "fixed.safetensors"
+    assert _invoke("fix", str(out), "--init", "keep", "--out", str(fixed)).exit_code == 0
+    assert open_model(fixed).preprocessing == open_model(model).preprocessing  # and through fix
     digits = json.loads((SAMPLES / "metrics.json").read_text())["data"]["digits"]
     recorded = _json(_invoke("info", str(out), "--json"))["preprocessing"]
     assert recorded == {"mean": [digits["mean"]], "std": [digits["std"]], "channels": 1, "size": [16, 16]}

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Preprocessing
 from .errors import UserError
 from .formats import model_format
 from .outputs import atomic_file
+from .preprocessing import Preprocessing
 
 FORMAT = "explainfix"
 FORMAT_VERSION = "1"
@@ -84,9 +84,13 @@ class LoadedModel:
 
     @property
     def input_size(self) -> tuple[int, ...] | None:
-        """The input size (C, H, W) the latest step of the history recorded (a pruned file remembers it)."""
+        """The input size (C, H, W) the latest step of the history recorded (a pruned file remembers
+        it), or else the one the input preprocessing records (the input the model was trained on)."""
         recorded = next((h.get("input_size") for h in reversed(self.history) if h.get("input_size")), None)
-        return tuple(recorded) if recorded else None
+        if recorded:
+            return tuple(recorded)
+        pre = self.preprocessing
+        return (pre.channels, *pre.size) if pre is not None and pre.channels and pre.size else None
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:

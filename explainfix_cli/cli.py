@@ -25,7 +25,8 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .checkpoints import LoadedModel
-    from .data import Dataset, Preprocessing
+    from .data import Dataset
+    from .preprocessing import Preprocessing
 
 def _flag_help(option: Any) -> Any:
     if option is not None:
@@ -232,11 +233,9 @@ def _load_data(
     """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
     from .data import load_data
 
-    explicit = _preprocessing(mean, std)
+    explicit = _preprocessing(data, mean, std)
     if data is None:
         return None
-    if explicit is not None and not data.is_dir():
-        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
     recorded = model.preprocessing if model is not None else None
     return load_data(data, batch_size, batches, image_size, grayscale, _override(recorded, explicit))
 
@@ -252,14 +251,18 @@ def _override(recorded: Preprocessing | None, explicit: Preprocessing | None) ->
 
 def _folder_preprocessing(data: Path | None, mean: str | None, std: str | None, model: LoadedModel) -> dict[str, Any] | None:
     """The normalisation `_load_data` applies to `data`: only an image folder gets one."""
-    applied = _override(model.preprocessing, _preprocessing(mean, std)) if data is not None and data.is_dir() else None
+    applied = _override(model.preprocessing, _preprocessing(data, mean, std)) if data is not None and data.is_dir() else None
     return None if applied is None else applied.to_json()
 
 
-def _preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
-    from .data import parse_preprocessing
+def _preprocessing(data: Path | None, mean: str | None, std: str | None) -> Preprocessing | None:
+    """--mean/--std, checked before torch is imported: they normalise a folder of images only."""
+    from .preprocessing import parse_preprocessing
 
-    return parse_preprocessing(mean, std)
+    explicit = parse_preprocessing(mean, std)
+    if explicit is not None and data is not None and not data.is_dir():
+        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
+    return explicit
 
 
 def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None) -> None:
@@ -428,6 +431,7 @@ def saliency(
         _needs_data(criterion, data)
         _check_paths(model, data)
         _check_batches(batch_size, batches, image_size)
+        _preprocessing(data, mean, std)
         _setup(seed, device)
         from .saliency import save_saliency, spatial_saliency
 
@@ -490,6 +494,7 @@ def prune(
         check_target(target, force)
         _check_paths(model, data, val)
         _check_batches(batch_size, batches, image_size)
+        _preprocessing(data, mean, std)
         _setup(seed, device)
         _distributed_setup(device)  # under torchrun the saliency pass is shared; process 0 writes
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
@@ -503,7 +508,7 @@ def prune(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
                 device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
-                preprocessing=_override(loaded.preprocessing, _preprocessing(mean, std)), min_kernels_per_layer=min_kernels_per_layer,
+                preprocessing=_override(loaded.preprocessing, _preprocessing(data, mean, std)), min_kernels_per_layer=min_kernels_per_layer,
             )
         for warning in report.warnings():
             print(f"explainfix: warning: {warning}", file=sys.stderr)
@@ -547,6 +552,9 @@ def explain(
         check_folder_target(out, force)
         _check_paths(model, data)
         _check_batches(batch_size, batches, image_size)
+        _preprocessing(data, mean, std)
+        if not 0 <= pct < 100:
+            raise UserError(f"--pct must be in [0, 100), not {pct}.")
         _setup(seed, device)
         from .explanation import ReportSource
         from .explanation import explain as explain_model
@@ -606,6 +614,8 @@ def evaluate(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
@@ -620,10 +630,11 @@ def evaluate(
             raise UserError("evaluate needs data: pass --data D.")
         if max_drop is not None and vs is None:
             raise UserError("--max-drop compares with another model; pass it with --vs OTHER.")
+        _preprocessing(data, mean, std)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         other = _load_model(vs, arch, arch_kwargs, trust_checkpoint).model.to(device) if vs else None
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         with _working("evaluating"):
             report = evaluate_model(loaded.model.to(device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=device)
 
@@ -790,7 +801,7 @@ def fix(
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint) if model else LoadedModel(spec.build(), spec, Path("-"))  # type: ignore[union-attr]
         _, report = fix_model(loaded.model, init.value, seed=seed, sample_shape=_input_size(input_size))
-        save_model(loaded.model, target, arch=loaded.arch, history=[*loaded.history, report.history_step()], report=report.history_step(), force=force)
+        save_model(loaded.model, target, arch=loaded.arch, history=[*loaded.history, report.history_step()], report=report.history_step(), preprocessing=loaded.preprocessing, force=force)
         report.out = str(target)
         _emit(as_json, report.to_json(), lambda: _table(f"fix → {target}", list(report.to_json().items())))
 
@@ -820,6 +831,8 @@ def finetune(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -837,12 +850,13 @@ def finetune(
             raise UserError(f"--distill-weight must be in [0, 1], not {distill_weight}.")
         if epochs < 0 or lr <= 0 or temperature <= 0:
             raise UserError("--epochs must be >= 0, and --lr and --temperature positive.")
+        _preprocessing(data, mean, std)
         _setup(seed, device)
         rank = _distributed_setup(device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         teacher_model = _load_model(teacher, arch, arch_kwargs, trust_checkpoint).model if teacher else None
-        train_data = _load_data(data, batch_size, batches, image_size, grayscale)
-        val_data = _load_data(val, batch_size, None, image_size, grayscale)
+        train_data = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        val_data = _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded)
         recipe = Recipe(
             epochs=epochs, lr=lr, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
             distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=seed,

@@ -45,12 +45,8 @@ def describe(loaded: LoadedModel, input_size: tuple[int, ...] | None = None) -> 
     """Layers, parameters, spatial kernels, fixed tensors, MACs (for `input_size`) and history."""
     model = loaded.model
     spatial = {name for name, _ in spatial_convs(model)}
-    if input_size is None:  # a pruned file remembers the input size it was pruned on
-        recorded = next((h.get("input_size") for h in reversed(loaded.history) if h.get("input_size")), None)
-        input_size = tuple(recorded) if recorded else None
-    pre = loaded.preprocessing
-    if input_size is None and pre is not None and pre.channels and pre.size:  # or the input it was trained on
-        input_size = (pre.channels, *pre.size)
+    if input_size is None:  # a pruned file remembers the input size it was pruned on, a sample the one it was trained on
+        input_size = loaded.input_size
     layers = []
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)

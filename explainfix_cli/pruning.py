@@ -15,11 +15,12 @@ from . import progress
 from .channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
 from .choices import Criterion, Fill, Granularity, Removal
-from .data import Dataset, Preprocessing
+from .data import Dataset
 from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
+from .preprocessing import Preprocessing
 from .saliency import _distributed, require_spatial_convs, spatial_convs, spatial_saliency
 
 
@@ -204,8 +205,8 @@ def prune(
     input size for tracing and MACs, and no output-based numbers are reported. `val`, held-out
     data the prune never sees, gets the same comparisons as `data`: the check that a removal
     is exact beyond the data it was calibrated on. `seed` seeds only `fill`'s own generator.
-    `preprocessing` (the input normalisation) is recorded in the written file, for the input
-    size pruned on.
+    `preprocessing` (the input normalisation) is recorded in the written file, for the input size
+    pruned on.
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:

@@ -165,7 +165,7 @@ def saliency_and_gradient_weights(
     def both(m: nn.Conv2d, g: torch.Tensor) -> torch.Tensor:
         return torch.stack([(m.weight.detach() * g).abs().sum(dim=(2, 3)), g.abs().sum(dim=(2, 3))])  # (2, O, I/groups)
 
-    sums = _accumulate(model, data, device, both, outputs)
+    sums = _accumulate(model, data, device, both, outputs, label="saliency")
     return {k: v[0] for k, v in sums.items()}, {k: v[1] for k, v in sums.items()}
 
 

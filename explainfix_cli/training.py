@@ -323,5 +323,5 @@ def finetune_file(
     report.out = str(out)
     if _distributed()[0] == 0:
         step = report.history_step()
-        save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, force=force)
+        save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, preprocessing=loaded.preprocessing, force=force)
     return report

@@ -41,7 +41,7 @@ OUT = Path(__file__).resolve().parent
 sys.path.insert(0, str(OUT.parent))
 
 from explainfix_cli.checkpoints import FORMAT, ArchSpec, save_model  # noqa: E402
-from explainfix_cli.data import Preprocessing  # noqa: E402
+from explainfix_cli.preprocessing import Preprocessing  # noqa: E402
 from explainfix_cli.zoo import create_model  # noqa: E402
 
 SEED = 0

@@ -130,7 +130,10 @@ def test_side_by_side_table_and_usage_errors(pruned_vgg: Path) -> None:
     result = _bench(pruned_vgg, "--vs", str(SAMPLES / "vgg.safetensors"))
     assert result.exit_code == 0, result.output
     assert "ratio" in result.stdout and "deployment batch 2" in result.stdout
-    unknown = _bench(SAMPLES / "vgg.safetensors")  # the sample does not record an input size
+    vgg_arch = ["--arch", "explainfix_cli.zoo:vgg", "--arch-kwargs", '{"num_classes": 10, "in_channels": 1, "input_size": 16}']
+    unknown = _bench(SAMPLES / "vgg.pt", *vgg_arch)  # a state dict records no input size
     assert unknown.exit_code == 2 and "--input-size" in unknown.stderr and unknown.stdout == ""
+    recorded = _bench(SAMPLES / "vgg.safetensors", "--json")  # the sample records the input it was trained on
+    assert recorded.exit_code == 0 and json.loads(recorded.stdout)["input_size"] == [1, 16, 16]
     wrong = _bench(SAMPLES / "vgg.safetensors", "--input-size", "3,16,16")
     assert wrong.exit_code == 2 and "do not fit" in wrong.stderr

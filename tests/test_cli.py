@@ -92,6 +92,9 @@ def test_flags_show_no_value_in_help() -> None:
         (["prune", "MODEL", "--data", "DATA", "--pct", "100"], "--pct must be in [0, 100)"),
         (["prune", "NOISE", "--data", "DATA"], "unrecognised model format"),
         (["explain", "MODEL", "--out", "DATA"], "is a file"),
+        (["explain", "MODEL", "--out", "report", "--pct", "-1"], "--pct must be in [0, 100)"),
+        (["prune", "MODEL", "--data", "DATA", "--mean", "0.5", "--std", "0.2"], "already preprocessed"),
+        (["saliency", "MODEL", "--data", "DATA", "--mean", "0.5", "--out", "s.safetensors"], "--mean and --std go together"),
     ],
 )
 def test_argument_errors_answer_before_torch_is_imported(args: list[str], words: str, tmp_path: Path) -> None:
@@ -479,6 +482,8 @@ def test_json_is_strict_undefined_numbers_are_null(tmp_path: Path) -> None:
 
     report = json.loads(result.stdout, parse_constant=refuse)
     assert report["metric"] == "auc" and report["metric_before"] is None and report["metric_after"] is None
+
+
 # ---- image folders normalised the model's way ---------------------------------------------------
 def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
     """The bundled folder holds digits_val.npz's images 0-9 (ten each, named by index); with the
@@ -494,7 +499,11 @@ def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
     out = tmp_path / "b.safetensors"
     on_folder = _json(_invoke("prune", model, "--data", str(root), "--pct", "30", "--out", str(out), "--json"))
     assert on_folder["metric_before"] == pytest.approx(on_npz) and on_npz == pytest.approx(0.99)
+    assert _json(_invoke("evaluate", model, "--data", str(root), "--json"))["model"]["value"] == pytest.approx(on_npz)
     assert open_model(out).preprocessing == open_model(model).preprocessing  # carried through
+    fixed = tmp_path / "fixed.safetensors"
+    assert _invoke("fix", str(out), "--init", "keep", "--out", str(fixed)).exit_code == 0
+    assert open_model(fixed).preprocessing == open_model(model).preprocessing  # and through fix
     digits = json.loads((SAMPLES / "metrics.json").read_text())["data"]["digits"]
     recorded = _json(_invoke("info", str(out), "--json"))["preprocessing"]
     assert recorded == {"mean": [digits["mean"]], "std": [digits["std"]], "channels": 1, "size": [16, 16]}

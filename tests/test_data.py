@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from explainfix_cli.data import Dataset, Preprocessing, load_data, parse_preprocessing
+from explainfix_cli.data import Dataset, load_data
 from explainfix_cli.errors import UserError
+from explainfix_cli.preprocessing import Preprocessing, parse_preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

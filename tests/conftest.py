@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,12 @@ import torch
 from helpers import SAMPLES
 
 from explainfix_cli.data import Dataset, load_data
+
+# The suite runs in two worker processes (pyproject.toml: -n 2) on two cores: one thread each, for
+# them and for the processes they start, keeps the cores from being oversubscribed.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

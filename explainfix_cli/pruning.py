@@ -19,6 +19,7 @@ from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
 from .saliency import Criterion, require_spatial_convs, spatial_saliency
+from .surgery import surgery_failures
 
 Fill = Literal["zero", "reset", "fillzero"]
 Granularity = Literal["kernel", "channel"]
@@ -171,20 +172,21 @@ def prune(
     original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     removed: ChannelRemoval
-    if granularity == "kernel":
-        masks = zero_least_salient(model, scores, pct)
-        removed = remove_dead_channels(model, example, data, device, removal)
-        out_zeroed = removed.outputs_before
-    else:  # nothing is zeroed: the removal is measured against the original model
-        masks, out_zeroed = {}, out_before
-        removed = remove_least_salient_channels(model, example, scores, pct)
-    out_removed = outputs(model, data, device) if data is not None else None
-    remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
-    fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
+    masks = zero_least_salient(model, scores, pct) if granularity == "kernel" else {}
+    with surgery_failures():  # the original model ran on the data: from here on, failures are ours
+        if granularity == "kernel":
+            removed = remove_dead_channels(model, example, data, device, removal)
+            out_zeroed = removed.outputs_before
+        else:  # nothing is zeroed: the removal is measured against the original model
+            out_zeroed = out_before
+            removed = remove_least_salient_channels(model, example, scores, pct)
+        out_removed = outputs(model, data, device) if data is not None else None
+        remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
+        fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
 
-    fixed = fix_spatial_filters(model) if fix else []
-    after = model_size(model, sample_shape)
-    out_after = out_removed if fill == "zero" or data is None else outputs(model, data, device)
+        fixed = fix_spatial_filters(model) if fix else []
+        after = model_size(model, sample_shape)
+        out_after = out_removed if fill == "zero" or data is None else outputs(model, data, device)
     report = PruneReport(
         params_before=before.params,
         params_after=after.params,

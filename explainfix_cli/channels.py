@@ -41,7 +41,16 @@ from torch_pruning._helpers import GroupItem
 from .data import Dataset
 from .saliency import model_output
 from .shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
-from .surgery import Cut, Surgeon, equal_split_parts, output_check, reparameterised_convs, unsafe_nodes
+from .surgery import (
+    Cut,
+    Surgeon,
+    equal_split_parts,
+    indices_fit,
+    is_risky,
+    output_check,
+    reparameterised_convs,
+    unsafe_nodes,
+)
 from .tp_compat import DependencyGraph
 
 Removal = Literal["exact", "aggressive"]
@@ -266,6 +275,8 @@ class Graph:
         """Why no cut of this group can be exact, if a member is a node `surgery` rules out."""
         if getattr(group, "tangled", False):
             return "coupling torch-pruning cannot enumerate"
+        if not indices_fit(group, self.DG):
+            return "channel indices torch-pruning cannot map"
         return next((self.unsafe[i.dep.target] for i in group.items if i.dep.target in self.unsafe), None)
 
 
@@ -391,7 +402,7 @@ def remove_dead_channels(
         if not removable.any():
             continue
         folded = torch.zeros(n_root, dtype=torch.bool)
-        cut = Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()))
+        cut = Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group))
         for r, foldable, value in decisions:
             to_fold = (removable[r.root] & foldable).nonzero().flatten()
             adds = to_fold[value[to_fold] != 0]  # a zero constant leaves the bias as it is
@@ -449,7 +460,7 @@ def remove_least_salient_channels(
         removable[torch.sort(saliency, stable=True).indices[: math.floor(pct / 100 * len(saliency))]] = True
         removable = _representable(removable, candidate, graph.DG)
         if removable.any():
-            plan.append(Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum())))
+            plan.append(Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group)))
     result.kept = _cut(model, graph, plan, "aggressive", example, result)
     return result
 

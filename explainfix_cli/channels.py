@@ -275,9 +275,10 @@ class Graph:
         """Why no cut of this group can be exact, if a member is a node `surgery` rules out."""
         if getattr(group, "tangled", False):
             return "coupling torch-pruning cannot enumerate"
-        if not indices_fit(group, self.DG):
+        reason = next((self.unsafe[i.dep.target] for i in group.items if i.dep.target in self.unsafe), None)
+        if reason is None and not indices_fit(group, self.DG):
             return "channel indices torch-pruning cannot map"
-        return next((self.unsafe[i.dep.target] for i in group.items if i.dep.target in self.unsafe), None)
+        return reason
 
 
 def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:

@@ -89,6 +89,13 @@ def _keeps_channel_axis(node: tp.Node) -> bool:
     return len(after) == 2 and after[0] == before[0] and after[1] == math.prod(before[1:])
 
 
+def _slices_channels(node: tp.Node) -> bool:
+    """A slice `x[:, a:b]` along dim 1: its bounds are numbers in the model's code (GhostNet keeps
+    the first channels of a concatenation, ReXNet adds its shortcut to the first ones)."""
+    dim, sizes = getattr(node.grad_fn, "_saved_dim", None), _self_sizes(node.grad_fn)
+    return dim is None or sizes is None or dim % len(sizes) == 1
+
+
 def _shuffle_reshapes(shuffles: Iterable[Shuffle]) -> set[tp.Node]:
     """The view before and the reshape after each channel shuffle's transpose (shuffle.py repairs those)."""
     nodes: set[tp.Node] = set()
@@ -112,6 +119,8 @@ def unsafe_nodes(DG: tp.DependencyGraph, shuffles: Iterable[Shuffle]) -> dict[tp
             unsafe[node] = "reshape of the channel axis (attention heads, split attention, patches)"
         elif node.type == OPTYPE.SPLIT and len(set(getattr(node.module, "split_sizes", None) or [0, 1])) > 1:
             unsafe[node] = "split into unequal parts (the model's code keeps their sizes)"
+        elif node.type == OPTYPE.SLICE and _slices_channels(node):
+            unsafe[node] = "slice of the channel axis (the model's code keeps its bounds)"
     return unsafe
 
 

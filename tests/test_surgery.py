@@ -26,8 +26,9 @@ UNSEEN = torch.randn(16, 1, 8, 8, generator=g)  # (16, 1, 8, 8)
 
 
 def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = ArchSpec(f"{MODULES}:{name}").build()
+    with torch.random.fork_rng():  # seeded here, the global generator left as other tests expect it
+        torch.manual_seed(0)
+        model = ArchSpec(f"{MODULES}:{name}").build()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -44,7 +45,8 @@ def pruned(name: str, zero: Callable[[nn.Module], None], folder: Path) -> tuple[
         zero(model)
     zeroed = copy.deepcopy(model)
     out = folder / f"{name}.safetensors"
-    _, report = prune(model, SEEN, pct=0, arch=ArchSpec(f"{MODULES}:{name}"), out=out)
+    with torch.random.fork_rng():  # prune seeds the global generator; other tests' models use it
+        _, report = prune(model, SEEN, pct=0, arch=ArchSpec(f"{MODULES}:{name}"), out=out)
     with torch.no_grad():
         expected, got = zeroed(UNSEEN), load_model(out)(UNSEEN)
     return model, report, float((got - expected).abs().max() / expected.abs().max())
@@ -116,12 +118,14 @@ def _write(folder: Path, name: str, channels: int) -> tuple[str, str]:
 def test_failure_after_surgery_is_exit_1_and_bad_input_is_exit_2(tmp_path: Path) -> None:
     state, data = _write(tmp_path, "CheckedWidth", channels=1)
     command = ["prune", state, "--arch", f"{MODULES}:CheckedWidth", "--data", data, "--pct", "0", "--out", str(tmp_path / "out.safetensors")]
-    failed = CliRunner().invoke(app, command)
+    with torch.random.fork_rng():  # the command seeds the global generator; other tests' models use it
+        failed = CliRunner().invoke(app, command)
     assert failed.exit_code == 1, failed.output
     assert "the model could not be pruned" in failed.stderr and "do not fit" not in failed.stderr
     assert "Traceback" not in failed.stderr and not (tmp_path / "out.safetensors").exists()
 
     _, wrong = _write(tmp_path, "CheckedWidth", channels=3)  # the original model cannot read 3 channels
-    bad = CliRunner().invoke(app, [*command[:5], wrong, *command[6:]])
+    with torch.random.fork_rng():
+        bad = CliRunner().invoke(app, [*command[:5], wrong, *command[6:]])
     assert bad.exit_code == 2, bad.output
     assert "do not fit the model" in bad.stderr and not (tmp_path / "out.safetensors").exists()

@@ -20,7 +20,9 @@ may go, and keeps the removal exact:
   group), and a channel shuffle loses the same offsets from each of its blocks (`shuffle.py`);
 - groups whose removal cannot be exact are left whole, with the reason reported: channels that
   reach the model output, normalisation across channels (GroupNorm, LayerNorm), shuffles that
-  mix several coupled groups, grouped transposed convolutions.
+  mix several coupled groups, grouped transposed convolutions, and what `surgery.py` finds a
+  cut cannot follow (reshapes of the channel axis, splits into unequal sizes, ...);
+- every cut is checked and undone if it breaks the model (`surgery.py`).
 
 `remove_least_salient_channels` is the `--granularity channel` variant: it ranks channels instead.
 """
@@ -42,6 +44,16 @@ from .data import Dataset
 from .measure import outputs
 from .saliency import model_output
 from .shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
+from .surgery import (
+    Cut,
+    Surgeon,
+    equal_split_parts,
+    indices_fit,
+    is_risky,
+    output_check,
+    reparameterised_convs,
+    unsafe_nodes,
+)
 from .tp_compat import DependencyGraph, GroupItem, module_name
 
 # relative spread below which a measured channel counts as constant (a silent channel is constant
@@ -214,15 +226,11 @@ def _probe(example: torch.Tensor) -> torch.Tensor:
     return torch.cat([example[:1], noise * example.std().clamp_min(1.0) + example.mean()])
 
 
-def _fold(reader: _Reader, positions: torch.Tensor, values: torch.Tensor) -> None:
-    """Add the contribution of constant inputs `values` at `positions` to the reader's bias."""
-    m = reader.module
-    w = m.weight.detach()[:, reader.local[positions]]  # (O, n) or (O, n, kh, kw)
-    delta = (w.flatten(2).sum(dim=2) if w.dim() > 2 else w) @ values.to(w.dtype)  # (O,)
-    if m.bias is None:
-        m.bias = nn.Parameter(torch.zeros_like(delta))
-    with torch.no_grad():
-        m.bias += delta
+def _fold(reader: _Reader, positions: torch.Tensor, values: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """What the constant inputs `values` at `positions` add to the reader's bias: (reader, (O,)),
+    added when the cut is made (`surgery.Surgeon`)."""
+    w = reader.module.weight.detach()[:, reader.local[positions]]  # (O, n) or (O, n, kh, kw)
+    return reader.module, (w.flatten(2).sum(dim=2) if w.dim() > 2 else w) @ values.to(w.dtype)  # (O,)
 
 
 @dataclass
@@ -231,6 +239,8 @@ class Graph:
 
     DG: tp.DependencyGraph
     shuffles: list[Shuffle]
+    unsafe: dict[tp.Node, str] = field(default_factory=dict)  # nodes no cut may pass, with the reason
+    reparameterised: set[nn.Module] = field(default_factory=set)  # convs that read every input channel
 
     @classmethod
     def trace(cls, model: nn.Module, example: torch.Tensor) -> Graph:
@@ -238,25 +248,45 @@ class Graph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             DG = DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-        return cls(DG, find_shuffles(DG))
+        shuffles = find_shuffles(DG)
+        return cls(DG, shuffles, unsafe_nodes(DG, shuffles), reparameterised_convs(model))
 
     def groups(self) -> list[tuple[tp.Group, list[Crossing] | None]]:
         """Every coupled group of output channels of convolutions and linear layers, with the
         shuffles it crosses (None: crosses one in a way a cut cannot follow)."""
         roots = (nn.modules.conv._ConvNd, nn.Linear)
         result = []
-        for group in self.DG.get_all_groups(root_module_types=roots):
+        groups = self.DG.get_all_groups(root_module_types=roots)
+        while True:
+            try:
+                group = next(groups)
+            except StopIteration:
+                return result
+            except Exception:  # torch-pruning gave up on the rest: those channels stay
+                return result
+            if getattr(group, "tangled", False):
+                result.append((group, None))
+                continue
             crossings = repair(group, self.shuffles)
             if crossings is not None and not all(c.shuffle.whole(len(c.at_transpose.idxs)) for c in crossings):
                 crossings = None  # the shuffled tensor also holds channels of other groups
             result.append((group, crossings))
-        return result
 
     def group_of(self, root: nn.Module, idxs: list[int]) -> tp.Group:
         """The group that removing `idxs` from `root`'s output channels cuts, indices repaired."""
         group = self.DG.get_pruning_group(root, self.DG.get_pruner_of_module(root).prune_out_channels, idxs)
-        repair(group, self.shuffles)
+        if not getattr(group, "tangled", False):
+            repair(group, self.shuffles)
         return group
+
+    def unsafe_reason(self, group: tp.Group) -> str | None:
+        """Why no cut of this group can be exact, if a member is a node `surgery` rules out."""
+        if getattr(group, "tangled", False):
+            return "coupling torch-pruning cannot enumerate"
+        reason = next((self.unsafe[i.dep.target] for i in group.items if i.dep.target in self.unsafe), None)
+        if reason is None and not indices_fit(group, self.DG):
+            return "channel indices torch-pruning cannot map"
+        return reason
 
 
 def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
@@ -270,6 +300,7 @@ def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) 
             size = (m.out_channels if DG.is_out_channel_pruning_fn(item.dep.handler) else m.in_channels) // m.groups
             local = torch.tensor(item.idxs)
             constraints.append((torch.tensor(item.root_idxs), local // size, m.groups))
+    constraints += equal_split_parts(group)  # a chunk into equal parts: as many from each part
     removable = removable.clone()
     changed = bool(constraints)
     while changed:
@@ -352,7 +383,9 @@ def _candidates(graph: Graph, removal: Removal, result: ChannelRemoval) -> list[
     """The groups whose channels may leave, with their terminal readers; the rest is counted as blocked."""
     candidates = []
     for group, crossings in graph.groups():
-        reason = "channel shuffle of several groups" if crossings is None else _blocking_reason(group, graph.DG, removal)
+        reason = graph.unsafe_reason(group)
+        if reason is None:
+            reason = "channel shuffle of several groups" if crossings is None else _blocking_reason(group, graph.DG, removal)
         readers = _terminal_readers(group, graph.DG)
         if reason is None and not readers:
             reason = "no layer reads it"
@@ -391,9 +424,9 @@ def remove_dead_channels(
     not stop it (for users who fine-tune afterwards). Each mode removes everything the one before
     removes, folded the same way, and more. Without `data` only silent channels count as constant.
     """
-    graph = Graph.trace(model, example)
     result = ChannelRemoval()
-    candidates = _candidates(graph, removal, result)
+    graph = _trace(model, example, result)
+    candidates = _candidates(graph, removal, result) if graph is not None else []
     ranges = _InputRange(r.module for c in candidates for r in c.readers)
     by_structure = removal == "exact" or data is None  # only silent channels count as constant
     if by_structure:  # their constants, read off two unrelated inputs
@@ -402,14 +435,20 @@ def remove_dead_channels(
             result.outputs_before = outputs(model, data, device)
     else:  # one pass over the calibration data: reader input ranges, and the outputs to compare with afterwards
         result.outputs_before = ranges.measure(model, (x for x, _ in data), device)
+    if graph is None:
+        result.kept = _cut(model, None, [], removal, example, result)
+        return result
 
-    plan: list[tuple[nn.Module, list[int]]] = []
+    plan: list[Cut] = []
     for candidate in candidates:
         group, readers = candidate.group, candidate.readers
         n_root = len(group.items[0].idxs)
         needed = torch.zeros(n_root, dtype=torch.long)  # per root channel: readers that still need it
         decisions = []
         for r in readers:
+            if r.module in graph.reparameterised:  # reads every input channel (surgery.py)
+                needed.index_add_(0, r.root, torch.ones(len(r.root), dtype=torch.long))
+                continue
             ignored = _ignored(r)
             const, value = ranges.constants(r.module, r.local)
             if by_structure:  # a constant for every input: what the reader sees has silent writers
@@ -426,17 +465,26 @@ def remove_dead_channels(
         if not removable.any():
             continue
         folded = torch.zeros(n_root, dtype=torch.bool)
+        cut = Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group))
         for r, foldable, value in decisions:
             to_fold = (removable[r.root] & foldable).nonzero().flatten()
             adds = to_fold[value[to_fold] != 0]  # a zero constant leaves the bias as it is
             if len(adds):
-                _fold(r, adds, value[adds])
+                cut.folds.append(_fold(r, adds, value[adds]))
             folded[r.root[to_fold]] = True
-        plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
-        result.removed += int(removable.sum())
-        result.folded += int(folded.sum())
-    result.kept = _cut(model, graph, plan)
+        cut.folded = int(folded.sum())
+        plan.append(cut)
+    result.kept = _cut(model, graph, plan, removal, example, result)
     return result
+
+
+def _trace(model: nn.Module, example: torch.Tensor, result: ChannelRemoval) -> Graph | None:
+    """The model's graph; None (every channel stays, the reason counted) where torch-pruning fails."""
+    try:
+        return Graph.trace(model, example)
+    except Exception as e:
+        result.blocked[f"torch-pruning cannot trace the model ({type(e).__name__})"] += 1
+        return None
 
 
 def _channel_saliency(group: tp.Group, DG: tp.DependencyGraph, scores: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -463,10 +511,10 @@ def remove_least_salient_channels(
     """`--granularity channel` (docs/method.md §3): in every coupled group that holds spatial kernels,
     remove the `floor(pct/100 * channels)` channels of least summed kernel saliency (ties: lower
     index first). The output changes; the caller measures by how much."""
-    graph = Graph.trace(model, example)
     result = ChannelRemoval()
-    plan: list[tuple[nn.Module, list[int]]] = []
-    for candidate in _candidates(graph, "aggressive", result):
+    graph = _trace(model, example, result)
+    plan: list[Cut] = []
+    for candidate in _candidates(graph, "aggressive", result) if graph is not None else []:
         group = candidate.group
         saliency = _channel_saliency(group, graph.DG, scores)
         if saliency is None:
@@ -475,26 +523,30 @@ def remove_least_salient_channels(
         removable[torch.sort(saliency, stable=True).indices[: math.floor(pct / 100 * len(saliency))]] = True
         removable = _representable(removable, candidate, graph.DG)
         if removable.any():
-            plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
-            result.removed += int(removable.sum())
-    result.kept = _cut(model, graph, plan)
+            plan.append(Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group)))
+    result.kept = _cut(model, graph, plan, "aggressive", example, result)
     return result
 
 
-def _cut(model: nn.Module, graph: Graph, plan: list[tuple[nn.Module, list[int]]]) -> dict[str, KeptChannels]:
-    """Remove each group-root's channels in `plan` from every member of its group."""
+def _cut(
+    model: nn.Module, graph: Graph | None, plan: list[Cut], removal: Removal, example: torch.Tensor, result: ChannelRemoval
+) -> dict[str, KeptChannels]:
+    """Remove each group-root's channels in `plan` from every member of its group (with the folds
+    that go with them), undoing every cut that breaks the model (`surgery.Surgeon`); counts the
+    removed and folded channels, and the undone groups by reason, into `result`."""
     kept = {m: KeptChannels(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
-    for root, idxs in plan:
-        group = graph.group_of(root, idxs)
-        grouped_inputs = _grouped_input_cuts(group, graph.DG)
-        for item in group.items:
-            if item.dep.target.module in kept:
-                kept[item.dep.target.module].cut(item, graph.DG)
-        group.prune()
-        for m, weight, idxs_in in grouped_inputs:
-            # torch-pruning cuts a grouped conv's inputs at the same offsets in every group;
-            # ours differ per group, so cut the weight again from its pre-pruning copy
-            m.weight = nn.Parameter(_cut_grouped_inputs(weight, m.groups, idxs_in), requires_grad=weight.requires_grad)
+    if graph is not None and plan:
+        with torch.no_grad():
+            reference = model_output(model, example)  # the zeroed model's output: the cuts must keep it
+        check = output_check(model, example, reference, removal == "exact", model_output)
+        failed = Surgeon(model, graph, kept, check).run(plan)
+        undone = {id(c) for c, _ in failed}
+        for _, reason in failed:
+            result.blocked[reason] += 1
+        for c in plan:
+            if id(c) not in undone:
+                result.removed += c.removed
+                result.folded += c.folded
     names = {m: name for name, m in model.named_modules()}
     return {names[m]: k for m, k in kept.items()}
 

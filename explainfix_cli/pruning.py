@@ -22,6 +22,7 @@ from .measure import metric, model_size, outputs
 from .outputs import check_target
 from .preprocessing import Preprocessing
 from .saliency import _distributed, require_spatial_convs, spatial_convs, spatial_saliency
+from .surgery import surgery_failures
 
 
 def least_salient_kernels(
@@ -235,24 +236,26 @@ def prune(
             masks = zero_least_salient(model, scores, pct, min_kernels_per_layer)
             collapsed = collapsed_layers(model)
             val_zeroed = None if val is None else outputs(model, val, device)
-        with progress.stage("removing channels"):
-            removed = remove_dead_channels(model, example, data, device, removal)
-        out_zeroed = removed.outputs_before
-    else:  # nothing is zeroed: the removal is measured against the original model
-        masks, out_zeroed, val_zeroed = {}, out_before, val_before
-        with progress.stage("removing channels"):
-            removed = remove_least_salient_channels(model, example, scores, pct)
-        collapsed = collapsed_layers(model)
-    with progress.stage("measuring the pruned model"):
-        out_removed = outputs(model, data, device) if data is not None else None
-        val_removed = None if val is None else outputs(model, val, device)
-    remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
-    fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
+    with surgery_failures():  # the original model ran on the data: from here on, failures are ours
+        if granularity == "kernel":
+            with progress.stage("removing channels"):
+                removed = remove_dead_channels(model, example, data, device, removal)
+            out_zeroed = removed.outputs_before
+        else:  # nothing is zeroed: the removal is measured against the original model
+            masks, out_zeroed, val_zeroed = {}, out_before, val_before
+            with progress.stage("removing channels"):
+                removed = remove_least_salient_channels(model, example, scores, pct)
+            collapsed = collapsed_layers(model)
+        with progress.stage("measuring the pruned model"):
+            out_removed = outputs(model, data, device) if data is not None else None
+            val_removed = None if val is None else outputs(model, val, device)
+        remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
+        fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
 
-    fixed = fix_spatial_filters(model) if fix else []
-    after = model_size(model, sample_shape)
-    out_after = out_removed if fill == "zero" or data is None else outputs(model, data, device)
-    val_after = val_removed if fill == "zero" or val is None else outputs(model, val, device)
+        fixed = fix_spatial_filters(model) if fix else []
+        after = model_size(model, sample_shape)
+        out_after = out_removed if fill == "zero" or data is None else outputs(model, data, device)
+        val_after = val_removed if fill == "zero" or val is None else outputs(model, val, device)
     report = PruneReport(
         params_before=before.params,
         params_after=after.params,

@@ -39,13 +39,22 @@ def require_spatial_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return convs
 
 
+class InputMismatch(UserError):
+    """The model raised on the inputs: bad input while the model is as the user gave it; after
+    pruning changed it, a failure of the prune (`surgery.surgery_failures`)."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
 def model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`model(x)` with a clear error when the data does not fit the model."""
     try:
         out = model(x)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"inputs of shape {tuple(x.shape[1:])} do not fit the model ({first}); check the data or `input_size`.") from None
+        raise InputMismatch(f"inputs of shape {tuple(x.shape[1:])} do not fit the model ({first}); check the data or `input_size`.", first) from None
     if isinstance(out, (tuple, list)):  # e.g. auxiliary heads: the first output is the prediction
         out = out[0]
     if not isinstance(out, torch.Tensor):

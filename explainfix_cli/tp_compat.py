@@ -12,6 +12,17 @@ and skips reshapes that are not 1-D or 4-D by `_saved_self_sizes`; torch 2 saves
 and divides by zero. `DependencyGraph` here is torch-pruning's, with its two entry points that
 size tensors (building the graph, and `get_pruning_group`, which re-maps indices on every call)
 run while those two functions read torch 2's names; torch-pruning itself is left as installed.
+
+Three more holes, for the long tail of architectures (issue 14), patched the same way:
+- a concatenation whose input widths torch-pruning cannot infer (DPN concatenates slices) gets
+  them from autograd (each input's shape is in its `grad_fn`'s input metadata); where even that
+  fails, the concatenation is marked unmapped instead of raising `TypeError` (None + int);
+- a flatten whose input width infers as 0 (fed by the model input) is marked unmapped instead of
+  dividing by zero;
+- the search for a group's members revisits a node each time it arrives with other indices;
+  through slices and partial residuals (ReXNet, HaloNet) that is exponential. A node reached more
+  than `MAX_VISITS` times stops the search (`TangledGroup`), and the caller leaves the group whole.
+Unmapped nodes get `unmapped = True`: a group through them has wrong indices and must stay whole.
 """
 
 from __future__ import annotations
@@ -31,10 +42,16 @@ if tuple(int(p) for p in version("torch-pruning").split(".")[:2]) != TESTED:
         f"install 'torch-pruning>={TESTED[0]}.{TESTED[1]},<{TESTED[0]}.{TESTED[1] + 1}'."
     )
 
-from torch_pruning._helpers import GroupItem  # noqa: E402  (private: behind the version check)
+# private names: behind the version check
+from torch_pruning._helpers import GroupItem  # noqa: E402
+from torch_pruning.dependency import graph as tp_graph  # noqa: E402
 from torch_pruning.dependency import index_mapping, shape_infer  # noqa: E402
+from torch_pruning.dependency.dependency import Dependency  # noqa: E402
+from torch_pruning.dependency.group import Group  # noqa: E402
 
 __all__ = ["DependencyGraph", "GroupItem", "module_name", "saved_sizes_of_torch2"]
+
+MAX_VISITS = 32  # times one node may join a group's search (a sane graph needs 2: in and out)
 
 
 def module_name(DG: tp.DependencyGraph, module: nn.Module) -> str:
@@ -63,15 +80,57 @@ def _split_sizes(grad_fn: object) -> list[int] | None:
     return None
 
 
+def _concat_sizes(node: tp.Node) -> list[int] | None:
+    """The channel widths of a concatenation along dim 1, from its inputs' autograd metadata."""
+    grad_fn = node.grad_fn
+    dim, nexts = getattr(grad_fn, "_saved_dim", None), getattr(grad_fn, "next_functions", ())
+    try:
+        rank = len(grad_fn._input_metadata[0].shape)
+        if dim is None or dim % rank != 1 or len(nexts) != len(node.inputs):
+            return None
+        if [fn for fn, _ in nexts] != [n.grad_fn for n in node.inputs]:
+            return None  # an input that needs no gradient is missing from the traced inputs
+        return [int(fn._input_metadata[i].shape[1]) for fn, i in nexts]
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+class TangledGroup(RuntimeError):
+    """The search for a group's members went round in circles (see MAX_VISITS)."""
+
+
+class _BoundedGroup(Group):
+    def add_dep(self, dep: Any, idxs: Any) -> None:
+        visits = self.__dict__.setdefault("_visits", {})
+        visits[dep.target] = visits.get(dep.target, 0) + 1
+        if visits[dep.target] > MAX_VISITS:
+            raise TangledGroup(f"{dep.target.name} joined the group more than {MAX_VISITS} times")
+        super().add_dep(dep, idxs)
+
+
 @contextmanager
 def saved_sizes_of_torch2() -> Iterator[None]:
     update_reshape, init_shapes = index_mapping.update_reshape_index_mapping, shape_infer.init_shape_information
+    update_concat, group_class = index_mapping.update_concat_index_mapping, tp_graph.Group
 
     def reshape(graph: tp.DependencyGraph, node: tp.Node) -> None:
         sizes = _self_sizes(node.grad_fn)
         if sizes is not None and len(sizes) not in (1, 4):
             return  # torch-pruning's own rule: it maps flattens of 1-D and 4-D tensors only
-        update_reshape(graph, node)
+        try:
+            update_reshape(graph, node)
+        except ZeroDivisionError:
+            node.unmapped = True
+
+    def concat(graph: tp.DependencyGraph, node: tp.Node) -> None:
+        chs = node.module.concat_sizes
+        if chs is not None and any(c is None for c in chs):
+            node.unmapped = True
+            return
+        try:
+            update_concat(graph, node)
+        except TypeError:  # a width it inferred as None
+            node.unmapped = True
 
     def shapes(graph: tp.DependencyGraph) -> None:
         init_shapes(graph)
@@ -80,12 +139,16 @@ def saved_sizes_of_torch2() -> Iterator[None]:
             if chs is not None:
                 node.module.split_sizes = chs
                 node.module.offsets = [sum(chs[:i]) for i in range(len(chs) + 1)]
+            if node.type == tp.ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
+                node.module.concat_sizes = _concat_sizes(node)
 
     index_mapping.update_reshape_index_mapping, shape_infer.init_shape_information = reshape, shapes
+    index_mapping.update_concat_index_mapping, tp_graph.Group = concat, _BoundedGroup
     try:
         yield
     finally:
         index_mapping.update_reshape_index_mapping, shape_infer.init_shape_information = update_reshape, init_shapes
+        index_mapping.update_concat_index_mapping, tp_graph.Group = update_concat, group_class
 
 
 class DependencyGraph(tp.DependencyGraph):
@@ -93,6 +156,19 @@ class DependencyGraph(tp.DependencyGraph):
         with saved_sizes_of_torch2():
             return super().build_dependency(*args, **kwargs)
 
-    def get_pruning_group(self, *args: Any, **kwargs: Any) -> tp.Group:
+    def get_pruning_group(self, module: Any, pruning_fn: Any, idxs: Any) -> tp.Group:
+        """torch-pruning's group; for a tangled one (see TangledGroup), a group of the root alone
+        with `tangled = True`, which no cut may use."""
         with saved_sizes_of_torch2():
-            return super().get_pruning_group(*args, **kwargs)
+            try:
+                return super().get_pruning_group(module, pruning_fn, idxs)
+            except TangledGroup:
+                node = self.module2node[module]
+                group = Group()
+                item = GroupItem(Dependency(pruning_fn, pruning_fn, source=node, target=node), list(idxs))
+                item.root_idxs = list(idxs)
+                group.add_dep(item.dep, item.idxs)
+                group[0] = item
+                group._DG = self
+                group.tangled = True
+                return group

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -414,6 +414,29 @@ def remove_least_salient_channels(
         removable = _representable(removable, candidate, graph.DG)
         if removable.any():
             plan.append((group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
+            result.removed += int(removable.sum())
+    result.kept = _cut(model, graph, plan)
+    return result
+
+
+def remove_chosen_channels(
+    model: nn.Module, example: torch.Tensor, choose: Callable[[list[_Reader], int], torch.Tensor | None]
+) -> ChannelRemoval:
+    """Remove, in place, the channels a caller chooses: in every coupled group that may lose
+    channels, `choose(readers, n)` gets the group's terminal readers (module, local input indices,
+    their root channels) and its number of root channels n, and returns a (n,) mask of channels
+    to remove, or None. The
+    cut is made representable as in `remove_least_salient_channels`; the output changes."""
+    graph = Graph.trace(model, example)
+    result = ChannelRemoval()
+    plan: list[tuple[nn.Module, list[int]]] = []
+    for candidate in _candidates(graph, "aggressive", result):
+        chosen = choose(candidate.readers, len(candidate.group.items[0].idxs))
+        if chosen is None:
+            continue
+        removable = _representable(chosen, candidate, graph.DG)
+        if removable.any():
+            plan.append((candidate.group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
             result.removed += int(removable.sum())
     result.kept = _cut(model, graph, plan)
     return result

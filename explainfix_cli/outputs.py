@@ -68,3 +68,32 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextmanager
+def files_into(folder: Path, names: list[str], force: bool) -> Iterator[Path]:
+    """Yield a temporary folder to write the files `names` into; on success they move into
+    `folder` (made if missing). An existing folder is kept with everything else in it: only these
+    files are replaced, and only with `force`. Nothing is moved when the body fails."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder; choose another --out.")
+    if folder.is_dir():
+        taken = [n for n in names if (folder / n).exists()]
+        if taken and not force:
+            raise UserError(f"{folder / taken[0]} already exists; pass --force to replace it or choose another --out.")
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"the folder {folder} is not writable; choose another --out.")
+    else:
+        check_target(folder, force=False)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        folder.mkdir(exist_ok=True)
+        for name in names:
+            os.chmod(tmp / name, 0o666 & ~_umask())
+            os.replace(tmp / name, folder / name)
+    finally:
+        for name in names:
+            (tmp / name).unlink(missing_ok=True)
+        tmp.rmdir()

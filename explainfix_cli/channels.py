@@ -420,13 +420,19 @@ def remove_least_salient_channels(
 
 
 def remove_chosen_channels(
-    model: nn.Module, example: torch.Tensor, choose: Callable[[list[_Reader], int], torch.Tensor | None]
+    model: nn.Module,
+    example: torch.Tensor,
+    choose: Callable[[list[_Reader], int], torch.Tensor | None],
+    means: dict[nn.Module, torch.Tensor] | None = None,
 ) -> ChannelRemoval:
     """Remove, in place, the channels a caller chooses: in every coupled group that may lose
     channels, `choose(readers, n)` gets the group's terminal readers (module, local input indices,
     their root channels) and its number of root channels n, and returns a (n,) mask of channels
     to remove, or None. The
-    cut is made representable as in `remove_least_salient_channels`; the output changes."""
+    cut is made representable as in `remove_least_salient_channels`; the output changes. With
+    `means` (per reader, a value per input channel, e.g. its mean over data), a removed channel is
+    replaced by that constant, folded into its readers' biases (exact where the channel is constant
+    and the reader sees no zero padding, an approximation elsewhere)."""
     graph = Graph.trace(model, example)
     result = ChannelRemoval()
     plan: list[tuple[nn.Module, list[int]]] = []
@@ -436,6 +442,12 @@ def remove_chosen_channels(
             continue
         removable = _representable(chosen, candidate, graph.DG)
         if removable.any():
+            for r in candidate.readers if means is not None else []:
+                if isinstance(r.module, nn.modules.conv._ConvNd) and (r.module.transposed or r.module.groups != 1):
+                    continue  # their weights are not (O, I): no fold, the channel just leaves
+                gone = removable[r.root].nonzero().flatten()
+                if len(gone):
+                    _fold(r, gone, means[r.module][r.local[gone]])
             plan.append((candidate.group.items[0].dep.target.module, removable.nonzero().flatten().tolist()))
             result.removed += int(removable.sum())
     result.kept = _cut(model, graph, plan)

@@ -83,6 +83,16 @@ def _per_channel(module: nn.Module, side: Side, t: torch.Tensor) -> torch.Tensor
     return t.flatten(2).sum(dim=2) if t.dim() > 2 else t
 
 
+def _centred(p: Probe, a: torch.Tensor, centres: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """`a` minus a value per channel (none: `a` itself)."""
+    if centres is None:
+        return a
+    c = centres[p.name].to(a.device, a.dtype)  # (C,)
+    if _channels_last(p.module, p.side):
+        return a - c
+    return a - c.view(1, -1, *[1] * (a.dim() - 2))
+
+
 def gradient_times_activation(
     model: nn.Module,
     data: Dataset,
@@ -91,6 +101,7 @@ def gradient_times_activation(
     membership: Callable[[torch.Tensor], torch.Tensor],
     disjoint: bool,
     pooled: set[str] | None = None,
+    centres: dict[str, torch.Tensor] | None = None,
     device: str = "cpu",
 ) -> GradientPass:
     """Per probe and score j, sums over score j's samples of `t[n, c] = Σ a[n,c,...] ∂s_j[n]/∂a[n,c,...]`.
@@ -98,7 +109,9 @@ def gradient_times_activation(
     `scores(out)` maps the model's outputs to (N, J) scores, `membership(y)` says which samples
     belong to which score (N, J). With `disjoint` (at most one score per sample, as for class
     labels) one backward pass serves every score; otherwise one per score. Each probe watches its
-    own copy of the tensor, so a tensor read by two layers gives each its own gradient. Batch
+    own copy of the tensor, so a tensor read by two layers gives each its own gradient. With
+    `centres` (per probe, a value per channel) `a` is measured from it: `(a - centre) · ∂s/∂a` is
+    the first-order change of the score when the channel is replaced by that value. Batch
     norms use their running statistics (eval mode), so samples do not interact.
     """
     model.eval()
@@ -138,7 +151,7 @@ def gradient_times_activation(
                     grads = torch.autograd.grad(objective, tensors, retain_graph=j < len(passes) - 1, allow_unused=True)
                     weights = (member if disjoint else member[:, j : j + 1]).double()  # (N, J) or (N, 1)
                     for p, a, g in zip(probes, tensors, grads, strict=True):
-                        t = _per_channel(p.module, p.side, a.detach() * g) if g is not None else None
+                        t = _per_channel(p.module, p.side, _centred(p, a.detach(), centres) * g) if g is not None else None
                         if t is None:
                             t = torch.zeros(len(a), a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1])
                         signed, magnitude = weights.T @ t.double(), weights.T @ t.abs().double()  # (J, C)
@@ -491,11 +504,18 @@ class ExtractReport:
         return asdict(self)
 
 
-def reader_importance(model: nn.Module, data: Dataset, target: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Per conv and linear layer (by name), (input channels,) the class importance of what it reads:
-    over every sample, the mean of |Σ a · ∂z_target/∂a| at the layer's input (METHOD §6's class
-    importance, measured on all samples and in magnitude: a one-vs-rest score must stay high on
-    the class's samples and low on the others).
+@dataclass
+class ReaderImportance:
+    """Per conv and linear layer (by name), per input channel: class importance and mean input."""
+
+    importance: dict[str, torch.Tensor]  # (input channels,)
+    means: dict[str, torch.Tensor]  # (input channels,) mean over the data and over space
+
+
+def reader_importance(model: nn.Module, data: Dataset, target: int, device: str = "cpu") -> ReaderImportance:
+    """Per conv and linear layer (by name), (input channels,) the class importance of what it reads
+    (METHOD §6, in magnitude per sample): over the samples of class `target`, the mean of
+    |Σ a · ∂z_target/∂a| at the layer's input; and the mean input over all samples.
 
     Removing a channel from a coupled group makes every layer that reads it read nothing there,
     so the summed importance over a group's readers is the first-order change of the class's
@@ -505,13 +525,43 @@ def reader_importance(model: nn.Module, data: Dataset, target: int, device: str 
     if not 0 <= target < classes:
         raise UserError(f"class {target} does not exist; the model has classes 0 to {classes - 1}.")
     probes = [Probe(n, m, "input") for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    # every sample, not only the class's: a one-vs-rest score must also stay low on the others
+    means = input_means(model, data, probes, device)
     measured = gradient_times_activation(
-        model, data, probes, lambda out: out[:, target : target + 1], lambda y: torch.ones(len(y), 1), True, device=device
+        model, data, probes, lambda out: out[:, target : target + 1], lambda y: membership(y)[:, target : target + 1], True,
+        centres=means, device=device,
     )
-    if not bool(membership(data.y)[:, target].any()):
+    if int(measured.counts[0]) == 0:
         raise UserError(f"the data holds no sample of class {target}; its channels cannot be chosen.")
-    return {p.name: measured.mean(p.name, magnitude=True)[0] for p in probes}
+    return ReaderImportance({p.name: measured.mean(p.name, magnitude=True)[0] for p in probes}, means)
+
+
+@torch.no_grad()
+def input_means(model: nn.Module, data: Dataset, probes: list[Probe], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Per input probe, (C,) the mean of each input channel (feature) over the data and over space."""
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def hook(p: Probe) -> Callable[..., None]:
+        def record(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            per_sample = x.flatten(1, -2).mean(dim=1) if _channels_last(p.module, "input") and x.dim() > 2 else (
+                x.flatten(2).mean(dim=2) if x.dim() > 2 else x
+            )  # (N, C)
+            total = per_sample.double().sum(dim=0).cpu()
+            sums[p.name] = sums[p.name] + total if p.name in sums else total
+
+        return record
+
+    hooks = [p.module.register_forward_pre_hook(hook(p)) for p in probes]
+    try:
+        model.eval()
+        for x, _ in data:
+            model_output(model, x.to(device))
+            count += len(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: s / count for name, s in sums.items()}
 
 
 def _kept_share(importance: torch.Tensor, keep: float) -> torch.Tensor:
@@ -527,7 +577,7 @@ def _kept_share(importance: torch.Tensor, keep: float) -> torch.Tensor:
     return kept
 
 
-def cut_for_class(model: nn.Module, example: torch.Tensor, importance: dict[str, torch.Tensor], keep: float) -> int:
+def cut_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, keep: float) -> int:
     """Remove, in place, in every coupled group the channels outside the fewest that keep `keep` of
     the class's importance summed over the group's readers; returns the channels removed."""
     from .channels import remove_chosen_channels
@@ -537,10 +587,11 @@ def cut_for_class(model: nn.Module, example: torch.Tensor, importance: dict[str,
     def choose(readers: list[Any], n_root: int) -> torch.Tensor:
         per_root = torch.zeros(n_root, dtype=torch.float64)
         for r in readers:
-            per_root.index_add_(0, r.root, importance[names[r.module]][r.local].double())
+            per_root.index_add_(0, r.root, measured.importance[names[r.module]][r.local].double())
         return ~_kept_share(per_root, keep)
 
-    return remove_chosen_channels(model, example, choose).removed
+    means = {m: measured.means[n].to(m.weight.dtype) for m, n in names.items() if n in measured.means}
+    return remove_chosen_channels(model, example, choose, means).removed
 
 
 def extract(

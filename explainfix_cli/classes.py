@@ -213,8 +213,8 @@ def channels_needed(importance: torch.Tensor, share: float = 0.9) -> torch.Tenso
     positive = importance.clamp_min(0).double()  # (K, C)
     ranked = positive.sort(dim=1, descending=True).values.cumsum(dim=1)  # (K, C)
     total = ranked[:, -1:]  # (K, 1)
-    # a relative tolerance, so that a share of 1.0 is reached despite summation order
-    reached = ranked >= share * total * (1 - 1e-12)
+    # a relative tolerance: float32 importances summed in another order must still reach a share
+    reached = ranked >= share * total * (1 - 1e-6)
     needed = reached.double().argmax(dim=1) + 1
     return torch.where(total[:, 0] > 0, needed, torch.zeros_like(needed))
 
@@ -322,11 +322,14 @@ def analyse_classes(
         raise UserError(f"the share of importance to keep must be in (0, 1], not {share}.")
     if bins < 2:
         raise UserError(f"mutual information needs at least 2 bins, not {bins}.")
+    if data.target_kind == "mask":
+        class_membership(data, 0)  # says that masks are not classes
     convs = require_spatial_convs(model)
     model.eval().to(device)
     example = data.x[:1].to(device)
     with torch.no_grad():
-        classes = model_output(model, example).shape[1] if model_output(model, example).dim() == 2 else 0
+        out = model_output(model, example)
+    classes = out.shape[1] if out.dim() == 2 else 0
     if classes < 2:
         raise UserError("class-specific analysis needs a model with one output per class (N, K), K >= 2.")
     membership, disjoint = class_membership(data, classes)
@@ -570,7 +573,7 @@ def _kept_share(importance: torch.Tensor, keep: float) -> torch.Tensor:
     if total <= 0:
         return torch.zeros(len(importance), dtype=torch.bool)
     order = torch.sort(importance, descending=True, stable=True).indices
-    reached = importance[order].cumsum(0) >= keep * total * (1 - 1e-12)
+    reached = importance[order].cumsum(0) >= keep * total * (1 - 1e-6)
     n = int(reached.double().argmax()) + 1 if keep > 0 else 0
     kept = torch.zeros(len(importance), dtype=torch.bool)
     kept[order[:n]] = True

@@ -458,14 +458,15 @@ def extract(
             from rich.table import Table
 
             table = Table(title=f"extract class {target} → {target_path}  (keep {report.keep:.4g})")
-            for col in ("", "parameters", "MACs", "AUC (data)", "accuracy (data)", "AUC (val)", "accuracy (val)"):
-                table.add_column(col)
+            for col in ("", "params", "MACs", "AUC", "acc.", "val AUC", "val acc."):
+                table.add_column(col, justify="right")
+
+            def number(value: float | None) -> str:
+                return "" if value is None else f"{value:.4f}"
+
             for which, params, macs in (("full", report.params_before, report.macs_before), ("extracted", report.params_after, report.macs_after)):
                 d, v = report.data[which], (report.val or {}).get(which)
-                table.add_row(
-                    which, f"{params:,}", f"{macs:,}", f"{d.auc}", f"{d.accuracy:.4f}",
-                    "" if v is None else f"{v.auc}", "" if v is None else f"{v.accuracy:.4f}",
-                )
+                table.add_row(which, f"{params:,}", f"{macs:,}", number(d.auc), number(d.accuracy), number(v and v.auc), number(v and v.accuracy))
             _stdout().print(table)
 
         _emit(as_json, report.to_json(), render)

@@ -26,6 +26,10 @@ _API = {
     "remove_dead_channels": "channels",
     "fix_spatial_filters": "fixed",
     "describe": "info",
+    "analyse_classes": "classes",
+    "extract": "classes",
+    "ClassGates": "classes",
+    "class_gated_step": "classes",
     "explain": "explain",
     "UserError": "errors",
 }

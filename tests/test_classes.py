@@ -198,3 +198,46 @@ def test_bad_input(args: list[str], message: str, tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_class_gates_by_hand() -> None:
+    """CSG: a sample of class k reaches the classifier as f * G[:, k]; the gate's step is gradient
+    descent then each channel's gates divided by its largest, clamped to [0, 1]."""
+    from explainfix_cli.classes import ClassGates
+
+    model = _tiny()
+    gates = ClassGates.for_model(model, TINY_X[:1])
+    assert gates.classifier == "3" and tuple(gates.gate.shape) == (2, 2)
+    with torch.no_grad():
+        gates.gate.copy_(torch.tensor([[0.5, 0.25], [-0.2, 0.1]]))
+        y = torch.tensor([0, 1, 1, 0])
+        with gates.applied(model, y):
+            gated = model(TINY_X)
+        f = torch.stack([TINY_X[:, 0, 0, 0], 2 * TINY_X[:, 0, 0, 0]], dim=1)  # (4, 2)
+        expected = (f * gates.gate[:, y].T) @ model[3].weight.T + model[3].bias
+        torch.testing.assert_close(gated, expected)
+        torch.testing.assert_close(model(TINY_X), f @ model[3].weight.T + model[3].bias)  # no gate outside
+    assert float(gates.penalty().detach()) == pytest.approx((0.5 + 0.25 + 0.2 + 0.1) / 2)
+    gates.gate.grad = torch.tensor([[0.0, -0.5], [0.0, 0.0]])
+    gates.step(lr=0.5)  # [[0.5, 0.5], [-0.2, 0.1]] -> rows / max -> clamped
+    torch.testing.assert_close(gates.gate.detach(), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+
+
+def test_class_gated_step_keeps_the_architecture() -> None:
+    """Standard steps leave the gate alone; gated steps move it; the model's tensors stay the same
+    set and shapes (the gate lives outside it, nothing to fold)."""
+    from explainfix_cli.classes import ClassGates, class_gated_step, uses_gates
+
+    assert [uses_gates(e) for e in range(6)] == [False, True, True, False, True, True]
+    assert not uses_gates(1, warmup=2)
+    model = _tiny()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    gates = ClassGates.for_model(model, TINY_X[:1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    y = torch.tensor([0, 0, 1, 1])
+    class_gated_step(model, gates, TINY_X, y, optimizer, gated=False)
+    assert torch.equal(gates.gate.detach(), torch.full((2, 2), 0.5))
+    class_gated_step(model, gates, TINY_X, y, optimizer, gated=True, sparsity=1.0)
+    assert not torch.equal(gates.gate.detach(), torch.full((2, 2), 0.5))
+    assert float(gates.gate.max()) == 1.0 and float(gates.gate.min()) >= 0.0
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes

@@ -25,6 +25,7 @@ ResNeXt*) cut with the channel-removal engine of `channels.py`; and `ClassGates`
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -286,8 +287,8 @@ class Decomposition:
 
     classifier: str
     metric: str
-    metric_full: float
-    metric_decomposed: float
+    metric_full: float | None
+    metric_decomposed: float | None
 
 
 @dataclass
@@ -398,9 +399,14 @@ def _decompose(classifier: tuple[str, nn.Linear], measured: GradientPass, data: 
     return Decomposition(
         classifier=name,
         metric=data.metric_name,
-        metric_full=round(metric(subset, measured.outputs), 10),
-        metric_decomposed=round(metric(subset, decomposed.float()), 10),
+        metric_full=_finite(metric(subset, measured.outputs)),
+        metric_decomposed=_finite(metric(subset, decomposed.float())),
     )
+
+
+def _finite(value: float) -> float | None:
+    """A metric for JSON: None where it is undefined (an AUC over labels that all have one kind)."""
+    return round(value, 10) if math.isfinite(value) else None
 
 
 CLASSES_FILES = ("classes.json", "class_channels.png", "channels_needed.png")

@@ -404,7 +404,7 @@ def classes(
             _stdout().print(table)
             d = result.decomposition
             if d is not None:
-                _stdout().print(f"decomposed classifier ({d.classifier}, needed inputs only): {d.metric} {d.metric_decomposed:.4f}, full model {d.metric_full:.4f}")
+                _stdout().print(f"decomposed classifier ({d.classifier}, needed inputs only): {d.metric} {d.metric_decomposed}, full model {d.metric_full}")
             _stdout().print(f"specificity score ({result.specificity_layer}): {result.specificity:.4f} bits")
 
         _emit(as_json, result.to_json(), render)

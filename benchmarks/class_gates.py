@@ -1,4 +1,4 @@
-"""Class-specific gate training (Liang et al., METHOD.md §6) against plain fine-tuning, from the
+"""Class-specific gate training (Liang et al., docs/method.md §6) against plain fine-tuning, from the
 same start: the ResNet sample fine-tuned for the same epochs on digits_train.npz with the same
 optimizer and minibatch order, once with the gates (CSG's alternation: one standard epoch, then
 two gated ones) and once without. Printed: held-out accuracy, the specificity score of

@@ -1,6 +1,6 @@
 """Coded ResNeXt's figure without coded training: for every class of the ResNet and DenseNet
 samples, a one-vs-rest sub-model with at least 60 % fewer parameters whose held-out AUC stays
-within 0.02 of the full model's (METHOD.md §6).
+within 0.02 of the full model's (docs/method.md §6).
 
 Channels are chosen, and `--max-drop` bisects the share kept, on digits_train.npz (the data the
 samples were trained on); the AUC and accuracy are measured on digits_val.npz, held out.

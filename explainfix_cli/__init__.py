@@ -30,7 +30,7 @@ _API = {
     "extract": "classes",
     "ClassGates": "classes",
     "class_gated_step": "classes",
-    "explain": "explain",
+    "explain": "explanation",
     "UserError": "errors",
 }
 

@@ -1,4 +1,4 @@
-"""METHOD.md §6: which channels serve which class.
+"""docs/method.md §6: which channels serve which class.
 
 - **Class importance** (Badola et al., *Decomposing the Deep*): for a watched tensor `a` (a spatial
   conv's output, or the classifier's input) and class `k`, over the samples of class `k`, the mean
@@ -320,7 +320,7 @@ def _round(t: torch.Tensor) -> Any:
 def analyse_classes(
     model: nn.Module, data: Dataset, *, share: float = 0.9, bins: int = 8, device: str = "cpu"
 ) -> tuple[ClassesResult, dict[str, np.ndarray]]:
-    """METHOD §6 post hoc: class importance of every spatial layer's output channels and of the
+    """docs/method.md §6 post hoc: class importance of every spatial layer's output channels and of the
     classifier's input features, channels needed per class, the decomposed classifier's metric,
     and the MI specificity score. Returns the result and the matrices for the figures."""
     start = time.perf_counter()
@@ -424,21 +424,21 @@ def classes(
     device: str = "cpu",
 ) -> ClassesResult:
     """`analyse_classes`, written into `out_dir`: classes.json, and with figures the class x
-    channel heatmap of the last layers and the channels needed per class. Only these files are
-    replaced in an existing folder (with `force`); they appear together or not at all."""
+    channel heatmap of the last layers and the channels needed per class. A non-empty folder needs
+    `force`, and then only these files are replaced; they appear together or not at all."""
     import json
 
-    from .outputs import files_into
+    from .outputs import atomic_dir
 
     names = list(CLASSES_FILES if with_figures else CLASSES_FILES[:1])
     if out_dir is None:
         return analyse_classes(model, data, share=share, bins=bins, device=device)[0]
     out_dir = Path(out_dir)
-    with files_into(out_dir, names, force) as tmp:  # checks the folder before the work
+    with atomic_dir(out_dir, force) as tmp:  # checks the folder before the work
         result, matrices = analyse_classes(model, data, share=share, bins=bins, device=device)
         result.files = [str(out_dir / n) for n in names]
         if with_figures:
-            from .explain.class_figures import draw_channels_needed, draw_class_channels
+            from .explanation.class_figures import draw_channels_needed, draw_class_channels
 
             last = [layer for layer in result.layers if layer.name != FEATURES][-1:] + [
                 layer for layer in result.layers if layer.name == FEATURES
@@ -528,7 +528,7 @@ class ReaderImportance:
 
 def reader_importance(model: nn.Module, data: Dataset, target: int, device: str = "cpu") -> ReaderImportance:
     """Per conv and linear layer (by name), (input channels,) the class importance of what it reads
-    (METHOD §6, in magnitude per sample): over the samples of class `target`, the mean of
+    (docs/method.md §6, in magnitude per sample): over the samples of class `target`, the mean of
     |Σ a · ∂z_target/∂a| at the layer's input; and the mean input over all samples.
 
     Removing a channel from a coupled group makes every layer that reads it read nothing there,
@@ -622,7 +622,7 @@ def extract(
     force: bool = False,
     device: str = "cpu",
 ) -> tuple[OneVsRest, ExtractReport]:
-    """A one-vs-rest sub-model for class `target` (METHOD §6, Coded ResNeXt): keep, in every coupled
+    """A one-vs-rest sub-model for class `target` (docs/method.md §6, Coded ResNeXt): keep, in every coupled
     group, the channels the class needs (`reader_importance`) up to a share `keep` of its
     importance, remove the rest with the channel-removal engine, and reduce the outputs to one
     score. With `max_drop` instead, `keep` is the smallest share (bisection, 10 steps, assuming the

@@ -8,72 +8,101 @@ friends are imported inside the commands so that --help and completion answer at
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from . import choices
 from .errors import UserError
 
 if TYPE_CHECKING:
     from .checkpoints import LoadedModel
-    from .data import Dataset
+    from .data import Dataset, Preprocessing
+
+def _flag_help(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""  # a flag: shown without a value
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
+
 
 app = typer.Typer(
     name="explainfix",
+    cls=_Group,
     help="Prune a CNN by spatial-filter saliency, fix its spatial filters, and explain its spectra (ExplainFix).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 T = TypeVar("T")
 
 
-class Granularity(str, Enum):
-    kernel = "kernel"
-    channel = "channel"
+def _flag(*names: str, help: str) -> Any:
+    """An on/off option, shown in --help as a flag (no value)."""
+    return typer.Option(*names, help=help, metavar="")
 
 
-class CriterionOpt(str, Enum):
-    gradient = "gradient"
-    magnitude = "magnitude"
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"explainfix {__version__}")
+        raise typer.Exit()
 
 
-class RemovalOpt(str, Enum):
-    exact = "exact"
-    aggressive = "aggressive"
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", metavar="", callback=_version, is_eager=True)] = False) -> None:
+    """Prune a CNN by spatial-filter saliency, fix its spatial filters, and explain its spectra (ExplainFix)."""
 
 
-class AttributionOpt(str, Enum):
-    saliency = "saliency"
-    integrated_gradients = "integrated-gradients"
+def _choice(name: str, values: Any) -> type[Enum]:
+    """A Typer choice built from the library's Literal (choices.py), so the values live in one place."""
+    return Enum(name, {v.replace("-", "_"): v for v in get_args(values)}, type=str)  # type: ignore[return-value]
 
 
-class FillOpt(str, Enum):
-    zero = "zero"
-    reset = "reset"
-    fillzero = "fillzero"
+Granularity = _choice("Granularity", choices.Granularity)
+CriterionOpt = _choice("CriterionOpt", choices.Criterion)
+RemovalOpt = _choice("RemovalOpt", choices.Removal)
+AttributionOpt = _choice("AttributionOpt", choices.AttributionMethod)
+FillOpt = _choice("FillOpt", choices.Fill)
+FigureFormat = _choice("FigureFormat", choices.FigureFormat)
 
 
 # ---- options shared by the commands -------------------------------------------------------------
 ModelArg = Annotated[Path, typer.Argument(help="Model: .safetensors written by explainfix, a state dict .pt/.pth (with --arch), a pickled module (with --trust-checkpoint), or a .pt2 program.", show_default=False)]
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture factory module.path:name (or file.py:name) for state dicts, e.g. explainfix_cli.zoo:resnet.")]
 ArchKwargsOpt = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading a pickled module (this runs code from the file).")]
+TrustOpt = Annotated[bool, _flag("--trust-checkpoint", help="Allow loading a pickled module (this runs code from the file).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Data: .npz/.safetensors with x (N,C,H,W) and y, or a folder with one sub-folder of images per class.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Minibatch size.")]
 BatchesOpt = Annotated[int | None, typer.Option("--batches", help="Use only the first N minibatches.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Resize images of an image folder to this square size.")]
-GrayscaleOpt = Annotated[bool, typer.Option("--grayscale", help="Read images of an image folder as one channel.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+GrayscaleOpt = Annotated[bool, _flag("--grayscale", help="Read images of an image folder as one channel.")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract from an image folder's [0, 1] pixels, e.g. 0.485,0.456,0.406 (default: the model file's own).")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std to divide an image folder's pixels by, with --mean (default: the model file's own).")]
+JsonOpt = Annotated[bool, _flag("--json", help="Print exactly one JSON object on stdout.")]
+ForceOpt = Annotated[bool, _flag("--force", help="Replace an existing output.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same inputs and seed give byte-identical outputs.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, or cuda when present.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of errors.")]
+DebugOpt = Annotated[bool, _flag("--debug", help="Show the traceback of errors.")]
 InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="Input size C,H,W for MACs and tracing when no --data is given, e.g. 1,16,16.")]
 
 
@@ -83,6 +112,24 @@ def _stderr():  # type: ignore[no-untyped-def]
     return Console(stderr=True)
 
 
+def _stdout():  # type: ignore[no-untyped-def]
+    """Results a person asked for (tables) go to stdout, so `explainfix info m > info.txt` works."""
+    from rich.console import Console
+
+    return Console()
+
+
+# The library names its parameters in backticks (`pct`); on the command line they are flags (--pct).
+LIBRARY_PARAMETERS = {
+    "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
+    "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
+}
+
+
+def _in_flags(message: str) -> str:
+    return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in LIBRARY_PARAMETERS else m.group(0), message)
+
+
 def _run(debug: bool, fn: Callable[[], T]) -> T:
     """Run a command body: bad input → one sentence and exit 2; a failure → exit 1."""
     try:
@@ -90,7 +137,7 @@ def _run(debug: bool, fn: Callable[[], T]) -> T:
     except UserError as e:
         if debug:
             raise
-        print(f"explainfix: error: {e}", file=sys.stderr)
+        print(f"explainfix: error: {_in_flags(str(e))}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -101,20 +148,54 @@ def _run(debug: bool, fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float as None: strict JSON parsers reject NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _emit(as_json: bool, payload: dict[str, Any], render: Callable[[], None]) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(payload, allow_nan=True) + "\n")
+        sys.stdout.write(json.dumps(_strict(payload), allow_nan=False) + "\n")
     else:
         render()
 
 
+class _Bars:
+    """The library's stages (progress.py) as rich progress bars on stderr, one per open stage."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_stderr(), transient=True)
+        self.open: list[Any] = []
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.open.append(self.bars.add_task(stage, total=total))
+
+    def advance(self, steps: int) -> None:
+        if self.open:
+            self.bars.advance(self.open[-1], steps)
+
+    def finish(self) -> None:
+        self.bars.remove_task(self.open.pop())
+
+
 @contextmanager
-def _working(message: str, quiet: bool) -> Iterator[None]:
-    """A spinner on stderr, only for a person at a terminal."""
-    if quiet or not sys.stderr.isatty():
+def _working(message: str) -> Iterator[None]:
+    """Progress bars on stderr, only for a person at a terminal: piped output stays clean."""
+    if not sys.stderr.isatty():
         yield
         return
-    with _stderr().status(message):
+    from . import progress
+
+    bars = _Bars()
+    with bars.bars, progress.reporting(bars), progress.stage(message):
         yield
 
 
@@ -130,17 +211,127 @@ def _setup(seed: int, device: str) -> None:
 
 def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: bool, eager: bool = True) -> LoadedModel:
     from .checkpoints import open_model, parse_arch
+    from .formats import model_format
 
-    if eager and model.suffix == ".pt2":
+    if eager and model_format(model) == "torch-export":
         # an exported program keeps no nn.Conv2d modules to score, cut or explain
         raise UserError(f"{model} is a torch.export program, which only `info` reads; pass the model's state dict with --arch instead.")
     return open_model(model, parse_arch(arch, arch_kwargs), trust)
 
 
-def _load_data(data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool) -> Dataset | None:
+def _load_data(
+    data: Path | None,
+    batch_size: int,
+    batches: int | None,
+    image_size: int | None,
+    grayscale: bool,
+    mean: str | None = None,
+    std: str | None = None,
+    model: LoadedModel | None = None,
+) -> Dataset | None:
+    """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
     from .data import load_data
 
-    return None if data is None else load_data(data, batch_size, batches, image_size, grayscale)
+    explicit = _preprocessing(mean, std)
+    if data is None:
+        return None
+    if explicit is not None and not data.is_dir():
+        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
+    recorded = model.preprocessing if model is not None else None
+    return load_data(data, batch_size, batches, image_size, grayscale, _override(recorded, explicit))
+
+
+def _override(recorded: Preprocessing | None, explicit: Preprocessing | None) -> Preprocessing | None:
+    """--mean/--std replace the model's mean and std; its channel count and image size still apply."""
+    from dataclasses import replace
+
+    if recorded is None or explicit is None:
+        return explicit or recorded
+    return replace(recorded, mean=explicit.mean, std=explicit.std)
+
+
+def _folder_preprocessing(data: Path | None, mean: str | None, std: str | None, model: LoadedModel) -> dict[str, Any] | None:
+    """The normalisation `_load_data` applies to `data`: only an image folder gets one."""
+    applied = _override(model.preprocessing, _preprocessing(mean, std)) if data is not None and data.is_dir() else None
+    return None if applied is None else applied.to_json()
+
+
+def _preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
+    from .data import parse_preprocessing
+
+    return parse_preprocessing(mean, std)
+
+
+def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None) -> None:
+    """The checks that need no model, run before torch is imported: a typo answers at once."""
+    from .formats import model_format
+
+    if model is not None:
+        model_format(model)
+    for flag, path in (("--data", data), ("--val", val)):
+        if path is not None and not path.exists():
+            raise UserError(f"{flag} {path} does not exist.")
+
+
+def _check_batches(batch_size: int, batches: int | None, image_size: int | None) -> None:
+    for flag, value in (("--batch-size", batch_size), ("--batches", batches), ("--image-size", image_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}.")
+
+
+# ---- rendering for people ----------------------------------------------------------------------
+BLOCKED_IN_WORDS = {
+    "reaches the model output": "they reach the model's output",
+    "normalisation across channels": "a LayerNorm/GroupNorm mixes their channels",
+    "channel shuffle of several groups": "a channel shuffle interleaves them with other groups",
+    "grouped transposed convolution": "a grouped transposed convolution reads them",
+    "no layer reads it": "no layer reads them",
+}
+METRIC_DROP_WARNING = 0.02  # a fall larger than this in the metric gets a sentence and a way out
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _render_prune(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prune → {r['out']}", title_justify="left")
+    for column in ("", "before", "after", "change"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, key in (("parameters", "params"), ("MACs per sample", "macs"), ("spatial kernels", "spatial_kernels")):
+        before, after = r[f"{key}_before"], r[f"{key}_after"]
+        table.add_row(label, f"{before:,}", f"{after:,}", f"{(after - before) / before:+.1%}" if before else "")
+    for label, prefix in ((r["metric"], ""), (f"{r['metric']} on --val", "val_")):
+        if r["metric"] and r.get(f"{prefix}metric_before") is not None:
+            before, after = r[f"{prefix}metric_before"], r[f"{prefix}metric_after"]
+            change = "" if before is None or after is None else f"{after - before:+.3f}"
+            table.add_row(label, _number(before), _number(after), change)
+    out = _stdout()
+    out.print(table)
+    zeroed = f"{r['zeroed_kernels']:,} of {r['spatial_kernels_before']:,} spatial kernels zeroed ({r['pct']:g} %, {r['criterion']} saliency)"
+    removed = f"{r['channels_removed']:,} channels removed ({r['channels_folded']:,} folded into biases), --removal {r['removal']}"
+    out.print(f"{zeroed}; {removed}.")
+    if r["max_logit_change"] is not None:
+        change = f"largest output change from removal: {r['max_logit_change']:.2g} on {r['calibration_samples']:,} samples"
+        if r.get("val_max_logit_change") is not None:
+            change += f", {r['val_max_logit_change']:.2g} on {r['val_samples']:,} held-out samples"
+        out.print(change + ".")
+    for reason, count in r["blocked_groups"].items():
+        out.print(f"{count:,} channel group{'s' if count != 1 else ''} kept whole: {BLOCKED_IN_WORDS.get(reason, reason)}.")
+    before, after = r.get("metric_before"), r.get("metric_after")
+    if before is not None and after is not None and before - after > METRIC_DROP_WARNING:
+        print(
+            f"explainfix: {r['metric']} fell from {before:.3f} to {after:.3f}: train the remaining parameters to recover it "
+            f"(explainfix finetune {r['out']} --data TRAIN --val VAL --teacher ORIGINAL --out TUNED).",
+            file=sys.stderr,
+        )
+
+
+def _needs_data(criterion: Enum, data: Path | None) -> None:
+    if criterion.value == "gradient" and data is None:
+        raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
 
 
 def _input_size(text: str | None) -> tuple[int, ...] | None:
@@ -161,7 +352,7 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     table = Table(title=title, show_header=False)
     for key, value in rows:
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    _stderr().print(table)
+    _stdout().print(table)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -178,6 +369,7 @@ def info(
     """Layers, parameters, spatial kernels, fixed tensors, MACs and the file's metadata."""
 
     def body() -> None:
+        _check_paths(model)
         from .info import describe
 
         result = describe(_load_model(model, arch, arch_kwargs, trust_checkpoint, eager=False), _input_size(input_size))
@@ -191,13 +383,14 @@ def info(
             for layer in result.layers:
                 zero = "" if layer.zero_kernels is None else f"{layer.zero_kernels}"
                 table.add_row(layer.name, layer.type, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}", zero, "yes" if layer.fixed else "")
-            _stderr().print(table)
+            _stdout().print(table)
             _table("summary", [
                 ("architecture", result.arch), ("parameters", result.params), ("trainable", result.trainable_params),
                 ("spatial layers", result.spatial_layers), ("spatial kernels", result.spatial_kernels),
                 ("all-zero kernels", result.zero_kernels), ("fixed tensors", len(result.fixed_tensors)),
                 ("MACs per sample", "pass --input-size C,H,W" if result.macs is None else f"{result.macs:,} at {result.input_size}"),
                 ("history", ", ".join(h.get("step", "?") for h in result.history) or "none"),
+                ("input preprocessing", "none recorded" if result.preprocessing is None else f"mean {result.preprocessing['mean']}, std {result.preprocessing['std']}"),
             ])
 
         _emit(as_json, result.to_json(), render)
@@ -210,7 +403,7 @@ def saliency(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Where to write the score matrices (.safetensors).")],
     data: DataOpt = None,
-    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
+    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -218,6 +411,8 @@ def saliency(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -228,13 +423,17 @@ def saliency(
 
     def body() -> None:
         from .outputs import check_target
-        from .saliency import save_saliency, spatial_saliency
 
         check_target(out, force)
+        _needs_data(criterion, data)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .saliency import save_saliency, spatial_saliency
+
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        with _working("computing saliency", as_json):
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("computing saliency"):
             scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
         save_saliency(scores, str(out), force, criterion.value)
         layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
@@ -248,14 +447,15 @@ def saliency(
 def prune(
     model: ModelArg,
     data: DataOpt = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Held-out data the prune never sees: the removal's change and the metrics are measured on it too.")] = None,
     pct: Annotated[float, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100).")] = 50.0,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-pruned.safetensors beside the input).")] = None,
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
     saliency_file: Annotated[Path | None, typer.Option("--saliency", help="Reuse scores written by `explainfix saliency`.")] = None,
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
-    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that do not change the output (constants folded). aggressive: also drop silent channels unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
-    no_fix: Annotated[bool, typer.Option("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
+    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that leave the output unchanged for every input. calibrated: also channels constant on --data only (check with --val). aggressive: also silent channels, unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
+    no_fix: Annotated[bool, _flag("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -264,6 +464,8 @@ def prune(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -273,34 +475,34 @@ def prune(
     """Zero the least salient spatial kernels, remove dead channels, write a smaller fixed-filter model."""
 
     def body() -> None:
-        from .pruning import prune as prune_model
-        from .saliency import load_saliency
+        from .outputs import check_target
 
         if not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
-        if criterion is CriterionOpt.gradient and data is None and saliency_file is None:
-            raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
+        if saliency_file is None:
+            _needs_data(criterion, data)
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
+        check_target(target, force)
+        _check_paths(model, data, val)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        scores = load_saliency(str(saliency_file), loaded.model) if saliency_file else None
-        with _working("pruning", as_json):
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        from .pruning import prune as prune_model
+        from .saliency import load_saliency
+
+        scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
+        with _working("pruning"):
             _, report = prune_model(
-                loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=criterion.value, scores=scores, fill=fill.value, removal=removal.value,
+                loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
-                device=device, sample_shape=_input_size(input_size),
+                device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
+                preprocessing=_override(loaded.preprocessing, _preprocessing(mean, std)),
             )
         payload = report.to_json()
-        _emit(as_json, payload, lambda: _table(f"prune → {target}", [(k, v) for k, v in payload.items()]))
+        _emit(as_json, payload, lambda: _render_prune(payload))
 
     _run(debug, body)
-
-
-class FigureFormat(str, Enum):
-    png = "png"
-    svg = "svg"
-    pdf = "pdf"
 
 
 @app.command()
@@ -311,8 +513,9 @@ def explain(
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
     attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
-    log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
-    with_figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
+    log_scale: Annotated[bool, _flag("--log-scale", help="Logarithmic colour scale in the spectra heatmaps (the kernel-saliency figure always has one).")] = False,
+    pct: Annotated[float, typer.Option("--pct", help="Mark in the kernel-saliency figure the kernels `explainfix prune --pct P` would zero.")] = 50.0,
+    with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -320,42 +523,49 @@ def explain(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     debug: DebugOpt = False,
 ) -> None:
-    """Which spatial frequencies each layer uses (ExplainSteer, METHOD §5): figures, spectra and attributions."""
+    """Which spatial frequencies each layer uses (ExplainSteer, docs/method.md §5): figures, spectra and attributions."""
 
     def body() -> None:
-        from .explain import explain as explain_model
-        from .outputs import check_target
+        from .outputs import check_folder_target
 
-        check_target(out, force)
+        check_folder_target(out, force)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .explanation import ReportSource
+        from .explanation import explain as explain_model
+
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        with _working("explaining", as_json):
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("explaining"):
             result = explain_model(
                 loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
-                log_scale=log_scale, with_figures=with_figures, device=device,
+                log_scale=log_scale, with_figures=with_figures, device=device, pct=pct, source=ReportSource(
+                    model=str(model), arch=loaded.arch.to_json() if loaded.arch else None, data=None if data is None else str(data), history=loaded.history,
+                    preprocessing=_folder_preprocessing(data, mean, std, loaded),
+                ),
             )
+        for note in result.notes:
+            print(f"explainfix: note: {note}", file=sys.stderr)
         shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
         _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
 
     _run(debug, body)
 
 
-# ---- class-specific filters (METHOD §6): classes, extract --------------------------------------
-def _stdout():  # type: ignore[no-untyped-def]
-    from rich.console import Console
-
-    return Console()
-
-
-def _require_data(data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool) -> Dataset:
-    dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+# ---- class-specific filters (docs/method.md §6): classes, extract --------------------------------------
+def _require_data(
+    data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool, mean: str | None, std: str | None, model: LoadedModel
+) -> Dataset:
+    dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, model)
     if dataset is None:
         raise UserError("this command needs data with class labels: pass --data D.")
     return dataset
@@ -364,11 +574,11 @@ def _require_data(data: Path | None, batch_size: int, batches: int | None, image
 @app.command()
 def classes(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="Folder to write classes.json and the figures into (made if missing; other files in it are left alone).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write classes.json and the figures into (a non-empty folder needs --force; only these files are replaced).")],
     data: DataOpt = None,
     share: Annotated[float, typer.Option("--share", help="Share of a class's positive importance its needed channels must reach.")] = 0.9,
     bins: Annotated[int, typer.Option("--bins", help="Quantile bins of each channel's pooled activation for the mutual information.")] = 8,
-    with_figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the heatmap and the channels-needed figure.")] = True,
+    with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the heatmap and the channels-needed figure.")] = True,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -376,21 +586,25 @@ def classes(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     debug: DebugOpt = False,
 ) -> None:
-    """Which channels serve which class (METHOD §6): importance, channels needed, MI specificity."""
+    """Which channels serve which class (docs/method.md §6): importance, channels needed, MI specificity."""
 
     def body() -> None:
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
+        _setup(seed, device)
         from .classes import classes as analyse
 
-        _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _require_data(data, batch_size, batches, image_size, grayscale)
-        with _working("analysing classes", as_json):
+        dataset = _require_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("analysing classes"):
             result = analyse(loaded.model.to(device), dataset, out, share=share, bins=bins, with_figures=with_figures, force=force, device=device)
 
         def render() -> None:
@@ -428,27 +642,31 @@ def extract(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     debug: DebugOpt = False,
 ) -> None:
-    """A one-vs-rest sub-model for one class, without the channels it does not need (METHOD §6)."""
+    """A one-vs-rest sub-model for one class, without the channels it does not need (docs/method.md §6)."""
 
     def body() -> None:
-        from .classes import extract as extract_class
-
         if keep is None and max_drop is None:
             raise UserError("pass --keep F (share of the class's importance to keep) or --max-drop X (largest AUC drop).")
         if keep is not None and max_drop is not None:
             raise UserError("pass --keep or --max-drop, not both.")
         target_path = out or model.with_name(f"{model.stem}-class{target}.safetensors")
+        _check_paths(model, data, val)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .classes import extract as extract_class
+
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _require_data(data, batch_size, batches, image_size, grayscale)
-        held_out = _load_data(val, batch_size, None, image_size, grayscale)
-        with _working(f"extracting class {target}", as_json):
+        dataset = _require_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        held_out = _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded)
+        with _working(f"extracting class {target}"):
             _, report = extract_class(
                 loaded.model.to(device), dataset, target, keep=keep, max_drop=max_drop, val=held_out, arch=loaded.arch,
                 history=loaded.history, out=target_path, force=force, device=device,
@@ -474,6 +692,11 @@ def extract(
     _run(debug, body)
 
 
+for _info in app.registered_commands:  # every command, whoever added it, shows flags as flags
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
+
+
 def main() -> None:
     """The console script: click's own usage errors also become one sentence and exit code 2."""
     command = typer.main.get_command(app)
@@ -486,6 +709,8 @@ def main() -> None:
         if message is None:
             raise
         if message():  # empty when the help was shown for a bare `explainfix`
-            print(f"explainfix: error: {message()} (see explainfix COMMAND --help)", file=sys.stderr)
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None and ctx.command_path != "explainfix" else "explainfix COMMAND"
+            print(f"explainfix: error: {message()} (see {where} --help)", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,37 +1,37 @@
-"""METHOD.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
+"""docs/method.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from .channels import ChannelRemoval, Removal, remove_dead_channels, remove_least_salient_channels
+from . import progress
+from .channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
-from .data import Dataset
+from .choices import Criterion, Fill, Granularity, Removal
+from .data import Dataset, Preprocessing
 from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
-from .saliency import Criterion, require_spatial_convs, spatial_saliency
-
-Fill = Literal["zero", "reset", "fillzero"]
-Granularity = Literal["kernel", "channel"]
+from .saliency import require_spatial_convs, spatial_saliency
 
 
-def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
-    """Zero the `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2).
+def least_salient_kernels(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+    """The `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2), per
+    layer an (O, I/groups) mask, without changing the model.
 
     One global ranking, ascending; ties broken by layer order, then o, then i (a stable sort of
-    the scores laid out in that order). Returns per layer the (O, I/groups) mask of zeroed kernels.
+    the scores laid out in that order).
     """
     if not 0 <= pct < 100:
-        raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
     convs = require_spatial_convs(model)
     flat = torch.cat([scores[name].double().flatten() for name, _ in convs])  # layer, then o, then i
     chosen = _smallest_first(flat, math.floor(pct / 100 * len(flat)))
@@ -40,6 +40,13 @@ def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: f
         n = conv.weight.shape[0] * conv.weight.shape[1]
         masks[name] = chosen[start : start + n].reshape(conv.weight.shape[:2])  # (O, I/groups)
         start += n
+    return masks
+
+
+def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+    """Zero the kernels `least_salient_kernels` picks (§2); returns its masks."""
+    masks = least_salient_kernels(model, scores, pct)
+    for name, conv in require_spatial_convs(model):
         with torch.no_grad():
             conv.weight[masks[name]] = 0
     return masks
@@ -63,9 +70,8 @@ def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill,
     """Handle the zeroed kernels that stayed in the model (§3 `--fill`); returns how many were refilled.
 
     `original` holds each spatial conv's weight before zeroing, already cut to the channels that
-    remain. `reset` restores those values; `fillzero` redraws the zeroed entries of partly-zero
-    kernels from a normal with that kernel's mean and std, and all-zero kernels from PyTorch's
-    default Kaiming-uniform.
+    remain. `reset` restores those values; `fillzero` redraws the zeroed kernels from PyTorch's
+    default Kaiming-uniform. (Zeroing takes whole kernels, so no kernel is left partly zero.)
     """
     if fill == "zero":
         return 0
@@ -80,22 +86,15 @@ def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill,
             if fill == "reset":
                 w[zero_entries] = old[zero_entries]
                 continue
-            all_zero = (w == 0).flatten(2).all(dim=2) & touched
-            partly = touched & ~all_zero
-            flat = old.flatten(2)  # (O, I/groups, kh*kw)
-            mean, std = flat.mean(dim=2), flat.std(dim=2, unbiased=False)
-            noise = torch.randn(w.shape, generator=generator)
-            drawn = mean[..., None, None] + std[..., None, None] * noise
-            w[zero_entries & partly[..., None, None]] = drawn[zero_entries & partly[..., None, None]]
             bound = 1 / math.sqrt(w[0].numel())  # kaiming_uniform_(a=sqrt(5)) as in nn.Conv2d.reset_parameters
             uniform = (torch.rand(w.shape, generator=generator) * 2 - 1) * bound
-            w[all_zero] = uniform[all_zero]
+            w[zero_entries] = uniform[zero_entries]
     return refilled
 
 
 @dataclass
 class PruneReport:
-    """Everything `prune` measured (PRODUCT.md: `prune --json` fields)."""
+    """Everything `prune` measured (docs/cli.md: `prune --json` fields)."""
 
     params_before: int
     params_after: int
@@ -112,6 +111,12 @@ class PruneReport:
     metric: str | None
     metric_before: float | None
     metric_after: float | None
+    calibration_samples: int | None  # samples of the data the scores and the removal saw
+    val_samples: int | None  # held-out samples (`val`), never seen by the prune
+    val_max_logit_change: float | None
+    val_predictions_changed: int | None
+    val_metric_before: float | None
+    val_metric_after: float | None
     pct: float
     granularity: str
     criterion: str
@@ -122,7 +127,7 @@ class PruneReport:
     out: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
 
 def prune(
@@ -143,48 +148,62 @@ def prune(
     seed: int = 0,
     device: str = "cpu",
     sample_shape: tuple[int, ...] | None = None,
+    val: Dataset | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[nn.Module, PruneReport]:
-    """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
+    """docs/method.md §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
     With `granularity="channel"` whole channels are ranked and removed instead (§3), and
     `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
-    input size for tracing and MACs, and no output-based numbers are reported.
+    input size for tracing and MACs, and no output-based numbers are reported. `val`, held-out
+    data the prune never sees, gets the same comparisons as `data`: the check that a removal
+    is exact beyond the data it was calibrated on. `seed` seeds only `fill`'s own generator.
+    `preprocessing` (the input normalisation) is recorded in the written file, for the input
+    size pruned on.
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:
-        raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
     if out is not None:
         check_target(Path(out), force)
     if data is not None:
         sample_shape = tuple(data.x.shape[1:])
     if sample_shape is None:
-        raise UserError("without --data, give the input size with --input-size C,H,W.")
-    torch.manual_seed(seed)
+        raise UserError("without `data`, give the input size with `input_size` C,H,W.")
     model.eval().to(device)
     convs = require_spatial_convs(model)
     seen: list[torch.Tensor] = []  # the saliency passes' outputs: the original model's
     if scores is None:
         scores = spatial_saliency(model, data, criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
-    out_before = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
+    with progress.stage("measuring the original"):
+        out_before = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
+        val_before = None if val is None else outputs(model, val, device)
 
     original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     removed: ChannelRemoval
     if granularity == "kernel":
-        masks = zero_least_salient(model, scores, pct)
-        removed = remove_dead_channels(model, example, data, device, removal)
+        with progress.stage("zeroing"):
+            masks = zero_least_salient(model, scores, pct)
+            val_zeroed = None if val is None else outputs(model, val, device)
+        with progress.stage("removing channels"):
+            removed = remove_dead_channels(model, example, data, device, removal)
         out_zeroed = removed.outputs_before
     else:  # nothing is zeroed: the removal is measured against the original model
-        masks, out_zeroed = {}, out_before
-        removed = remove_least_salient_channels(model, example, scores, pct)
-    out_removed = outputs(model, data, device) if data is not None else None
+        masks, out_zeroed, val_zeroed = {}, out_before, val_before
+        with progress.stage("removing channels"):
+            removed = remove_least_salient_channels(model, example, scores, pct)
+    with progress.stage("measuring the pruned model"):
+        out_removed = outputs(model, data, device) if data is not None else None
+        val_removed = None if val is None else outputs(model, val, device)
     remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
     fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
 
     fixed = fix_spatial_filters(model) if fix else []
     after = model_size(model, sample_shape)
     out_after = out_removed if fill == "zero" or data is None else outputs(model, data, device)
+    val_after = val_removed if fill == "zero" or val is None else outputs(model, val, device)
     report = PruneReport(
         params_before=before.params,
         params_after=after.params,
@@ -201,6 +220,12 @@ def prune(
         metric=data.metric_name if data is not None else None,
         metric_before=metric(data, out_before) if data is not None and out_before is not None else None,
         metric_after=metric(data, out_after) if data is not None and out_after is not None else None,
+        calibration_samples=None if data is None else data.num_samples,
+        val_samples=None if val is None else val.num_samples,
+        val_max_logit_change=_max_change(val_removed, val_zeroed),
+        val_predictions_changed=_predictions_changed(val_removed, val_zeroed, val),
+        val_metric_before=None if val is None or val_before is None else metric(val, val_before),
+        val_metric_after=None if val is None or val_after is None else metric(val, val_after),
         pct=pct,
         granularity=granularity,
         criterion=criterion,
@@ -212,7 +237,10 @@ def prune(
     )
     if out is not None:
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
-        save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
+        if preprocessing is not None:
+            preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))
+        with progress.stage("writing"):
+            save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
 

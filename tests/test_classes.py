@@ -1,4 +1,4 @@
-"""Class-specific filters (METHOD.md §6): importance, channels needed and MI against hand-worked
+"""Class-specific filters (docs/method.md §6): importance, channels needed and MI against hand-worked
 cases; one-vs-rest sub-models that equal the full model's class score where nothing they need
 was removed; the `classes` and `extract` commands."""
 
@@ -147,7 +147,9 @@ def test_classes_cli_writes_only_its_files(tmp_path: Path) -> None:
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     args = ["classes", str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "2", "--out", str(out)]
-    result = _invoke(*args, "--json")
+    refused = _invoke(*args)
+    assert refused.exit_code == 2 and "--force" in refused.stderr  # a non-empty folder needs --force
+    result = _invoke(*args, "--json", "--force")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["specificity_layer"] == FEATURES and 0 < payload["specificity"] < 0.47  # H(1/10) = 0.469 bits at most

@@ -1,4 +1,4 @@
-"""Figures of the class-specific analysis (METHOD.md §6), from numpy arrays only.
+"""Figures of the class-specific analysis (docs/method.md §6), from numpy arrays only.
 
 `draw_class_channels`: the class x channel importance of the last layers, channels ordered by
 the class they serve most. `draw_channels_needed`: per class, how many channels carry the
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from explainfix_cli.explain.figures import _figure, _save
+from explainfix_cli.explanation.figures import _figure, _save
 
 
 def preferred_order(importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,9 @@ _API = {
     "extract": "classes",
     "ClassGates": "classes",
     "class_gated_step": "classes",
+    "evaluate": "evaluation",
+    "EvaluationReport": "evaluation",
+    "loss_for": "losses",
     "explain": "explanation",
     "UserError": "errors",
 }

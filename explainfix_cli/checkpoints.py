@@ -82,6 +82,12 @@ class LoadedModel:
         recorded = self.metadata.get("preprocessing")
         return None if recorded is None else Preprocessing.from_json(recorded)
 
+    @property
+    def input_size(self) -> tuple[int, ...] | None:
+        """The input size (C, H, W) the latest step of the history recorded (a pruned file remembers it)."""
+        recorded = next((h.get("input_size") for h in reversed(self.history) if h.get("input_size")), None)
+        return tuple(recorded) if recorded else None
+
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
     """`package.module:factory`, or `path/to/file.py:factory` for a class defined in a script."""

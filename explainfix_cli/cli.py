@@ -456,6 +456,7 @@ def prune(
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that leave the output unchanged for every input. calibrated: also channels constant on --data only (check with --val). aggressive: also silent channels, unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
     no_fix: Annotated[bool, _flag("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
+    min_kernels_per_layer: Annotated[int, typer.Option("--min-kernels-per-layer", help="Keep the K most salient kernels of every spatial layer out of zeroing, against layer collapse (0: pure global ranking).")] = 0,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -479,6 +480,8 @@ def prune(
 
         if not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        if min_kernels_per_layer < 0:
+            raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
         if saliency_file is None:
             _needs_data(criterion, data)
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
@@ -497,8 +500,10 @@ def prune(
                 loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
                 fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
                 device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
-                preprocessing=_override(loaded.preprocessing, _preprocessing(mean, std)),
+                preprocessing=_override(loaded.preprocessing, _preprocessing(mean, std)), min_kernels_per_layer=min_kernels_per_layer,
             )
+        for warning in report.warnings():
+            print(f"explainfix: warning: {warning}", file=sys.stderr)
         payload = report.to_json()
         _emit(as_json, payload, lambda: _render_prune(payload))
 
@@ -561,6 +566,162 @@ def explain(
     _run(debug, body)
 
 
+# ---- evaluate and bench: measurements with CI gates (a gate not met: one sentence, exit 1) ---------
+VsOpt = Annotated[Path | None, typer.Option("--vs", help="Another model to compare with, side by side (loaded with the same --arch options).")]
+
+
+def _gate_verdict(gates: list[Any]) -> None:
+    """Exit 1 with one sentence when a gate failed (after the results were printed)."""
+    failures = [g.sentence.rstrip(".") for g in gates if not g.passed]
+    if failures:
+        print(f"explainfix: gate failed: {'; '.join(failures)}.", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _side_by_side(title: str, names: list[str], rows: list[tuple[str, list[Any]]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ["", *names]:
+        table.add_column(col, justify="right" if col else "left")
+    for label, values in rows:
+        table.add_row(label, *("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values))
+    _stdout().print(table)
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    data: DataOpt = None,
+    vs: VsOpt = None,
+    min_metric: Annotated[float | None, typer.Option("--min-metric", help="Gate: exit 1 unless the model's metric is at least this.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Gate (with --vs): exit 1 if the model's metric is more than this below OTHER's.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """The target's metric (accuracy, AUC, dice) and loss on the data, optionally against --vs; CI gates exit 1."""
+
+    def body() -> Any:
+        from .evaluation import evaluate as evaluate_model
+
+        if data is None:
+            raise UserError("evaluate needs data: pass --data D.")
+        if max_drop is not None and vs is None:
+            raise UserError("--max-drop compares with another model; pass it with --vs OTHER.")
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint).model.to(device) if vs else None
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        with _working("evaluating"):
+            report = evaluate_model(loaded.model.to(device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=device)
+
+        def render() -> None:
+            runs = [report.model] if report.vs is None else [report.model, report.vs]
+            r0 = runs[0]
+            rows: list[tuple[str, list[Any]]] = [("samples", [r.samples for r in runs]), (r0.metric, [r.value for r in runs]), (f"loss ({r0.loss_name})", [r.loss for r in runs])]
+            if r0.target == "labels":
+                names = r0.classes or [str(k) for k in range(len(r0.per_class_accuracy or []))]
+                rows += [(f"accuracy of class {c}", [(r.per_class_accuracy or [])[k] for r in runs]) for k, c in enumerate(names)]
+            elif r0.target == "multilabel":
+                rows += [(f"AUC of label {k}", [(r.auc_per_label or [])[k] for r in runs]) for k in range(len(r0.auc_per_label or []))]
+            else:
+                rows += [("IoU", [r.iou for r in runs])]
+            if report.drop is not None:
+                rows.append((f"{r0.metric} drop against --vs", [report.drop] + [None] * (len(runs) - 1)))
+            _side_by_side(f"evaluate on {data}", [r.model for r in runs], rows)
+            for r in runs:
+                if r.confusion_matrix is not None:
+                    _side_by_side(f"confusion matrix of {r.model} (rows: true class, columns: predicted)", [str(k) for k in range(len(r.confusion_matrix))], [(str(k), list(row)) for k, row in enumerate(r.confusion_matrix)])
+            for g in report.gates:
+                _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
+
+        _emit(as_json, report.to_json(), render)
+        return report
+
+    _gate_verdict(_run(debug, body).gates)
+
+
+@app.command()
+def bench(
+    model: ModelArg,
+    vs: VsOpt = None,
+    input_size: Annotated[str | None, typer.Option("--input-size", help="Input size C,H,W; needed when the file does not remember one (a pruned file does).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="The larger batch N that latency is also measured at (besides batch 1).")] = 16,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model, form and batch; the median is reported.")] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before the timed ones.")] = 3,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op CPU threads (default: torch's); the count used is reported.")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms", help="Gate: exit 1 if the median latency at batch 1, as written, is above this.")] = None,
+    max_params: Annotated[int | None, typer.Option("--max-params", help="Gate: exit 1 if the model has more parameters.")] = None,
+    max_macs: Annotated[int | None, typer.Option("--max-macs", help="Gate: exit 1 if the model needs more MACs per sample.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Parameters, MACs, file size, peak memory and latency, as written and in deployment form; CI gates exit 1."""
+
+    def body() -> Any:
+        from .bench import bench as bench_model
+
+        for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads or 1)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, not {value}.")
+        if warmup < 0:
+            raise UserError(f"--warmup must be 0 or more, not {warmup}.")
+        if device != "cpu":
+            raise UserError("bench measures CPU latency; run it with --device cpu.")
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint) if vs else None
+        size = _input_size(input_size) or loaded.input_size or (other.input_size if other else None)
+        if size is None:
+            raise UserError(f"{model} does not record its input size; pass --input-size C,H,W.")
+        with _working("benchmarking"):
+            report = bench_model(
+                loaded.model, size, name=str(model), path=model, vs=other.model if other else None, vs_name=str(vs), vs_path=vs,
+                batch_size=batch_size, repeats=repeats, warmup=warmup, threads=threads, seed=seed,
+                max_latency_ms=max_latency_ms, max_params=max_params, max_macs=max_macs,
+            )
+
+        def render() -> None:
+            runs = [report.model] if report.vs is None else [report.model, report.vs]
+            labels = {"params": "parameters", "macs": "MACs per sample", "file_bytes": "file bytes", "peak_memory_bytes": "peak memory bytes"}
+            keys = [*labels, *(f"latency_{k}" for k in report.model.latency_ms)]
+
+            def label(key: str) -> str:
+                return labels.get(key) or "latency ms, " + key.removeprefix("latency_").replace("_", " ").replace("batch n", f"batch {report.batch_size}")
+
+            def value(r: Any, key: str) -> Any:
+                return r.latency_ms[key.removeprefix("latency_")] if key.startswith("latency_") else getattr(r, key)
+
+            ratio = (lambda key: [report.ratios.get(key)]) if report.ratios else (lambda key: [])
+            rows = [(label(k), [value(r, k) for r in runs] + ratio(k)) for k in keys]
+            rows.append(("batch norms folded", [r.folded_batch_norms for r in runs] + ratio("")))
+            names = [r.model for r in runs] + (["ratio"] if report.ratios else [])
+            load = "" if report.load_average is None else f", load {report.load_average:.1f}"
+            _side_by_side(f"bench at {'x'.join(map(str, report.input_size))}, {report.threads} threads{load}, median of {report.repeats}", names, rows)
+            for r in runs:
+                if r.deployment_note:
+                    _stderr().print(f"{r.model}: {r.deployment_note}")
+            for g in report.gates:
+                _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
+
+        _emit(as_json, report.to_json(), render)
+        return report
+
+    _gate_verdict(_run(debug, body).gates)
 # ---- class-specific filters (docs/method.md §6): classes, extract --------------------------------------
 def _require_data(
     data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool, mean: str | None, std: str | None, model: LoadedModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +20,33 @@ from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
-from .saliency import require_spatial_convs, spatial_saliency
+from .saliency import require_spatial_convs, spatial_convs, spatial_saliency
 
 
-def least_salient_kernels(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+def least_salient_kernels(
+    model: nn.Module, scores: dict[str, torch.Tensor], pct: float, min_kernels_per_layer: int = 0
+) -> dict[str, torch.Tensor]:
     """The `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2), per
     layer an (O, I/groups) mask, without changing the model.
 
     One global ranking, ascending; ties broken by layer order, then o, then i (a stable sort of
-    the scores laid out in that order).
+    the scores laid out in that order). `min_kernels_per_layer` K > 0 is a floor against layer
+    collapse: the K most salient kernels of every layer (ties to the earlier o, i) stay out of
+    the ranking, which is otherwise unchanged, and at most the kernels left in it are chosen.
     """
     if not 0 <= pct < 100:
         raise UserError(f"`pct` must be in [0, 100), not {pct}.")
+    if min_kernels_per_layer < 0:
+        raise UserError(f"the minimum of kernels kept per layer must be 0 or more, not {min_kernels_per_layer}.")
     convs = require_spatial_convs(model)
     flat = torch.cat([scores[name].double().flatten() for name, _ in convs])  # layer, then o, then i
-    chosen = _smallest_first(flat, math.floor(pct / 100 * len(flat)))
+    k = math.floor(pct / 100 * len(flat))
+    if min_kernels_per_layer == 0:
+        chosen = _smallest_first(flat, k)
+    else:
+        ranked = ~torch.cat([_most_salient(scores[name].double().flatten(), min_kernels_per_layer) for name, _ in convs])  # (total,)
+        chosen = torch.zeros(len(flat), dtype=torch.bool)
+        chosen[ranked] = _smallest_first(flat[ranked], min(k, int(ranked.sum())))
     masks, start = {}, 0
     for name, conv in convs:
         n = conv.weight.shape[0] * conv.weight.shape[1]
@@ -43,9 +55,11 @@ def least_salient_kernels(model: nn.Module, scores: dict[str, torch.Tensor], pct
     return masks
 
 
-def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
+def zero_least_salient(
+    model: nn.Module, scores: dict[str, torch.Tensor], pct: float, min_kernels_per_layer: int = 0
+) -> dict[str, torch.Tensor]:
     """Zero the kernels `least_salient_kernels` picks (§2); returns its masks."""
-    masks = least_salient_kernels(model, scores, pct)
+    masks = least_salient_kernels(model, scores, pct, min_kernels_per_layer)
     for name, conv in require_spatial_convs(model):
         with torch.no_grad():
             conv.weight[masks[name]] = 0
@@ -64,6 +78,19 @@ def _smallest_first(flat: torch.Tensor, k: int) -> torch.Tensor:
     ties = (flat == kth).nonzero().flatten()
     chosen[ties[: k - int(chosen.sum())]] = True
     return chosen
+
+
+def _most_salient(layer: torch.Tensor, k: int) -> torch.Tensor:
+    """(n,) True at the k highest scores of one layer; among equal scores the earlier kernel."""
+    keep = torch.zeros(len(layer), dtype=torch.bool)
+    keep[torch.sort(layer, descending=True, stable=True).indices[:k]] = True
+    return keep
+
+
+def collapsed_layers(model: nn.Module) -> list[str]:
+    """Spatial convs with no nonzero kernel left: their output no longer depends on their input,
+    so neither does the model's, unless a skip connection goes around them."""
+    return [name for name, conv in spatial_convs(model) if not bool(conv.weight.detach().ne(0).any())]
 
 
 def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill, generator: torch.Generator) -> int:
@@ -125,9 +152,27 @@ class PruneReport:
     fixed_tensors: int
     seconds: float
     out: str | None
+    min_kernels_per_layer: int = 0
+    collapsed_layers: list[str] = field(default_factory=list)  # spatial convs left with every kernel zero
+    constant_output: bool | None = None  # the written model gives every sample of the data the same output
 
     def to_json(self) -> dict[str, Any]:
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+
+    def warnings(self) -> list[str]:
+        """Sentences for a person: layer collapse is never silent (docs/method.md §2 at high pct)."""
+        if not self.collapsed_layers:
+            return []
+        names = ", ".join(self.collapsed_layers[:5]) + (f" and {len(self.collapsed_layers) - 5} more" if len(self.collapsed_layers) > 5 else "")
+        effect = (
+            "the pruned model gives every sample of the data the same output"
+            if self.constant_output
+            else "their outputs are constants, so only paths around them still carry the input"
+        )
+        return [
+            f"pruning zeroed every kernel of {len(self.collapsed_layers)} spatial layer(s) ({names}): {effect}; "
+            "keep a floor of kernels per layer (--min-kernels-per-layer K) or prune less."
+        ]
 
 
 def prune(
@@ -150,6 +195,7 @@ def prune(
     sample_shape: tuple[int, ...] | None = None,
     val: Dataset | None = None,
     preprocessing: Preprocessing | None = None,
+    min_kernels_per_layer: int = 0,
 ) -> tuple[nn.Module, PruneReport]:
     """docs/method.md §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
@@ -185,7 +231,8 @@ def prune(
     removed: ChannelRemoval
     if granularity == "kernel":
         with progress.stage("zeroing"):
-            masks = zero_least_salient(model, scores, pct)
+            masks = zero_least_salient(model, scores, pct, min_kernels_per_layer)
+            collapsed = collapsed_layers(model)
             val_zeroed = None if val is None else outputs(model, val, device)
         with progress.stage("removing channels"):
             removed = remove_dead_channels(model, example, data, device, removal)
@@ -194,6 +241,7 @@ def prune(
         masks, out_zeroed, val_zeroed = {}, out_before, val_before
         with progress.stage("removing channels"):
             removed = remove_least_salient_channels(model, example, scores, pct)
+        collapsed = collapsed_layers(model)
     with progress.stage("measuring the pruned model"):
         out_removed = outputs(model, data, device) if data is not None else None
         val_removed = None if val is None else outputs(model, val, device)
@@ -234,6 +282,9 @@ def prune(
         fixed_tensors=len(fixed),
         seconds=0.0,
         out=str(out) if out is not None else None,
+        min_kernels_per_layer=min_kernels_per_layer,
+        collapsed_layers=collapsed,
+        constant_output=_constant(out_after),
     )
     if out is not None:
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
@@ -243,6 +294,14 @@ def prune(
             save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
+
+
+def _constant(out: torch.Tensor | None) -> bool | None:
+    """Whether every sample's output equals the first one's (to float rounding)."""
+    if out is None or len(out) < 2:
+        return None
+    spread = (out - out[:1]).abs().max()
+    return bool(spread <= 1e-5 * out.abs().max().clamp_min(1e-12))
 
 
 def _max_change(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLASSIFIERS, sample_data, sample_model
+from helpers import CLASSIFIERS, SAMPLES, sample_data, sample_model
 from torch import nn
+from typer.testing import CliRunner
 
 from explainfix_cli.checkpoints import load_model
+from explainfix_cli.cli import app
 from explainfix_cli.errors import UserError
 from explainfix_cli.measure import outputs
 from explainfix_cli.pruning import fill_zeroed, prune, zero_least_salient
-from explainfix_cli.saliency import spatial_saliency
+from explainfix_cli.saliency import spatial_convs, spatial_saliency
 
 FIELDS = {
     "params_before", "params_after", "spatial_kernels_before", "spatial_kernels_after", "zeroed_kernels",
@@ -184,3 +187,65 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
         prune(loaded.model, sample_data("mobilenet"), pct=70, fill="fillzero", seed=3, arch=loaded.arch, out=out)
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+# ---- layer collapse (issue 10 item 5) -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("pct", "floor", "expected"),
+    [
+        # scores as above: conv0 [[3], [1]], conv2 [[1, 5], [2, 1]]
+        # K=1 keeps conv0[0,0]=3 and conv2[0,1]=5 out of the ranking; 5 of 6 asked, 4 left to zero
+        (99, 1, {"0": [[False], [True]], "2": [[True, False], [True, True]]}),
+        # K=2 keeps all of conv0 and conv2's 5 and 2; without the floor conv0[1,0] would go first
+        (40, 2, {"0": [[False], [False]], "2": [[True, False], [False, True]]}),
+        (50, 1, {"0": [[False], [True]], "2": [[True, False], [False, True]]}),  # the floor binds nowhere
+    ],
+)
+def test_floor_of_kernels_per_layer_by_hand(pct: float, floor: int, expected: dict[str, list[list[bool]]]) -> None:
+    model = two_conv_model()
+    scores = {"0": torch.tensor([[3.0], [1.0]]), "2": torch.tensor([[1.0, 5.0], [2.0, 1.0]])}
+    masks = zero_least_salient(model, scores, pct, min_kernels_per_layer=floor)
+    assert {name: m.tolist() for name, m in masks.items()} == expected
+
+
+def test_floor_keeps_the_global_ranking_elsewhere() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 30, 3), nn.Conv2d(30, 6, 3, groups=2))
+    g = torch.Generator().manual_seed(1)
+    scores = {"0": torch.randint(0, 4, (8, 3), generator=g).double() / 100,  # a layer the ranking would wipe out
+              "1": torch.randint(0, 6, (30, 8), generator=g).double(), "2": torch.randint(0, 6, (6, 15), generator=g).double()}
+    for floor in (1, 3, 30):
+        kept = torch.cat([torch.isin(torch.arange(s.numel()), torch.sort(s.flatten(), descending=True, stable=True).indices[:floor]) for s in scores.values()])
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        eligible = (~kept).nonzero().flatten()
+        k = min(int(0.9 * len(flat)), len(eligible))
+        expected = torch.zeros(len(flat), dtype=torch.bool)
+        expected[eligible[torch.sort(flat[eligible], stable=True).indices[:k]]] = True
+        masks = zero_least_salient(copy.deepcopy(model), scores, 90, min_kernels_per_layer=floor)
+        chosen = torch.cat([m.flatten() for m in masks.values()])
+        assert torch.equal(chosen, expected), floor
+        assert all(int((~m).sum()) >= min(floor, m.numel()) for m in masks.values())
+
+
+def test_collapse_is_reported_and_the_floor_prevents_it() -> None:
+    # the MobileNet sample at 99 %: the ranking empties depthwise layers and every digit gets the same answer
+    data = sample_data("mobilenet", batches=2)
+    _, collapsed = prune(sample_model("mobilenet").model, data, pct=99)
+    assert collapsed.collapsed_layers and all(".depthwise." in n for n in collapsed.collapsed_layers)
+    assert collapsed.constant_output is True
+    assert "same output" in collapsed.warnings()[0]
+    model, floored = prune(sample_model("mobilenet").model, data, pct=99, min_kernels_per_layer=1)
+    assert floored.collapsed_layers == [] and floored.warnings() == [] and floored.constant_output is False
+    assert floored.zeroed_kernels == collapsed.zeroed_kernels - 1  # 332 asked, 331 outside the 5 layers' floors
+    assert all(bool(conv.weight.ne(0).any()) for _, conv in spatial_convs(model))
+
+
+def test_prune_cli_warns_on_stderr_and_reports_in_json(tmp_path: Path) -> None:
+    args = ["prune", str(SAMPLES / "mobilenet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "2", "--pct", "99", "--json"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["collapsed_layers"] and "warning" in result.stderr and "--min-kernels-per-layer" in result.stderr
+    floored = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.safetensors"), "--min-kernels-per-layer", "1"])
+    assert floored.exit_code == 0 and json.loads(floored.stdout)["collapsed_layers"] == [] and floored.stderr == ""
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.safetensors"), "--min-kernels-per-layer", "-1"])
+    assert bad.exit_code == 2 and not (tmp_path / "c.safetensors").exists()

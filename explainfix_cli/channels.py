@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -524,6 +524,42 @@ def remove_least_salient_channels(
         removable = _representable(removable, candidate, graph.DG)
         if removable.any():
             plan.append(Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group)))
+    result.kept = _cut(model, graph, plan, "aggressive", example, result)
+    return result
+
+
+def remove_chosen_channels(
+    model: nn.Module,
+    example: torch.Tensor,
+    choose: Callable[[list[_Reader], int], torch.Tensor | None],
+    means: dict[nn.Module, torch.Tensor] | None = None,
+) -> ChannelRemoval:
+    """Remove, in place, the channels a caller chooses: in every coupled group that may lose
+    channels, `choose(readers, n)` gets the group's terminal readers (module, local input indices,
+    their root channels) and its number of root channels n, and returns a (n,) mask of channels
+    to remove, or None. The
+    cut is made representable as in `remove_least_salient_channels`; the output changes. With
+    `means` (per reader, a value per input channel, e.g. its mean over data), a removed channel is
+    replaced by that constant, folded into its readers' biases (exact where the channel is constant
+    and the reader sees no zero padding, an approximation elsewhere)."""
+    result = ChannelRemoval()
+    graph = _trace(model, example, result)
+    plan: list[Cut] = []
+    for candidate in _candidates(graph, "aggressive", result) if graph is not None else []:
+        chosen = choose(candidate.readers, len(candidate.group.items[0].idxs))
+        if chosen is None:
+            continue
+        removable = _representable(chosen, candidate, graph.DG)
+        if not removable.any():
+            continue
+        cut = Cut(candidate.group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(candidate.group))
+        for r in candidate.readers if means is not None else []:
+            if isinstance(r.module, nn.modules.conv._ConvNd) and (r.module.transposed or r.module.groups != 1):
+                continue  # their weights are not (O, I): no fold, the channel just leaves
+            gone = removable[r.root].nonzero().flatten()
+            if len(gone):
+                cut.folds.append(_fold(r, gone, means[r.module][r.local[gone]]))
+        plan.append(cut)
     result.kept = _cut(model, graph, plan, "aggressive", example, result)
     return result
 

@@ -875,6 +875,137 @@ def finetune(
     _run(debug, body)
 
 
+# ---- class-specific filters (docs/method.md §6): classes, extract --------------------------------------
+def _require_data(
+    data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool, mean: str | None, std: str | None, model: LoadedModel
+) -> Dataset:
+    dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, model)
+    if dataset is None:
+        raise UserError("this command needs data with class labels: pass --data D.")
+    return dataset
+
+
+@app.command()
+def classes(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write classes.json and the figures into (a non-empty folder needs --force; only these files are replaced).")],
+    data: DataOpt = None,
+    share: Annotated[float, typer.Option("--share", help="Share of a class's positive importance its needed channels must reach.")] = 0.9,
+    bins: Annotated[int, typer.Option("--bins", help="Quantile bins of each channel's pooled activation for the mutual information.")] = 8,
+    with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the heatmap and the channels-needed figure.")] = True,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Which channels serve which class (docs/method.md §6): importance, channels needed, MI specificity."""
+
+    def body() -> None:
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
+        _setup(seed, device)
+        from .classes import classes as analyse
+
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        dataset = _require_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("analysing classes"):
+            result = analyse(loaded.model.to(device), dataset, out, share=share, bins=bins, with_figures=with_figures, force=force, device=device)
+
+        def render() -> None:
+            from rich.table import Table
+
+            table = Table(title=f"classes → {out}")
+            for col in ("layer", "channels", "specificity (bits)", f"channels needed for {share:.0%} per class"):
+                table.add_column(col)
+            for layer in result.layers:
+                table.add_row(layer.name, str(layer.channels), f"{layer.specificity:.3f}", " ".join(map(str, layer.channels_needed)))
+            _stdout().print(table)
+            d = result.decomposition
+            if d is not None:
+                _stdout().print(f"decomposed classifier ({d.classifier}, needed inputs only): {d.metric} {d.metric_decomposed}, full model {d.metric_full}")
+            _stdout().print(f"specificity score ({result.specificity_layer}): {result.specificity:.4f} bits")
+
+        _emit(as_json, result.to_json(), render)
+
+    _run(debug, body)
+
+
+@app.command()
+def extract(
+    model: ModelArg,
+    target: Annotated[int, typer.Option("--class", help="The class to keep (its index in the model's outputs).")],
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-classK.safetensors beside the input).")] = None,
+    keep: Annotated[float | None, typer.Option("--keep", help="Share of the class's importance kept in every coupled channel group, in [0, 1].")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of --keep: the largest one-vs-rest AUC drop allowed on --data (bisection on the share).")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Held-out data to report the sub-model's AUC and accuracy on.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """A one-vs-rest sub-model for one class, without the channels it does not need (docs/method.md §6)."""
+
+    def body() -> None:
+        if keep is None and max_drop is None:
+            raise UserError("pass --keep F (share of the class's importance to keep) or --max-drop X (largest AUC drop).")
+        if keep is not None and max_drop is not None:
+            raise UserError("pass --keep or --max-drop, not both.")
+        target_path = out or model.with_name(f"{model.stem}-class{target}.safetensors")
+        _check_paths(model, data, val)
+        _check_batches(batch_size, batches, image_size)
+        _setup(seed, device)
+        from .classes import extract as extract_class
+
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        dataset = _require_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        held_out = _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded)
+        with _working(f"extracting class {target}"):
+            _, report = extract_class(
+                loaded.model.to(device), dataset, target, keep=keep, max_drop=max_drop, val=held_out, arch=loaded.arch,
+                history=loaded.history, out=target_path, force=force, device=device,
+            )
+
+        def render() -> None:
+            from rich.table import Table
+
+            table = Table(title=f"extract class {target} → {target_path}  (keep {report.keep:.4g})")
+            for col in ("", "params", "MACs", "AUC", "acc.", "val AUC", "val acc."):
+                table.add_column(col, justify="right")
+
+            def number(value: float | None) -> str:
+                return "" if value is None else f"{value:.4f}"
+
+            for which, params, macs in (("full", report.params_before, report.macs_before), ("extracted", report.params_after, report.macs_after)):
+                d, v = report.data[which], (report.val or {}).get(which)
+                table.add_row(which, f"{params:,}", f"{macs:,}", number(d.auc), number(d.accuracy), number(v and v.auc), number(v and v.accuracy))
+            _stdout().print(table)
+
+        _emit(as_json, report.to_json(), render)
+
+    _run(debug, body)
+
+
 for _info in app.registered_commands:  # every command, whoever added it, shows flags as flags
     if _info.cls in (None, TyperCommand):
         _info.cls = _Command

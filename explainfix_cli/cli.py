@@ -248,7 +248,7 @@ def saliency(
 def prune(
     model: ModelArg,
     data: DataOpt = None,
-    pct: Annotated[float, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100).")] = 50.0,
+    pct: Annotated[float | None, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100) (default 50, or chosen by a target).", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-pruned.safetensors beside the input).")] = None,
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
     saliency_file: Annotated[Path | None, typer.Option("--saliency", help="Reuse scores written by `explainfix saliency`.")] = None,
@@ -256,6 +256,9 @@ def prune(
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that do not change the output (constants folded). aggressive: also drop silent channels unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
     no_fix: Annotated[bool, typer.Option("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
+    max_drop: MaxDropOpt = None,
+    max_params: MaxParamsOpt = None,
+    max_macs: MaxMacsOpt = None,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -276,23 +279,28 @@ def prune(
         from .pruning import prune as prune_model
         from .saliency import load_saliency
 
-        if not 0 <= pct < 100:
+        target = _target(pct, max_drop, max_params, max_macs)
+        if pct is not None and not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
         if criterion is CriterionOpt.gradient and data is None and saliency_file is None:
             raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
-        target = out or model.with_name(f"{model.stem}-pruned.safetensors")
+        written = out or model.with_name(f"{model.stem}-pruned.safetensors")
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
         scores = load_saliency(str(saliency_file), loaded.model) if saliency_file else None
+        options: dict[str, Any] = {
+            "granularity": granularity.value, "criterion": criterion.value, "scores": scores, "fill": fill.value, "removal": removal.value,
+            "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": written, "force": force, "seed": seed,
+            "device": device, "sample_shape": _input_size(input_size),
+        }  # fmt: skip
         with _working("pruning", as_json):
-            _, report = prune_model(
-                loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=criterion.value, scores=scores, fill=fill.value, removal=removal.value,
-                fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
-                device=device, sample_shape=_input_size(input_size),
-            )
+            if target is None:
+                report = prune_model(loaded.model, dataset, pct=50.0 if pct is None else pct, **options)[1]
+            else:
+                report = _prune_to_target(loaded.model, dataset, target, options)
         payload = report.to_json()
-        _emit(as_json, payload, lambda: _table(f"prune → {target}", [(k, v) for k, v in payload.items()]))
+        _emit(as_json, payload, lambda: _table(f"prune → {written}", [(k, v) for k, v in payload.items()]))
 
     _run(debug, body)
 
@@ -343,6 +351,106 @@ def explain(
             )
         shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
         _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
+
+    _run(debug, body)
+
+
+# ---- sweep, and prune to a target (issue 12) ----------------------------------------------------
+MaxDropOpt = Annotated[float | None, typer.Option("--max-drop", help="Instead of --pct: the largest pct whose metric on the data falls at most this much (e.g. 0.01).", show_default=False)]
+MaxParamsOpt = Annotated[int | None, typer.Option("--max-params", help="Instead of --pct: the smallest pct whose model has at most this many parameters.", show_default=False)]
+MaxMacsOpt = Annotated[int | None, typer.Option("--max-macs", help="Instead of --pct: the smallest pct whose model needs at most this many MACs per sample.", show_default=False)]
+
+
+def _target(pct: float | None, max_drop: float | None, max_params: int | None, max_macs: int | None) -> Any:
+    from .sweep import Target
+
+    target = Target(max_drop, max_params, max_macs)
+    if not target.given:
+        return None
+    if pct is not None:
+        raise UserError("--pct and a target (--max-drop, --max-params, --max-macs) are alternatives; give one of them.")
+    return target
+
+
+def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dict[str, Any]) -> Any:
+    """A target no pct meets is a correct request that cannot be satisfied: one sentence, exit 1."""
+    from .sweep import TargetNotMet, prune_to_target
+
+    try:
+        return prune_to_target(model, data, target, **options)
+    except TargetNotMet as e:
+        print(f"explainfix: failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _stdout_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command()
+def sweep(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.json, sweep.csv and the figure (made if missing; other files in it are left alone).")],
+    data: DataOpt = None,
+    pcts: Annotated[str, typer.Option("--pcts", help="Comma-separated percentages of spatial kernels to zero, each in [0, 100).")] = "0,50,80,90,95,99",
+    granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
+    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
+    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
+    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 20,
+    fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """The metric / parameters / MACs / latency trade-off at several pcts, from one saliency pass."""
+
+    def body() -> None:
+        from .sweep import sweep as sweep_model
+
+        try:
+            values = [float(p) for p in pcts.split(",")]
+        except ValueError:
+            raise UserError(f"--pcts must be comma-separated numbers, e.g. 0,50,90, not {pcts!r}.") from None
+        if data is None:
+            raise UserError("sweep measures the metric at each pct: pass --data D.")
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
+        with _working("sweeping", as_json):
+            result = sweep_model(
+                loaded.model, dataset, values, out_dir=out, criterion=criterion.value, granularity=granularity.value, removal=removal.value,  # type: ignore[arg-type]
+                latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=device,
+            )
+
+        def render() -> None:
+            def num(v: float | None, spec: str) -> str:
+                return "" if v is None else format(v, spec)
+
+            rows = [
+                ["unpruned" if p.pct is None else f"{p.pct:g}", f"{p.params:,}", f"{p.macs:,}", f"{p.nonzero_spatial_kernels:,}",
+                 num(p.metric, ".4f"), num(p.metric_drop, "+.4f"), num(p.latency_ms, ".3f")]
+                for p in [result.baseline, *result.points]
+            ]  # fmt: skip
+            _stdout_table(f"sweep → {out}", ["pct", "params", "MACs", "spatial kernels", result.metric or "metric", "drop", "latency ms"], rows)
+
+        _emit(as_json, result.to_json(), render)
 
     _run(debug, body)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,3 +68,50 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_files(folder: Path, names: Sequence[str], force: bool) -> None:
+    """Fail early when the files `names` cannot be written into `folder` (which may be new).
+
+    Unlike `atomic_dir`, the folder is the user's: it may hold other files, and only these are replaced.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder; choose another --out.")
+    if not folder.exists():
+        check_target(folder, force=False)
+        return
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"the folder {folder} is not writable; choose another --out.")
+    for name in names:
+        path = folder / name
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, where a file would be written; move it or choose another --out.")
+        if path.exists() and not force:
+            raise UserError(f"{path} already exists; pass --force to replace it or choose another --out.")
+
+
+@contextmanager
+def files_in_folder(folder: Path, names: Sequence[str], force: bool) -> Iterator[dict[str, Path]]:
+    """Yield a temporary path per file name (same name, in a hidden staging folder inside `folder`);
+    on success every file is moved into `folder`, replacing only a file of that name.
+
+    `folder` is made if missing (not its parents) and removed again, empty, if this fails; nothing
+    is ever deleted recursively.
+    """
+    folder = Path(folder)
+    check_files(folder, names, force)
+    made = not folder.exists()
+    if made:
+        folder.mkdir()
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
+    try:
+        yield {name: stage / name for name in names}
+        for name in names:
+            os.replace(stage / name, folder / name)
+    finally:
+        for name in names:
+            (stage / name).unlink(missing_ok=True)
+        stage.rmdir()
+        if made and not any(folder.iterdir()):
+            folder.rmdir()

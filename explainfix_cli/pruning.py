@@ -143,12 +143,15 @@ def prune(
     seed: int = 0,
     device: str = "cpu",
     sample_shape: tuple[int, ...] | None = None,
+    reference_outputs: torch.Tensor | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
     With `granularity="channel"` whole channels are ranked and removed instead (§3), and
     `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
     input size for tracing and MACs, and no output-based numbers are reported.
+    `reference_outputs`, the unpruned model's outputs on `data` when the caller already has them
+    (a sweep that scores once and prunes many copies), saves a forward pass over the data.
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:
@@ -166,7 +169,10 @@ def prune(
     if scores is None:
         scores = spatial_saliency(model, data, criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
-    out_before = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
+    if data is None:
+        out_before = None
+    else:
+        out_before = torch.cat(seen) if seen else reference_outputs if reference_outputs is not None else outputs(model, data, device)
 
     original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .channels import Removal
+from .channels import Removal, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec
 from .data import Dataset
 from .errors import UserError
-from .measure import kernel_counts, metric, model_size, outputs
+from .measure import metric, model_size, outputs
 from .outputs import check_files, check_target, files_in_folder
 from .pruning import Fill, Granularity, PruneReport, prune, zero_least_salient
 from .saliency import Criterion, spatial_convs, spatial_saliency
@@ -96,6 +96,32 @@ class PruneCurve:
             sample_shape=self.sample_shape, reference_outputs=self.reference, **self.options, **write,
         )  # fmt: skip
 
+    def point(self, pct: float) -> tuple[nn.Module, Point]:
+        """A copy pruned at `pct` (§2 zeroing and §3 removal, no fill, filters left as they are)
+        and its measurements, for one forward pass over the data fewer than `prune`: exact removal
+        does not change what the zeroed model computes (`prune` checks it and reports the
+        difference, float rounding), so the zeroed model's outputs, which removal measures anyway,
+        give the metric. Aggressive removal and channel granularity change the outputs; they
+        are measured after the cut."""
+        assert self.data is not None
+        model = copy.deepcopy(self.model)
+        example = self.data.x[:1].to(self.device)
+        zeroed = 0
+        if self.options["granularity"] == "kernel":
+            zeroed = sum(int(m.sum()) for m in zero_least_salient(model, self.scores, pct).values())
+            removed = remove_dead_channels(model, example, self.data, self.device, self.options["removal"])
+        else:
+            removed = remove_least_salient_channels(model, example, self.scores, pct)
+        exact = self.options["granularity"] == "kernel" and self.options["removal"] == "exact" and removed.outputs_before is not None
+        out = removed.outputs_before if exact else outputs(model, self.data, self.device)
+        size = model_size(model, self.sample_shape)
+        measured = _finite(metric(self.data, out))
+        return model, Point(
+            pct=pct, params=size.params, macs=size.macs, spatial_kernels=size.spatial_kernels,
+            nonzero_spatial_kernels=size.spatial_kernels - size.zero_kernels, zeroed_kernels=zeroed, channels_removed=removed.removed,
+            metric=measured, metric_drop=None if measured is None or self.metric is None else self.metric - measured,
+        )  # fmt: skip
+
     def zeroed_metric(self, pct: float) -> float | None:
         """The metric of the model with only §2's zeroing at `pct`, no channel removal: to float
         rounding what `prune` writes with exact removal and no fill (removal does not change the
@@ -125,7 +151,6 @@ class Point:
     channels_removed: int
     metric: float | None
     metric_drop: float | None  # unpruned metric minus this one
-    max_logit_change: float | None  # channel removal against the zeroed model (METHOD §3)
     latency_ms: float | None = None  # median over repeats, batch 1
 
     def to_json(self) -> dict[str, Any]:
@@ -201,19 +226,19 @@ def sweep(
 
     models, points = [curve.model], []
     for pct in pcts:
-        pruned, report = curve.prune(pct)
-        measured = report.metric_after
+        pruned, point = curve.point(pct)
         if adapt is not None:
             adapt(pruned)
-            measured = metric(data, outputs(pruned, data, device))
+            point.metric = _finite(metric(data, outputs(pruned, data, device)))
+            point.metric_drop = None if point.metric is None or curve.metric is None else curve.metric - point.metric
         models.append(pruned)
-        points.append(_point(pct, pruned, report, measured, curve.metric))
+        points.append(point)
     seconds["points"] = time.perf_counter() - start - seconds["saliency"]
 
     baseline = Point(
         pct=None, params=curve.size.params, macs=curve.size.macs, spatial_kernels=curve.size.spatial_kernels,
         nonzero_spatial_kernels=curve.size.spatial_kernels - curve.size.zero_kernels, zeroed_kernels=0, channels_removed=0,
-        metric=curve.metric, metric_drop=0.0 if curve.metric is not None else None, max_logit_change=None,
+        metric=curve.metric, metric_drop=0.0 if curve.metric is not None else None,
     )  # fmt: skip
     if latency_repeats:
         for point, ms in zip([baseline, *points], median_latency_ms(models, data.x[:1].to(device), latency_repeats), strict=True):
@@ -230,16 +255,6 @@ def sweep(
     seconds["files"] = time.perf_counter() - start - sum(seconds.values())
     result.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return result
-
-
-def _point(pct: float, model: nn.Module, report: PruneReport, measured: float | None, before: float | None) -> Point:
-    total, zero = kernel_counts(model)
-    measured = _finite(measured)
-    return Point(
-        pct=pct, params=report.params_after, macs=report.macs_after, spatial_kernels=total, nonzero_spatial_kernels=total - zero,
-        zeroed_kernels=report.zeroed_kernels, channels_removed=report.channels_removed, metric=measured,
-        metric_drop=None if measured is None or before is None else before - measured, max_logit_change=report.max_logit_change,
-    )  # fmt: skip
 
 
 def _finite(value: float | None) -> float | None:
@@ -293,10 +308,14 @@ def draw_tradeoff(
     """Metric against parameters (and against latency): one labelled point per pct, the unpruned
     model starred. `params`, `metric`, `latency_ms` hold the unpruned model first, then one
     entry per pct of `pcts`. Numpy in, one figure out (like `explain.figures`)."""
-    from .explain.figures import _figure, _save
+    from matplotlib.figure import Figure
+
+    from .explain.figures import _save
 
     panels = [(params, "parameters")] + ([(latency_ms, "latency at batch 1 (ms, median)")] if latency_ms is not None else [])
-    fig = _figure(5.2 * len(panels), 4.2)
+    # fixed margins: a constrained layout would draw the figure twice, half the cost of a sweep's files
+    fig = Figure(figsize=(5.2 * len(panels), 4.2))
+    fig.subplots_adjust(left=0.14 / len(panels), right=1 - 0.04 / len(panels), bottom=0.13, top=0.86, wspace=0.25)
     for ax, (x, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         ax.axhline(metric[0], color="tab:red", linewidth=0.8, linestyle=":")
         ax.plot(x[1:], metric[1:], "o-", color="tab:blue", label="pruned, at pct")
@@ -309,8 +328,9 @@ def draw_tradeoff(
         ax.set_xlabel(label)
         ax.set_ylabel(metric_name)
         ax.grid(alpha=0.3)
+        ax.margins(x=0.12)  # room for the labels of the outermost points
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{metric_name} against size and speed, one point per pct of kernels zeroed")
+    fig.suptitle(f"{metric_name} against {'size and speed' if len(panels) > 1 else 'size'}\none point per pct of kernels zeroed", fontsize=11)
     _save(fig, path)
 
 

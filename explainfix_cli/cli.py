@@ -300,7 +300,7 @@ def prune(
             else:
                 report = _prune_to_target(loaded.model, dataset, target, options)
         payload = report.to_json()
-        _emit(as_json, payload, lambda: _table(f"prune → {written}", [(k, v) for k, v in payload.items()]))
+        _emit(as_json, payload, lambda: _table(f"prune → {written}", _prune_rows(payload)))
 
     _run(debug, body)
 
@@ -381,6 +381,18 @@ def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dic
     except TargetNotMet as e:
         print(f"explainfix: failed: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _prune_rows(payload: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A prune report for a person: a target's limits in one cell, its probes counted (--json lists them)."""
+    rows = []
+    for key, value in payload.items():
+        if key == "target":
+            value = ", ".join(f"{k.replace('_', '-')} {v:,}" for k, v in value.items() if v is not None)
+        elif key == "probes":
+            value = f"{len(value)} pcts measured"
+        rows.append((key, value))
+    return rows
 
 
 def _stdout_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

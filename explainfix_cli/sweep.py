@@ -13,10 +13,10 @@ channel removal, `--fill`), so each point of the curve is exactly the model `pru
 Size falls with pct (nearly: keeping a cut representable can give a few channels back), so a
 budget is found by bisection. The metric is not monotone in pct: on the U-Net sample the Dice
 drop wanders around 0.01 from pct 35 to 61 (one more zeroed kernel can fix a few pixels), and a
-bisection stops at a boundary far below the largest pct that keeps it. So `--max-drop` scans the
+bisection stops at 34, far below the largest pct that keeps it (58). So `--max-drop` scans the
 grid from the top down to the first pct that meets it, on the zeroed model alone (zeroing, then
-one forward pass over the data: no tracing, no channel removal), and confirms that pct with the
-real prune.
+at most one forward pass over the data, stopped once the metric cannot reach its floor: no
+tracing, no channel removal), and confirms that pct with the real prune.
 """
 
 from __future__ import annotations
@@ -41,16 +41,17 @@ from .channels import Removal, remove_dead_channels, remove_least_salient_channe
 from .checkpoints import ArchSpec
 from .data import Dataset
 from .errors import UserError
-from .measure import metric, model_size, outputs
+from .measure import metric, metric_upper_bound, model_size, outputs
 from .outputs import check_files, check_target, files_in_folder
 from .pruning import Fill, Granularity, PruneReport, prune, zero_least_salient
-from .saliency import Criterion, spatial_convs, spatial_saliency
+from .saliency import Criterion, model_output, spatial_convs, spatial_saliency
 
 GRID = list(range(100))  # the 1 % grid of pcts a target is searched on
 PATIENCE = 5  # grid steps past the last point that met a target before the search gives up
 LATENCY_WARMUP = 3
 SWEEP_FILES = ("sweep.json", "sweep.csv")
 DROP_TOLERANCE = 1e-9  # a metric drop of exactly X (e.g. 0.9944 - 0.9844) meets --max-drop X
+BOUND_MARGIN = 1e-6  # a float32 metric may round above the exact bound
 
 
 class PruneCurve:
@@ -122,10 +123,11 @@ class PruneCurve:
             metric=measured, metric_drop=None if measured is None or self.metric is None else self.metric - measured,
         )  # fmt: skip
 
-    def zeroed_metric(self, pct: float) -> float | None:
+    def zeroed_metric(self, pct: float, lowest: float = -math.inf) -> float | None:
         """The metric of the model with only §2's zeroing at `pct`, no channel removal: to float
         rounding what `prune` writes with exact removal and no fill (removal does not change the
-        outputs), for one forward pass over the data."""
+        outputs), for one forward pass over the data. The pass stops early, returning None,
+        once the metric cannot reach `lowest` any more (`measure.metric_upper_bound`)."""
         assert self.data is not None
         if self._zeroed is None:
             self._zeroed = copy.deepcopy(self.model)
@@ -134,7 +136,13 @@ class PruneCurve:
             for name, conv in spatial_convs(self._zeroed):
                 conv.weight.copy_(self._weights[name])
         zero_least_salient(self._zeroed, self.scores, pct)
-        return _finite(metric(self.data, outputs(self._zeroed, self.data, self.device)))
+        seen: list[torch.Tensor] = []
+        with torch.no_grad():
+            for x, _ in self.data:
+                seen.append(model_output(self._zeroed, x.to(self.device)).cpu())
+                if metric_upper_bound(self.data, torch.cat(seen)) < lowest - BOUND_MARGIN:
+                    return None
+        return _finite(metric(self.data, torch.cat(seen)))
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
@@ -474,7 +482,8 @@ def prune_to_target(
         return probes[pct]
 
     def scan(pct: int) -> bool:
-        zeroed = curve.zeroed_metric(pct)
+        assert curve.metric is not None and target.max_drop is not None
+        zeroed = curve.zeroed_metric(pct, lowest=curve.metric - target.max_drop - DROP_TOLERANCE)  # None: stopped, cannot meet
         trail.append({"pct": pct, "model": "zeroed", "params": None, "macs": None, "metric": zeroed, "meets": target.drop_ok(curve.metric, zeroed)})
         return target.drop_ok(curve.metric, zeroed)
 

@@ -208,13 +208,16 @@ def sweep(
     fmt: str = "png",
     force: bool = False,
     device: str = "cpu",
-    adapt: Callable[[nn.Module], None] | None = None,
+    adapt: Callable[[nn.Module], Any] | None = None,
 ) -> SweepResult:
     """The metric / parameters / MACs / spatial kernels / latency trade-off at each pct, from one
     saliency pass (METHOD §1, then §2-3 per pct on a copy); written into `out_dir` if given.
 
-    `adapt(model)` runs on each pruned model before it is measured: the place for a short
-    fine-tune of every point (`training.finetune`), so the curve shows what a user would get.
+    `adapt(model)` changes each pruned model in place before it is measured (its return value is
+    ignored): the place for a short fine-tune of every point, e.g.
+    `adapt=lambda m: finetune(m, train, val, recipe=Recipe(epochs=2))` once `training.finetune`
+    lands, so the curve shows what a user would get. Points come unfixed (spatial filters
+    trainable); fix them in `adapt` to train only the rest, as the paper does.
     `latency_repeats=0` skips latency (then the files are identical across runs).
     """
     start = time.perf_counter()

@@ -133,6 +133,25 @@ def test_refusals_leave_everything_as_it_was(swept: tuple[Path, dict], tmp_path:
     assert sorted(os.listdir(tmp_path)) == ["clash"]
 
 
+def test_a_failure_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import explainfix_cli.sweep as module
+
+    def broken(path: Path, **_: object) -> None:
+        path.write_bytes(b"half a figure")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "draw_tradeoff", broken)
+    data = sample_data("resnet", batches=1)
+    with pytest.raises(OSError, match="disk full"):
+        sweep(sample_model("resnet").model, data, [50], out_dir=tmp_path / "new", latency_repeats=0)
+    assert os.listdir(tmp_path) == []  # the folder it made is gone again, and nothing is half-written
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "sweep.json").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        sweep(sample_model("resnet").model, data, [50], out_dir=tmp_path / "mine", latency_repeats=0, force=True)
+    assert os.listdir(tmp_path / "mine") == ["sweep.json"] and (tmp_path / "mine" / "sweep.json").read_text() == "old"
+
+
 def test_table_on_stdout_and_latency_in_the_figure(tmp_path: Path) -> None:
     result = _invoke("sweep", MODEL, *DATA, "--batches", "1", "--pcts", "80", "--latency-repeats", "2", "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output

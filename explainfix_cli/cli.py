@@ -416,7 +416,7 @@ def sweep(
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
-    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 20,
+    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 10,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,

@@ -204,7 +204,7 @@ def sweep(
     scores: dict[str, torch.Tensor] | None = None,
     granularity: Granularity = "kernel",
     removal: Removal = "exact",
-    latency_repeats: int = 20,
+    latency_repeats: int = 10,
     fmt: str = "png",
     force: bool = False,
     device: str = "cpu",

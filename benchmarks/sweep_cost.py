@@ -3,7 +3,7 @@ must cost less than 3 single prunes).
 
 Both are timed in one process as a library user (or the command line, after its imports) runs
 them: load the model and data, then `prune` at one pct and write the file, or `sweep` at six
-pcts and write sweep.json, sweep.csv and the figure (latency measured, 10 repeats, the default). The runs
+pcts and write sweep.json, sweep.csv and the figure (latency measured, 30 repeats, the default). The runs
 alternate, so a change in the machine's load touches both alike; medians of `--runs`. Then the
 same as a user at the shell pays it: `explainfix prune` against `explainfix sweep`, each a new
 process that imports torch first.

@@ -416,7 +416,7 @@ def sweep(
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
-    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 10,
+    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 30,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -460,7 +460,7 @@ def sweep(
                  num(p.metric, ".4f"), num(p.metric_drop, "+.4f"), num(p.latency_ms, ".3f")]
                 for p in [result.baseline, *result.points]
             ]  # fmt: skip
-            _stdout_table(f"sweep → {out}", ["pct", "params", "MACs", "spatial kernels", result.metric or "metric", "drop", "latency ms"], rows)
+            _stdout_table(f"sweep → {out}", ["pct", "params", "MACs", "nonzero kernels", result.metric or "metric", "drop", "latency ms"], rows)
 
         _emit(as_json, result.to_json(), render)
 

@@ -204,7 +204,7 @@ def sweep(
     scores: dict[str, torch.Tensor] | None = None,
     granularity: Granularity = "kernel",
     removal: Removal = "exact",
-    latency_repeats: int = 10,
+    latency_repeats: int = 30,
     fmt: str = "png",
     force: bool = False,
     device: str = "cpu",
@@ -320,6 +320,7 @@ def draw_tradeoff(
     model starred. `params`, `metric`, `latency_ms` hold the unpruned model first, then one
     entry per pct of `pcts`. Numpy in, one figure out (like `explain.figures`)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
     from .explain.figures import _save
 
@@ -340,6 +341,9 @@ def draw_tradeoff(
         ax.set_ylabel(metric_name)
         ax.grid(alpha=0.3)
         ax.margins(x=0.12)  # room for the labels of the outermost points
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # six-digit parameter counts side by side would collide
+        if x is params:
+            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{metric_name} against {'size and speed' if len(panels) > 1 else 'size'}\none point per pct of kernels zeroed", fontsize=11)
     _save(fig, path)

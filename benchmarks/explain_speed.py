@@ -21,7 +21,7 @@ import torch
 
 from explainfix_cli.checkpoints import ArchSpec, open_model
 from explainfix_cli.data import Dataset
-from explainfix_cli.explain import explain
+from explainfix_cli.explanation import explain
 
 ARCH = ArchSpec("torchvision.models:resnet50", {"num_classes": 10})
 BATCH = 16

@@ -16,13 +16,11 @@ process: the whole prune time split by stage, and inference latency before/after
 from __future__ import annotations
 
 import argparse
-import copy
 import cProfile
 import io
 import json
 import os
 import pstats
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,7 @@ import torch
 from torch import nn
 
 from explainfix_cli import pruning
+from explainfix_cli.bench import deployment_form, median_latencies
 from explainfix_cli.checkpoints import ArchSpec, load_model, open_model
 from explainfix_cli.data import Dataset, load_data
 from explainfix_cli.pruning import zero_least_salient
@@ -240,28 +239,6 @@ def whole_prune(state: Path, data_file: Path, out: Path, pct: float) -> tuple[di
     return {"load": loaded - start, "prune": end - loaded, "total": end - start, **timer.seconds}, report
 
 
-def latencies(models: list[nn.Module], x: torch.Tensor, runs: int = 30, warmup: int = 3) -> list[float]:
-    """Median seconds of one forward on `x` per model, no gradients, after warm-up. The models run
-    in turn, so a change in the machine's load affects each of them alike."""
-    times: list[list[float]] = [[] for _ in models]
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            for model, spent in zip(models, times, strict=True):
-                start = time.perf_counter()
-                model.eval()(x)
-                if i >= warmup:
-                    spent.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def deployment_form(model: nn.Module) -> nn.Module:
-    """What an inference runtime runs: batch norms folded into the convolutions before them
-    (torch.fx), activations in channels-last layout (oneDNN's own, no reorder per conv)."""
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
-
-
 def blocked_conv_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Conv MACs for one input with in/out channel counts rounded up to ONEDNN_BLOCK: a pruned
     conv with 35 channels costs the CPU what one with 48 does."""
@@ -331,8 +308,12 @@ def speed(folder: Path, data_file: Path, data: Dataset, pct: float, profile: boo
     macs_ratio = report.macs_after / report.macs_before
     print(f"inference on {IMAGES} images, median of 30 (the two models in turn) after warm-up; MACs ratio {macs_ratio:.3f}, "
           f"target: latency ratio at most that")
-    for form, prepare in (("as written (eager, NCHW)", lambda m: m), ("deployment form (BN folded, channels-last)", deployment_form)):
-        before, after = latencies([prepare(original), prepare(pruned)], data.x)
+    forms = (
+        ("as written (eager, NCHW)", [original, pruned], data.x),
+        ("deployment form (BN folded, channels-last)", [deployment_form(m).model for m in (original, pruned)], data.x.contiguous(memory_format=torch.channels_last)),
+    )
+    for form, models, x in forms:  # the same code as `explainfix bench` (explainfix_cli/bench.py)
+        before, after = median_latencies(models, x)
         print(f"  {form:<44} before {before * 1e3:6.1f} ms, after {after * 1e3:6.1f} ms, latency ratio {after / before:.3f} "
               f"({'meets' if after / before <= macs_ratio else 'misses'} the target)")
     kinds = [time_by_op_kind(m, data.x) for m in (original, pruned)]

@@ -26,7 +26,10 @@ _API = {
     "remove_dead_channels": "channels",
     "fix_spatial_filters": "fixed",
     "describe": "info",
-    "explain": "explain",
+    "evaluate": "evaluation",
+    "EvaluationReport": "evaluation",
+    "loss_for": "losses",
+    "explain": "explanation",
     "UserError": "errors",
 }
 

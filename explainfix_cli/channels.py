@@ -1,4 +1,4 @@
-"""METHOD.md §3: remove channels that no longer affect the output, over a dependency graph.
+"""docs/method.md §3: remove channels that no longer affect the output, over a dependency graph.
 
 The coupling of channels (residual additions, concatenations, depthwise convolutions, batch
 norms, flatten→linear, squeeze-excitation products, layer-scale parameters) comes from
@@ -9,9 +9,12 @@ may go, and keeps the removal exact:
 - a channel goes when every layer that reads it (its *terminal readers*: convolutions and
   linear layers whose output is not itself in the group) either ignores it (its kernels or
   columns for that channel are all zero) or receives it as a constant that can be folded
-  exactly into that reader's bias (the constant is measured on the user's data: a channel whose
-  writers are all silent carries conv bias → batch-norm shift → activation, the same value
-  everywhere);
+  exactly into that reader's bias. Under `exact` removal a constant must hold for every input:
+  every layer writing the channel is silent (all-zero weights), so it carries conv bias →
+  batch-norm shift → activation, the same value whatever the input; its value is read off two
+  unrelated inputs (a data sample and noise), which must agree. `calibrated` removal also folds
+  channels that are merely constant on the calibration data (a ReLU dead on every sample seen):
+  exact on that data only (docs/method.md §3);
 - a cut must also be representable: a grouped convolution loses as many channels in each of
   its groups (torch-pruning cuts every group at the same offsets; the weight is re-cut per
   group), and a channel shuffle loses the same offsets from each of its blocks (`shuffle.py`);
@@ -29,19 +32,17 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning._helpers import GroupItem
 
+from .choices import Removal
 from .data import Dataset
+from .measure import outputs
 from .saliency import model_output
 from .shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
-from .tp_compat import DependencyGraph
-
-Removal = Literal["exact", "aggressive"]
+from .tp_compat import DependencyGraph, GroupItem, module_name
 
 # relative spread below which a measured channel counts as constant (a silent channel is constant
 # to the last bit; the tolerance only absorbs summation order in pooling)
@@ -118,7 +119,7 @@ def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph, removal: Removal) 
             return "reaches the model output"
         if _is_grouped(module) and module.transposed:
             return "grouped transposed convolution"
-        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and removal == "exact":
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and removal != "aggressive":
             return "normalisation across channels"
     return None
 
@@ -186,11 +187,11 @@ class _InputRange:
         self.low[module], self.high[module] = lo, hi
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, data: Dataset, device: str) -> torch.Tensor:
-        """Run the data through `model`, recording the ranges; returns the outputs (on the CPU)."""
+    def measure(self, model: nn.Module, batches: Iterable[torch.Tensor], device: str) -> torch.Tensor:
+        """Run the inputs through `model`, recording the ranges; returns the outputs (on the CPU)."""
         hooks = [m.register_forward_pre_hook(self._hook) for m in self._modules]
         try:
-            return torch.cat([model_output(model, x.to(device)).cpu() for x, _ in data])
+            return torch.cat([model_output(model, x.to(device)).cpu() for x in batches])
         finally:
             for h in hooks:
                 h.remove()
@@ -204,6 +205,13 @@ class _InputRange:
         # small activations (say 1e-9, as in a randomly initialised MobileNetV3) constant
         const = (hi - lo) <= CONSTANT_TOLERANCE * torch.maximum(hi.abs(), lo.abs())
         return const, torch.where(const, (hi + lo) / 2, torch.zeros_like(lo))
+
+
+def _probe(example: torch.Tensor) -> torch.Tensor:
+    """(2, ...) the example and a noise input of its scale: a channel that is constant across
+    both and has silent writers does not depend on the input."""
+    noise = torch.randn(example[:1].shape, generator=torch.Generator().manual_seed(0)).to(example)
+    return torch.cat([example[:1], noise * example.std().clamp_min(1.0) + example.mean()])
 
 
 def _fold(reader: _Reader, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -276,16 +284,61 @@ def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) 
     return removable
 
 
-def _silent(group: tp.Group, DG: tp.DependencyGraph, n_root: int) -> torch.Tensor:
-    """(n_root,) True where every conv or linear layer writing the channel has all-zero weights."""
+def _writes(item: GroupItem, DG: tp.DependencyGraph) -> bool:
+    m = item.dep.target.module
+    return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and (DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m))
+
+
+def _silent(group: tp.Group, DG: tp.DependencyGraph, n_root: int, only: set[nn.Module] | None = None) -> torch.Tensor:
+    """(n_root,) True where every conv or linear layer writing the channel (of those in `only`,
+    if given) has all-zero weights for it, and at least one does."""
     silent = torch.ones(n_root, dtype=torch.bool)
+    written = torch.zeros(n_root, dtype=torch.bool)
     for item in group.items:
         m = item.dep.target.module
-        if DG.is_out_channel_pruning_fn(item.dep.handler) and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        if _writes(item, DG) and (only is None or m in only):
             w = m.weight.detach().transpose(0, 1) if getattr(m, "transposed", False) else m.weight.detach()
-            zero = (w[list(item.idxs)] == 0).flatten(1).all(dim=1)
-            silent[torch.tensor(item.root_idxs)[~zero]] = False
-    return silent
+            zero = (w[list(item.idxs)] == 0).flatten(1).all(dim=1)  # (n,) per written channel
+            root = torch.tensor(item.root_idxs)
+            silent[root[~zero]] = False
+            written[root] = True
+    return silent & written
+
+
+def _parameters_only(node: tp.Node) -> bool:
+    """A source made of parameters alone (a linear layer's transposed weight): the same for every
+    input. The model's input shows as a missing autograd edge and does not count."""
+    edges = getattr(node.grad_fn, "next_functions", ())
+    return bool(edges) and all(fn is not None and type(fn).__name__ == "AccumulateGrad" for fn, _ in edges)
+
+
+def _nearest_writers(reader: nn.Module, group: tp.Group, DG: tp.DependencyGraph) -> set[nn.Module] | None:
+    """The members of `group` that write what `reader` reads with no other convolution or linear
+    layer in between (a depthwise conv is one). None when another source reaches the reader
+    through channel-wise operations (the model's input, a parameter, a layer outside the group
+    combined by a product or sum): its channels cannot be silent. Sources behind a concatenation
+    that are not members fill other slices of it and do not count."""
+    members = {item.dep.target.module for item in group.items if _writes(item, DG)}
+    writers: set[nn.Module] = set()
+    seen: set[tp.Node] = set()
+    stack = [(node, False) for node in DG.module2node[reader].inputs]  # (node, behind a concatenation?)
+    while stack:
+        node, behind_cat = stack.pop()
+        if (node, behind_cat) in seen:
+            continue
+        seen.add((node, behind_cat))
+        if isinstance(node.module, (nn.modules.conv._ConvNd, nn.Linear)):
+            if node.module in members:
+                writers.add(node.module)
+            elif not behind_cat:
+                return None
+        elif not node.inputs:
+            if not (behind_cat or _parameters_only(node)):
+                return None
+        else:
+            behind_cat = behind_cat or node.type == tp.ops.OPTYPE.CONCAT
+            stack.extend((n, behind_cat) for n in node.inputs)
+    return writers
 
 
 @dataclass
@@ -332,17 +385,23 @@ def remove_dead_channels(
 ) -> ChannelRemoval:
     """Remove, in place, every channel whose removal is exact (see the module docstring).
 
-    `removal="aggressive"` adds the paper's original rule: a channel also goes when all its
-    writers are silent, whatever reads it, with no fold where a fold would not be exact, and
-    normalisation across channels does not stop it (for users who fine-tune afterwards). It removes
-    everything the exact rule removes, folded the same way, and more.
+    `removal="calibrated"` also folds channels that are constant on `data` only. `"aggressive"`
+    adds the paper's original rule: a channel also goes when all its writers are silent, whatever
+    reads it, with no fold where a fold would not be exact, and normalisation across channels does
+    not stop it (for users who fine-tune afterwards). Each mode removes everything the one before
+    removes, folded the same way, and more. Without `data` only silent channels count as constant.
     """
     graph = Graph.trace(model, example)
     result = ChannelRemoval()
     candidates = _candidates(graph, removal, result)
     ranges = _InputRange(r.module for c in candidates for r in c.readers)
-    if data is not None:  # one pass: reader input ranges, and the outputs to compare with afterwards
-        result.outputs_before = ranges.measure(model, data, device)
+    by_structure = removal == "exact" or data is None  # only silent channels count as constant
+    if by_structure:  # their constants, read off two unrelated inputs
+        ranges.measure(model, [_probe(example)], device)
+        if data is not None:
+            result.outputs_before = outputs(model, data, device)
+    else:  # one pass over the calibration data: reader input ranges, and the outputs to compare with afterwards
+        result.outputs_before = ranges.measure(model, (x for x, _ in data), device)
 
     plan: list[tuple[nn.Module, list[int]]] = []
     for candidate in candidates:
@@ -353,6 +412,9 @@ def remove_dead_channels(
         for r in readers:
             ignored = _ignored(r)
             const, value = ranges.constants(r.module, r.local)
+            if by_structure:  # a constant for every input: what the reader sees has silent writers
+                nearest = _nearest_writers(r.module, group, graph.DG)
+                const &= torch.zeros_like(const) if nearest is None else _silent(group, graph.DG, n_root, nearest)[r.root]
             # a constant zero adds nothing anywhere, even where zero padding meets a constant
             foldable = const & (_fold_is_exact(r.module) | (value == 0)) & ~ignored
             needed.index_add_(0, r.root, (~(ignored | foldable)).long())
@@ -383,7 +445,7 @@ def _channel_saliency(group: tp.Group, DG: tp.DependencyGraph, scores: dict[str,
     found = False
     for item in group.items:
         m = item.dep.target.module
-        s = scores.get(DG._module2name.get(m, ""))
+        s = scores.get(module_name(DG, m))
         if s is None:
             continue
         found = True
@@ -398,7 +460,7 @@ def _channel_saliency(group: tp.Group, DG: tp.DependencyGraph, scores: dict[str,
 def remove_least_salient_channels(
     model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor], pct: float
 ) -> ChannelRemoval:
-    """`--granularity channel` (METHOD §3): in every coupled group that holds spatial kernels,
+    """`--granularity channel` (docs/method.md §3): in every coupled group that holds spatial kernels,
     remove the `floor(pct/100 * channels)` channels of least summed kernel saliency (ties: lower
     index first). The output changes; the caller measures by how much."""
     graph = Graph.trace(model, example)

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Preprocessing
 from .errors import UserError
+from .formats import model_format
 from .outputs import atomic_file
 
 FORMAT = "explainfix"
@@ -52,9 +54,9 @@ class ArchSpec:
         try:
             model = fn(**self.kwargs)
         except TypeError as e:
-            raise UserError(f"--arch {self.factory} does not accept --arch-kwargs {self.kwargs}: {e}.") from None
+            raise UserError(f"`arch` {self.factory} does not accept `arch_kwargs` {self.kwargs}: {e}.") from None
         if not isinstance(model, nn.Module):
-            raise UserError(f"--arch {self.factory} returned a {type(model).__name__}, not a torch nn.Module.")
+            raise UserError(f"`arch` {self.factory} returned a {type(model).__name__}, not a torch nn.Module.")
         return model
 
     def to_json(self) -> dict[str, Any]:
@@ -74,17 +76,31 @@ class LoadedModel:
     def history(self) -> list[dict[str, Any]]:
         return list(self.metadata.get("history", []))
 
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The input normalisation the file records, if any (see `data.Preprocessing`)."""
+        recorded = self.metadata.get("preprocessing")
+        return None if recorded is None else Preprocessing.from_json(recorded)
+
+    @property
+    def input_size(self) -> tuple[int, ...] | None:
+        """The input size (C, H, W) the latest step of the history recorded (a pruned file remembers it)."""
+        recorded = next((h.get("input_size") for h in reversed(self.history) if h.get("input_size")), None)
+        return tuple(recorded) if recorded else None
+
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
     """`package.module:factory`, or `path/to/file.py:factory` for a class defined in a script."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise UserError(f"--arch {spec!r} must look like module.path:factory (e.g. explainfix_cli.zoo:resnet).")
+        raise UserError(f"`arch` {spec!r} must look like module.path:factory (e.g. explainfix_cli.zoo:resnet).")
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
-                raise UserError(f"--arch {spec}: the file {file} does not exist.")
+                if file.stem.isidentifier():  # moved with its model: importable by name from here
+                    return resolve_factory(f"{file.stem}:{attr}")
+                raise UserError(f"`arch` {spec}: the file {file} does not exist.")
             mod_spec = importlib.util.spec_from_file_location(f"explainfix_arch_{file.stem}", file)
             assert mod_spec is not None and mod_spec.loader is not None
             module = importlib.util.module_from_spec(mod_spec)
@@ -93,14 +109,14 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         else:
             module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"--arch {spec}: cannot import {module_name} ({e}); check the name or install the package.") from None
+        raise UserError(f"`arch` {spec}: cannot import {module_name} ({e}); check the name, install the package, or pass `arch` path/to/file.py:{attr}.") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise UserError(f"--arch {spec}: {module_name} has no attribute {attr}.")
+            raise UserError(f"`arch` {spec}: {module_name} has no attribute {attr}.")
     if not callable(fn):
-        raise UserError(f"--arch {spec}: {attr} is not callable.")
+        raise UserError(f"`arch` {spec}: {attr} is not callable.")
     return fn
 
 
@@ -108,14 +124,18 @@ def parse_arch(arch: str | None, arch_kwargs: str | None) -> ArchSpec | None:
     """The `--arch` / `--arch-kwargs` pair of the command line."""
     if arch is None:
         if arch_kwargs:
-            raise UserError("--arch-kwargs needs --arch module.path:factory as well.")
+            raise UserError("`arch_kwargs` needs `arch` module.path:factory as well.")
         return None
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
     except json.JSONDecodeError as e:
-        raise UserError(f"--arch-kwargs is not valid JSON ({e.msg}); write e.g. '{{\"num_classes\": 10}}'.") from None
+        raise UserError(f"`arch_kwargs` is not valid JSON ({e.msg}); write e.g. '{{\"num_classes\": 10}}'.") from None
     if not isinstance(kwargs, dict):
-        raise UserError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'.")
+        raise UserError("`arch_kwargs` must be a JSON object, e.g. '{\"num_classes\": 10}'.")
+    module_name, sep, attr = arch.partition(":")
+    if module_name.endswith(".py") and Path(module_name).is_file():
+        # recorded in the files we write: found again from any folder (or by the module's name, if moved)
+        arch = f"{Path(module_name).resolve()}{sep}{attr}"
     return ArchSpec(arch, kwargs)
 
 
@@ -124,17 +144,16 @@ def open_model(
     arch: ArchSpec | None = None,
     trust_checkpoint: bool = False,
 ) -> LoadedModel:
-    """Load any supported model file (PRODUCT.md "Models in"); the model is returned in eval mode."""
+    """Load any supported model file (docs/cli.md "Models in"); the model is returned in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist.")
-    if path.suffix == ".safetensors":
+    fmt = model_format(path)  # by content: a file's name may say anything
+    if fmt == "safetensors":
         loaded = _open_safetensors(path, arch)
-    elif path.suffix == ".pt2":
+    elif fmt == "torch-export":
         loaded = _open_exported(path)
     else:
         loaded = _open_torch(path, arch, trust_checkpoint)
-    if path.suffix != ".pt2":  # an exported program's mode is fixed at export; its module refuses eval()
+    if fmt != "torch-export":  # an exported program's mode is fixed at export; its module refuses eval()
         loaded.model.eval()
     return loaded
 
@@ -158,7 +177,7 @@ def _open_safetensors(path: Path, arch: ArchSpec | None) -> LoadedModel:
         raise UserError(f"{path} is not a readable safetensors file ({e}).") from None
     if FORMAT not in raw_meta:
         if arch is None:
-            raise UserError(f"{path} holds bare tensors with no architecture; pass --arch module.path:factory.")
+            raise UserError(f"{path} holds bare tensors with no architecture; pass `arch` module.path:factory.")
         return LoadedModel(_build_and_load(arch, tensors, path), arch, path)
     meta = json.loads(raw_meta[FORMAT])
     if meta.get("format_version") != FORMAT_VERSION:
@@ -166,11 +185,11 @@ def _open_safetensors(path: Path, arch: ArchSpec | None) -> LoadedModel:
     recorded = ArchSpec(**meta["arch"]) if meta.get("arch") else None
     spec = arch or recorded
     if spec is None:
-        raise UserError(f"{path} records no importable architecture; pass --arch path/to/script.py:ClassName.")
+        raise UserError(f"{path} records no importable architecture; pass `arch` path/to/script.py:ClassName.")
     try:
         model = _build_and_load(spec, tensors, path, meta.get("shapes", {}))
     except UserError as e:
-        raise UserError(f"{e} The file's architecture cannot be rebuilt here; pass --arch path/to/script.py:ClassName pointing at its code.") from None
+        raise UserError(f"{e} The file's architecture cannot be rebuilt here; pass `arch` path/to/script.py:ClassName pointing at its code.") from None
     fixed = set(meta.get("fixed", []))
     for name, p in model.named_parameters():
         p.requires_grad_(name not in fixed)
@@ -187,12 +206,13 @@ def _open_exported(path: Path) -> LoadedModel:
 
 def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> LoadedModel:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would go by a .safetensors name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if not trust_checkpoint:
             raise UserError(
                 f"{path} is a pickled Python object, and loading it runs code from the file; "
-                "pass --trust-checkpoint if you trust its source, or save a state dict and pass --arch."
+                "pass `trust_checkpoint` if you trust its source, or save a state dict and pass `arch`."
             ) from None
         obj = _load_pickle(path)
     except Exception as e:  # the weights-only unpickler runs no code; any other failure means a damaged or foreign file
@@ -202,13 +222,14 @@ def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> Lo
         return LoadedModel(obj, arch or ArchSpec(f"{cls.__module__}:{cls.__qualname__}"), path)
     state = _unwrap_state_dict(obj, path)
     if arch is None:
-        raise UserError(f"{path} is a state dict, which has no architecture; pass --arch module.path:factory.")
+        raise UserError(f"{path} is a state dict, which has no architecture; pass `arch` module.path:factory.")
     return LoadedModel(_build_and_load(arch, state, path), arch, path)
 
 
 def _load_pickle(path: Path) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as e:
         raise UserError(f"{path} refers to code that cannot be imported here ({e}); import or install it first.") from None
     except Exception as e:  # unpickling arbitrary objects can fail in any way
@@ -272,12 +293,12 @@ def _load_tensors(model: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
     unexpected = [k for k in state if k not in own and not _is_optional_slot(model, k)]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"{path} does not match the architecture ({what}); check --arch and --arch-kwargs.")
+        raise UserError(f"{path} does not match the architecture ({what}); check `arch` and `arch_kwargs`.")
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape and not strict:
             raise UserError(
                 f"{path}: {name} has shape {tuple(tensor.shape)} but the architecture expects "
-                f"{tuple(own[name].shape)}; check --arch-kwargs."
+                f"{tuple(own[name].shape)}; check `arch_kwargs`."
             )
         _set_tensor(model, name, tensor)
 
@@ -330,9 +351,14 @@ def save_model(
     arch: ArchSpec | None,
     history: list[dict[str, Any]] | None = None,
     report: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
     force: bool = False,
 ) -> Path:
-    """Write `model` as one safetensors file that `load_model` rebuilds exactly (PRODUCT.md "Models out")."""
+    """Write `model` as one safetensors file that `load_model` rebuilds exactly (docs/cli.md "Models out").
+
+    `preprocessing` records how the model's inputs are made from images, so that `load_data`
+    normalises a folder of images the same way.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -354,6 +380,7 @@ def save_model(
                 "fixed": fixed,
                 "history": history or [],
                 "report": dict(report or {}),
+                **({"preprocessing": preprocessing.to_json()} if preprocessing is not None else {}),
             },
             sort_keys=True,
         )

@@ -8,72 +8,101 @@ friends are imported inside the commands so that --help and completion answer at
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from . import choices
 from .errors import UserError
 
 if TYPE_CHECKING:
     from .checkpoints import LoadedModel
-    from .data import Dataset
+    from .data import Dataset, Preprocessing
+
+def _flag_help(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""  # a flag: shown without a value
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
+
 
 app = typer.Typer(
     name="explainfix",
+    cls=_Group,
     help="Prune a CNN by spatial-filter saliency, fix its spatial filters, and explain its spectra (ExplainFix).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 T = TypeVar("T")
 
 
-class Granularity(str, Enum):
-    kernel = "kernel"
-    channel = "channel"
+def _flag(*names: str, help: str) -> Any:
+    """An on/off option, shown in --help as a flag (no value)."""
+    return typer.Option(*names, help=help, metavar="")
 
 
-class CriterionOpt(str, Enum):
-    gradient = "gradient"
-    magnitude = "magnitude"
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"explainfix {__version__}")
+        raise typer.Exit()
 
 
-class RemovalOpt(str, Enum):
-    exact = "exact"
-    aggressive = "aggressive"
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", metavar="", callback=_version, is_eager=True)] = False) -> None:
+    """Prune a CNN by spatial-filter saliency, fix its spatial filters, and explain its spectra (ExplainFix)."""
 
 
-class AttributionOpt(str, Enum):
-    saliency = "saliency"
-    integrated_gradients = "integrated-gradients"
+def _choice(name: str, values: Any) -> type[Enum]:
+    """A Typer choice built from the library's Literal (choices.py), so the values live in one place."""
+    return Enum(name, {v.replace("-", "_"): v for v in get_args(values)}, type=str)  # type: ignore[return-value]
 
 
-class FillOpt(str, Enum):
-    zero = "zero"
-    reset = "reset"
-    fillzero = "fillzero"
+Granularity = _choice("Granularity", choices.Granularity)
+CriterionOpt = _choice("CriterionOpt", choices.Criterion)
+RemovalOpt = _choice("RemovalOpt", choices.Removal)
+AttributionOpt = _choice("AttributionOpt", choices.AttributionMethod)
+FillOpt = _choice("FillOpt", choices.Fill)
+FigureFormat = _choice("FigureFormat", choices.FigureFormat)
 
 
 # ---- options shared by the commands -------------------------------------------------------------
 ModelArg = Annotated[Path, typer.Argument(help="Model: .safetensors written by explainfix, a state dict .pt/.pth (with --arch), a pickled module (with --trust-checkpoint), or a .pt2 program.", show_default=False)]
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture factory module.path:name (or file.py:name) for state dicts, e.g. explainfix_cli.zoo:resnet.")]
 ArchKwargsOpt = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow loading a pickled module (this runs code from the file).")]
+TrustOpt = Annotated[bool, _flag("--trust-checkpoint", help="Allow loading a pickled module (this runs code from the file).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Data: .npz/.safetensors with x (N,C,H,W) and y, or a folder with one sub-folder of images per class.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Minibatch size.")]
 BatchesOpt = Annotated[int | None, typer.Option("--batches", help="Use only the first N minibatches.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Resize images of an image folder to this square size.")]
-GrayscaleOpt = Annotated[bool, typer.Option("--grayscale", help="Read images of an image folder as one channel.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+GrayscaleOpt = Annotated[bool, _flag("--grayscale", help="Read images of an image folder as one channel.")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract from an image folder's [0, 1] pixels, e.g. 0.485,0.456,0.406 (default: the model file's own).")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std to divide an image folder's pixels by, with --mean (default: the model file's own).")]
+JsonOpt = Annotated[bool, _flag("--json", help="Print exactly one JSON object on stdout.")]
+ForceOpt = Annotated[bool, _flag("--force", help="Replace an existing output.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same inputs and seed give byte-identical outputs.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, or cuda when present.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of errors.")]
+DebugOpt = Annotated[bool, _flag("--debug", help="Show the traceback of errors.")]
 InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="Input size C,H,W for MACs and tracing when no --data is given, e.g. 1,16,16.")]
 
 
@@ -83,6 +112,25 @@ def _stderr():  # type: ignore[no-untyped-def]
     return Console(stderr=True)
 
 
+def _stdout():  # type: ignore[no-untyped-def]
+    """Results a person asked for (tables) go to stdout, so `explainfix info m > info.txt` works."""
+    from rich.console import Console
+
+    return Console()
+
+
+# The library names its parameters in backticks (`pct`); on the command line they are flags (--pct).
+LIBRARY_PARAMETERS = {
+    "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
+    "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
+    "granularity", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
+}
+
+
+def _in_flags(message: str) -> str:
+    return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in LIBRARY_PARAMETERS else m.group(0), message)
+
+
 def _run(debug: bool, fn: Callable[[], T]) -> T:
     """Run a command body: bad input → one sentence and exit 2; a failure → exit 1."""
     try:
@@ -90,7 +138,7 @@ def _run(debug: bool, fn: Callable[[], T]) -> T:
     except UserError as e:
         if debug:
             raise
-        print(f"explainfix: error: {e}", file=sys.stderr)
+        print(f"explainfix: error: {_in_flags(str(e))}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -101,20 +149,54 @@ def _run(debug: bool, fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float as None: strict JSON parsers reject NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _emit(as_json: bool, payload: dict[str, Any], render: Callable[[], None]) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(payload, allow_nan=True) + "\n")
+        sys.stdout.write(json.dumps(_strict(payload), allow_nan=False) + "\n")
     else:
         render()
 
 
+class _Bars:
+    """The library's stages (progress.py) as rich progress bars on stderr, one per open stage."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_stderr(), transient=True)
+        self.open: list[Any] = []
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.open.append(self.bars.add_task(stage, total=total))
+
+    def advance(self, steps: int) -> None:
+        if self.open:
+            self.bars.advance(self.open[-1], steps)
+
+    def finish(self) -> None:
+        self.bars.remove_task(self.open.pop())
+
+
 @contextmanager
-def _working(message: str, quiet: bool) -> Iterator[None]:
-    """A spinner on stderr, only for a person at a terminal."""
-    if quiet or not sys.stderr.isatty():
+def _working(message: str) -> Iterator[None]:
+    """Progress bars on stderr, only for a person at a terminal: piped output stays clean."""
+    if not sys.stderr.isatty():
         yield
         return
-    with _stderr().status(message):
+    from . import progress
+
+    bars = _Bars()
+    with bars.bars, progress.reporting(bars), progress.stage(message):
         yield
 
 
@@ -130,17 +212,127 @@ def _setup(seed: int, device: str) -> None:
 
 def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: bool, eager: bool = True) -> LoadedModel:
     from .checkpoints import open_model, parse_arch
+    from .formats import model_format
 
-    if eager and model.suffix == ".pt2":
+    if eager and model_format(model) == "torch-export":
         # an exported program keeps no nn.Conv2d modules to score, cut or explain
         raise UserError(f"{model} is a torch.export program, which only `info` reads; pass the model's state dict with --arch instead.")
     return open_model(model, parse_arch(arch, arch_kwargs), trust)
 
 
-def _load_data(data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool) -> Dataset | None:
+def _load_data(
+    data: Path | None,
+    batch_size: int,
+    batches: int | None,
+    image_size: int | None,
+    grayscale: bool,
+    mean: str | None = None,
+    std: str | None = None,
+    model: LoadedModel | None = None,
+) -> Dataset | None:
+    """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
     from .data import load_data
 
-    return None if data is None else load_data(data, batch_size, batches, image_size, grayscale)
+    explicit = _preprocessing(mean, std)
+    if data is None:
+        return None
+    if explicit is not None and not data.is_dir():
+        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
+    recorded = model.preprocessing if model is not None else None
+    return load_data(data, batch_size, batches, image_size, grayscale, _override(recorded, explicit))
+
+
+def _override(recorded: Preprocessing | None, explicit: Preprocessing | None) -> Preprocessing | None:
+    """--mean/--std replace the model's mean and std; its channel count and image size still apply."""
+    from dataclasses import replace
+
+    if recorded is None or explicit is None:
+        return explicit or recorded
+    return replace(recorded, mean=explicit.mean, std=explicit.std)
+
+
+def _folder_preprocessing(data: Path | None, mean: str | None, std: str | None, model: LoadedModel) -> dict[str, Any] | None:
+    """The normalisation `_load_data` applies to `data`: only an image folder gets one."""
+    applied = _override(model.preprocessing, _preprocessing(mean, std)) if data is not None and data.is_dir() else None
+    return None if applied is None else applied.to_json()
+
+
+def _preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
+    from .data import parse_preprocessing
+
+    return parse_preprocessing(mean, std)
+
+
+def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None) -> None:
+    """The checks that need no model, run before torch is imported: a typo answers at once."""
+    from .formats import model_format
+
+    if model is not None:
+        model_format(model)
+    for flag, path in (("--data", data), ("--val", val)):
+        if path is not None and not path.exists():
+            raise UserError(f"{flag} {path} does not exist.")
+
+
+def _check_batches(batch_size: int, batches: int | None, image_size: int | None) -> None:
+    for flag, value in (("--batch-size", batch_size), ("--batches", batches), ("--image-size", image_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, not {value}.")
+
+
+# ---- rendering for people ----------------------------------------------------------------------
+BLOCKED_IN_WORDS = {
+    "reaches the model output": "they reach the model's output",
+    "normalisation across channels": "a LayerNorm/GroupNorm mixes their channels",
+    "channel shuffle of several groups": "a channel shuffle interleaves them with other groups",
+    "grouped transposed convolution": "a grouped transposed convolution reads them",
+    "no layer reads it": "no layer reads them",
+}
+METRIC_DROP_WARNING = 0.02  # a fall larger than this in the metric gets a sentence and a way out
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _render_prune(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prune → {r['out']}", title_justify="left")
+    for column in ("", "before", "after", "change"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, key in (("parameters", "params"), ("MACs per sample", "macs"), ("spatial kernels", "spatial_kernels")):
+        before, after = r[f"{key}_before"], r[f"{key}_after"]
+        table.add_row(label, f"{before:,}", f"{after:,}", f"{(after - before) / before:+.1%}" if before else "")
+    for label, prefix in ((r["metric"], ""), (f"{r['metric']} on --val", "val_")):
+        if r["metric"] and r.get(f"{prefix}metric_before") is not None:
+            before, after = r[f"{prefix}metric_before"], r[f"{prefix}metric_after"]
+            change = "" if before is None or after is None else f"{after - before:+.3f}"
+            table.add_row(label, _number(before), _number(after), change)
+    out = _stdout()
+    out.print(table)
+    zeroed = f"{r['zeroed_kernels']:,} of {r['spatial_kernels_before']:,} spatial kernels zeroed ({r['pct']:g} %, {r['criterion']} saliency)"
+    removed = f"{r['channels_removed']:,} channels removed ({r['channels_folded']:,} folded into biases), --removal {r['removal']}"
+    out.print(f"{zeroed}; {removed}.")
+    if r["max_logit_change"] is not None:
+        change = f"largest output change from removal: {r['max_logit_change']:.2g} on {r['calibration_samples']:,} samples"
+        if r.get("val_max_logit_change") is not None:
+            change += f", {r['val_max_logit_change']:.2g} on {r['val_samples']:,} held-out samples"
+        out.print(change + ".")
+    for reason, count in r["blocked_groups"].items():
+        out.print(f"{count:,} channel group{'s' if count != 1 else ''} kept whole: {BLOCKED_IN_WORDS.get(reason, reason)}.")
+    before, after = r.get("metric_before"), r.get("metric_after")
+    if before is not None and after is not None and before - after > METRIC_DROP_WARNING:
+        print(
+            f"explainfix: {r['metric']} fell from {before:.3f} to {after:.3f}: train the remaining parameters to recover it "
+            f"(explainfix finetune {r['out']} --data TRAIN --val VAL --teacher ORIGINAL --out TUNED).",
+            file=sys.stderr,
+        )
+
+
+def _needs_data(criterion: Enum, data: Path | None) -> None:
+    if criterion.value == "gradient" and data is None:
+        raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
 
 
 def _input_size(text: str | None) -> tuple[int, ...] | None:
@@ -161,7 +353,7 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     table = Table(title=title, show_header=False)
     for key, value in rows:
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    _stderr().print(table)
+    _stdout().print(table)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -178,6 +370,7 @@ def info(
     """Layers, parameters, spatial kernels, fixed tensors, MACs and the file's metadata."""
 
     def body() -> None:
+        _check_paths(model)
         from .info import describe
 
         result = describe(_load_model(model, arch, arch_kwargs, trust_checkpoint, eager=False), _input_size(input_size))
@@ -191,13 +384,14 @@ def info(
             for layer in result.layers:
                 zero = "" if layer.zero_kernels is None else f"{layer.zero_kernels}"
                 table.add_row(layer.name, layer.type, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}", zero, "yes" if layer.fixed else "")
-            _stderr().print(table)
+            _stdout().print(table)
             _table("summary", [
                 ("architecture", result.arch), ("parameters", result.params), ("trainable", result.trainable_params),
                 ("spatial layers", result.spatial_layers), ("spatial kernels", result.spatial_kernels),
                 ("all-zero kernels", result.zero_kernels), ("fixed tensors", len(result.fixed_tensors)),
                 ("MACs per sample", "pass --input-size C,H,W" if result.macs is None else f"{result.macs:,} at {result.input_size}"),
                 ("history", ", ".join(h.get("step", "?") for h in result.history) or "none"),
+                ("input preprocessing", "none recorded" if result.preprocessing is None else f"mean {result.preprocessing['mean']}, std {result.preprocessing['std']}"),
             ])
 
         _emit(as_json, result.to_json(), render)
@@ -210,7 +404,7 @@ def saliency(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Where to write the score matrices (.safetensors).")],
     data: DataOpt = None,
-    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
+    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -218,6 +412,8 @@ def saliency(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -228,13 +424,17 @@ def saliency(
 
     def body() -> None:
         from .outputs import check_target
-        from .saliency import save_saliency, spatial_saliency
 
         check_target(out, force)
+        _needs_data(criterion, data)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .saliency import save_saliency, spatial_saliency
+
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        with _working("computing saliency", as_json):
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("computing saliency"):
             scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
         save_saliency(scores, str(out), force, criterion.value)
         layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
@@ -248,14 +448,16 @@ def saliency(
 def prune(
     model: ModelArg,
     data: DataOpt = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Held-out data the prune never sees: the removal's change and the metrics are measured on it too.")] = None,
     pct: Annotated[float | None, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100) (default 50, or chosen by a target).", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-pruned.safetensors beside the input).")] = None,
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
     saliency_file: Annotated[Path | None, typer.Option("--saliency", help="Reuse scores written by `explainfix saliency`.")] = None,
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     fill: Annotated[FillOpt, typer.Option("--fill", help="Zeroed kernels that stay: keep zero, reset to old values, or fillzero re-initialise.")] = FillOpt.zero,
-    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that do not change the output (constants folded). aggressive: also drop silent channels unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
-    no_fix: Annotated[bool, typer.Option("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
+    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that leave the output unchanged for every input. calibrated: also channels constant on --data only (check with --val). aggressive: also silent channels, unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
+    no_fix: Annotated[bool, _flag("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
+    min_kernels_per_layer: Annotated[int, typer.Option("--min-kernels-per-layer", help="Keep the K most salient kernels of every spatial layer out of zeroing, against layer collapse (0: pure global ranking).")] = 0,
     max_drop: MaxDropOpt = None,
     max_params: MaxParamsOpt = None,
     max_macs: MaxMacsOpt = None,
@@ -267,6 +469,8 @@ def prune(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -276,39 +480,44 @@ def prune(
     """Zero the least salient spatial kernels, remove dead channels, write a smaller fixed-filter model."""
 
     def body() -> None:
+        from .outputs import check_target
+
+        goal = _target(pct, max_drop, max_params, max_macs)
+        if pct is not None and not 0 <= pct < 100:
+            raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        if min_kernels_per_layer < 0:
+            raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
+        if saliency_file is None:
+            _needs_data(criterion, data)
+        target = out or model.with_name(f"{model.stem}-pruned.safetensors")
+        check_target(target, force)
+        _check_paths(model, data, val)
+        _check_batches(batch_size, batches, image_size)
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         from .pruning import prune as prune_model
         from .saliency import load_saliency
 
-        target = _target(pct, max_drop, max_params, max_macs)
-        if pct is not None and not 0 <= pct < 100:
-            raise UserError(f"--pct must be in [0, 100), not {pct}.")
-        if criterion is CriterionOpt.gradient and data is None and saliency_file is None:
-            raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude (with --input-size C,H,W) for the data-free fallback.")
-        written = out or model.with_name(f"{model.stem}-pruned.safetensors")
-        _setup(seed, device)
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        scores = load_saliency(str(saliency_file), loaded.model) if saliency_file else None
+        scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
         options: dict[str, Any] = {
-            "granularity": granularity.value, "criterion": criterion.value, "scores": scores, "fill": fill.value, "removal": removal.value,
-            "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": written, "force": force, "seed": seed,
-            "device": device, "sample_shape": _input_size(input_size),
+            "granularity": granularity.value, "criterion": scored_by, "scores": scores, "fill": fill.value, "removal": removal.value,
+            "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": target, "force": force, "seed": seed,
+            "device": device, "sample_shape": _input_size(input_size), "val": _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
+            "preprocessing": _override(loaded.preprocessing, _preprocessing(mean, std)), "min_kernels_per_layer": min_kernels_per_layer,
         }  # fmt: skip
-        with _working("pruning", as_json):
-            if target is None:
-                report = prune_model(loaded.model, dataset, pct=50.0 if pct is None else pct, **options)[1]
+        with _working("pruning"):
+            if goal is None:
+                _, report = prune_model(loaded.model, dataset, pct=50.0 if pct is None else pct, **options)
             else:
-                report = _prune_to_target(loaded.model, dataset, target, options)
-        payload = report.to_json()
-        _emit(as_json, payload, lambda: _table(f"prune → {written}", _prune_rows(payload)))
+                found = _prune_to_target(loaded.model, dataset, goal, options)
+                report = found.report
+        for warning in report.warnings():
+            print(f"explainfix: warning: {warning}", file=sys.stderr)
+        payload = report.to_json() if goal is None else found.to_json()
+        _emit(as_json, payload, lambda: _render_prune(payload) if goal is None else _render_target(payload))
 
     _run(debug, body)
-
-
-class FigureFormat(str, Enum):
-    png = "png"
-    svg = "svg"
-    pdf = "pdf"
 
 
 @app.command()
@@ -319,8 +528,84 @@ def explain(
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
     attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
-    log_scale: Annotated[bool, typer.Option("--log-scale", help="Logarithmic colour scale in the spectra heatmaps and the kernel saliency grid.")] = False,
-    with_figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
+    log_scale: Annotated[bool, _flag("--log-scale", help="Logarithmic colour scale in the spectra heatmaps (the kernel-saliency figure always has one).")] = False,
+    pct: Annotated[float, typer.Option("--pct", help="Mark in the kernel-saliency figure the kernels `explainfix prune --pct P` would zero.")] = 50.0,
+    with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Which spatial frequencies each layer uses (ExplainSteer, docs/method.md §5): figures, spectra and attributions."""
+
+    def body() -> None:
+        from .outputs import check_folder_target
+
+        check_folder_target(out, force)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
+        _setup(seed, device)
+        from .explanation import ReportSource
+        from .explanation import explain as explain_model
+
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("explaining"):
+            result = explain_model(
+                loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
+                log_scale=log_scale, with_figures=with_figures, device=device, pct=pct, source=ReportSource(
+                    model=str(model), arch=loaded.arch.to_json() if loaded.arch else None, data=None if data is None else str(data), history=loaded.history,
+                    preprocessing=_folder_preprocessing(data, mean, std, loaded),
+                ),
+            )
+        for note in result.notes:
+            print(f"explainfix: note: {note}", file=sys.stderr)
+        shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
+        _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
+
+    _run(debug, body)
+
+
+# ---- evaluate and bench: measurements with CI gates (a gate not met: one sentence, exit 1) ---------
+VsOpt = Annotated[Path | None, typer.Option("--vs", help="Another model to compare with, side by side (loaded with the same --arch options).")]
+
+
+def _gate_verdict(gates: list[Any]) -> None:
+    """Exit 1 with one sentence when a gate failed (after the results were printed)."""
+    failures = [g.sentence.rstrip(".") for g in gates if not g.passed]
+    if failures:
+        print(f"explainfix: gate failed: {'; '.join(failures)}.", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _side_by_side(title: str, names: list[str], rows: list[tuple[str, list[Any]]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ["", *names]:
+        table.add_column(col, justify="right" if col else "left")
+    for label, values in rows:
+        table.add_row(label, *("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values))
+    _stdout().print(table)
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    data: DataOpt = None,
+    vs: VsOpt = None,
+    min_metric: Annotated[float | None, typer.Option("--min-metric", help="Gate: exit 1 unless the model's metric is at least this.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Gate (with --vs): exit 1 if the model's metric is more than this below OTHER's.")] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -329,30 +614,127 @@ def explain(
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
     as_json: JsonOpt = False,
-    force: ForceOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     debug: DebugOpt = False,
 ) -> None:
-    """Which spatial frequencies each layer uses (ExplainSteer, METHOD §5): figures, spectra and attributions."""
+    """The target's metric (accuracy, AUC, dice) and loss on the data, optionally against --vs; CI gates exit 1."""
 
-    def body() -> None:
-        from .explain import explain as explain_model
-        from .outputs import check_target
+    def body() -> Any:
+        from .evaluation import evaluate as evaluate_model
 
-        check_target(out, force)
+        if data is None:
+            raise UserError("evaluate needs data: pass --data D.")
+        if max_drop is not None and vs is None:
+            raise UserError("--max-drop compares with another model; pass it with --vs OTHER.")
         _setup(seed, device)
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint).model.to(device) if vs else None
         dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        with _working("explaining", as_json):
-            result = explain_model(
-                loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
-                log_scale=log_scale, with_figures=with_figures, device=device,
-            )
-        shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
-        _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
+        with _working("evaluating"):
+            report = evaluate_model(loaded.model.to(device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=device)
 
-    _run(debug, body)
+        def render() -> None:
+            runs = [report.model] if report.vs is None else [report.model, report.vs]
+            r0 = runs[0]
+            rows: list[tuple[str, list[Any]]] = [("samples", [r.samples for r in runs]), (r0.metric, [r.value for r in runs]), (f"loss ({r0.loss_name})", [r.loss for r in runs])]
+            if r0.target == "labels":
+                names = r0.classes or [str(k) for k in range(len(r0.per_class_accuracy or []))]
+                rows += [(f"accuracy of class {c}", [(r.per_class_accuracy or [])[k] for r in runs]) for k, c in enumerate(names)]
+            elif r0.target == "multilabel":
+                rows += [(f"AUC of label {k}", [(r.auc_per_label or [])[k] for r in runs]) for k in range(len(r0.auc_per_label or []))]
+            else:
+                rows += [("IoU", [r.iou for r in runs])]
+            if report.drop is not None:
+                rows.append((f"{r0.metric} drop against --vs", [report.drop] + [None] * (len(runs) - 1)))
+            _side_by_side(f"evaluate on {data}", [r.model for r in runs], rows)
+            for r in runs:
+                if r.confusion_matrix is not None:
+                    _side_by_side(f"confusion matrix of {r.model} (rows: true class, columns: predicted)", [str(k) for k in range(len(r.confusion_matrix))], [(str(k), list(row)) for k, row in enumerate(r.confusion_matrix)])
+            for g in report.gates:
+                _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
+
+        _emit(as_json, report.to_json(), render)
+        return report
+
+    _gate_verdict(_run(debug, body).gates)
+
+
+@app.command()
+def bench(
+    model: ModelArg,
+    vs: VsOpt = None,
+    input_size: Annotated[str | None, typer.Option("--input-size", help="Input size C,H,W; needed when the file does not remember one (a pruned file does).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="The larger batch N that latency is also measured at (besides batch 1).")] = 16,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model, form and batch; the median is reported.")] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before the timed ones.")] = 3,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op CPU threads (default: torch's); the count used is reported.")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms", help="Gate: exit 1 if the median latency at batch 1, as written, is above this.")] = None,
+    max_params: Annotated[int | None, typer.Option("--max-params", help="Gate: exit 1 if the model has more parameters.")] = None,
+    max_macs: Annotated[int | None, typer.Option("--max-macs", help="Gate: exit 1 if the model needs more MACs per sample.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Parameters, MACs, file size, peak memory and latency, as written and in deployment form; CI gates exit 1."""
+
+    def body() -> Any:
+        from .bench import bench as bench_model
+
+        for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads or 1)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, not {value}.")
+        if warmup < 0:
+            raise UserError(f"--warmup must be 0 or more, not {warmup}.")
+        if device != "cpu":
+            raise UserError("bench measures CPU latency; run it with --device cpu.")
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint) if vs else None
+        size = _input_size(input_size) or loaded.input_size or (other.input_size if other else None)
+        if size is None:
+            raise UserError(f"{model} does not record its input size; pass --input-size C,H,W.")
+        with _working("benchmarking"):
+            report = bench_model(
+                loaded.model, size, name=str(model), path=model, vs=other.model if other else None, vs_name=str(vs), vs_path=vs,
+                batch_size=batch_size, repeats=repeats, warmup=warmup, threads=threads, seed=seed,
+                max_latency_ms=max_latency_ms, max_params=max_params, max_macs=max_macs,
+            )
+
+        def render() -> None:
+            runs = [report.model] if report.vs is None else [report.model, report.vs]
+            labels = {"params": "parameters", "macs": "MACs per sample", "file_bytes": "file bytes", "peak_memory_bytes": "peak memory bytes"}
+            keys = [*labels, *(f"latency_{k}" for k in report.model.latency_ms)]
+
+            def label(key: str) -> str:
+                return labels.get(key) or "latency ms, " + key.removeprefix("latency_").replace("_", " ").replace("batch n", f"batch {report.batch_size}")
+
+            def value(r: Any, key: str) -> Any:
+                return r.latency_ms[key.removeprefix("latency_")] if key.startswith("latency_") else getattr(r, key)
+
+            ratio = (lambda key: [report.ratios.get(key)]) if report.ratios else (lambda key: [])
+            rows = [(label(k), [value(r, k) for r in runs] + ratio(k)) for k in keys]
+            rows.append(("batch norms folded", [r.folded_batch_norms for r in runs] + ratio("")))
+            names = [r.model for r in runs] + (["ratio"] if report.ratios else [])
+            load = "" if report.load_average is None else f", load {report.load_average:.1f}"
+            _side_by_side(f"bench at {'x'.join(map(str, report.input_size))}, {report.threads} threads{load}, median of {report.repeats}", names, rows)
+            for r in runs:
+                if r.deployment_note:
+                    _stderr().print(f"{r.model}: {r.deployment_note}")
+            for g in report.gates:
+                _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
+
+        _emit(as_json, report.to_json(), render)
+        return report
+
+    _gate_verdict(_run(debug, body).gates)
+for _info in app.registered_commands:  # every command, whoever added it, shows flags as flags
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
 
 
 # ---- sweep, and prune to a target (issue 12) ----------------------------------------------------
@@ -362,14 +744,13 @@ MaxMacsOpt = Annotated[int | None, typer.Option("--max-macs", help="Instead of -
 
 
 def _target(pct: float | None, max_drop: float | None, max_params: int | None, max_macs: int | None) -> Any:
-    from .sweep import Target
-
-    target = Target(max_drop, max_params, max_macs)
-    if not target.given:
-        return None
+    if max_drop is None and max_params is None and max_macs is None:
+        return None  # without importing torch: a plain prune's argument checks answer at once
     if pct is not None:
         raise UserError("--pct and a target (--max-drop, --max-params, --max-macs) are alternatives; give one of them.")
-    return target
+    from .sweep import Target
+
+    return Target(max_drop, max_params, max_macs)
 
 
 def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dict[str, Any]) -> Any:
@@ -383,20 +764,16 @@ def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dic
         raise SystemExit(1) from None
 
 
-def _prune_rows(payload: dict[str, Any]) -> list[tuple[str, Any]]:
-    """A prune report for a person: a target's limits in one cell, its probes counted (--json lists them)."""
-    rows = []
-    for key, value in payload.items():
-        if key == "target":
-            value = ", ".join(f"{k.replace('_', '-')} {v:,}" for k, v in value.items() if v is not None)
-        elif key == "probes":
-            value = f"{len(value)} pcts measured"
-        rows.append((key, value))
-    return rows
+def _render_target(payload: dict[str, Any]) -> None:
+    """The prune summary, then which pct the target chose and how it was found (--json lists every probe)."""
+    _render_prune(payload)
+    limits = ", ".join(f"--{k.replace('_', '-')} {v:,}" for k, v in payload["target"].items() if v is not None)
+    scanned = sum(p["model"] == "zeroed" for p in payload["probes"])
+    pruned = len(payload["probes"]) - scanned
+    _stdout().print(f"pct {payload['pct_chosen']:g} meets {limits}: {scanned} pcts scanned on the zeroed model, {pruned} pruned.")
 
 
 def _stdout_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -404,18 +781,18 @@ def _stdout_table(title: str, columns: list[str], rows: list[list[str]]) -> None
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command()
 def sweep(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.json, sweep.csv and the figure (made if missing; other files in it are left alone).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.json, sweep.csv and the figure (made if missing; with --force only those files are replaced).")],
     data: DataOpt = None,
     pcts: Annotated[str, typer.Option("--pcts", help="Comma-separated percentages of spatial kernels to zero, each in [0, 100).")] = "0,50,80,90,95,99",
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
-    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (METHOD §1) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
-    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
+    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
+    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact, calibrated or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
     latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 30,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     arch: ArchOpt = None,
@@ -425,6 +802,8 @@ def sweep(
     batches: BatchesOpt = None,
     image_size: ImageSizeOpt = None,
     grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
@@ -434,7 +813,7 @@ def sweep(
     """The metric / parameters / MACs / latency trade-off at several pcts, from one saliency pass."""
 
     def body() -> None:
-        from .sweep import sweep as sweep_model
+        from .outputs import check_folder_target
 
         try:
             values = [float(p) for p in pcts.split(",")]
@@ -442,10 +821,15 @@ def sweep(
             raise UserError(f"--pcts must be comma-separated numbers, e.g. 0,50,90, not {pcts!r}.") from None
         if data is None:
             raise UserError("sweep measures the metric at each pct: pass --data D.")
+        check_folder_target(out, force)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        from .sweep import sweep as sweep_model
+
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale)
-        with _working("sweeping", as_json):
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("sweeping"):
             result = sweep_model(
                 loaded.model, dataset, values, out_dir=out, criterion=criterion.value, granularity=granularity.value, removal=removal.value,  # type: ignore[arg-type]
                 latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=device,
@@ -479,6 +863,8 @@ def main() -> None:
         if message is None:
             raise
         if message():  # empty when the help was shown for a bare `explainfix`
-            print(f"explainfix: error: {message()} (see explainfix COMMAND --help)", file=sys.stderr)
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None and ctx.command_path != "explainfix" else "explainfix COMMAND"
+            print(f"explainfix: error: {message()} (see {where} --help)", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

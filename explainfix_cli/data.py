@@ -1,25 +1,91 @@
 """Data in: `.npz` / `.safetensors` files holding `x` and `y`, or a folder of images per class.
 
-Targets come in the three kinds of METHOD.md §1: integer class labels (N,), multi-label 0/1
+Targets come in the three kinds of docs/method.md §1: integer class labels (N,), multi-label 0/1
 vectors (N, K), or segmentation masks (N, K, H, W). `Dataset.targets` turns a minibatch's `y`
 into a tensor of the model output's shape, which is what the saliency objective needs.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .formats import is_zip, sniff
 
 TargetKind = Literal["labels", "multilabel", "mask"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's inputs are made from images: pixels scaled to [0, 1], then per channel
+    `(x - mean[c]) / std[c]` (one value serves every channel).
+
+    The files explainfix writes record it (`checkpoints.save_model`), so a folder of images is
+    normalised the way the model was trained; `channels` and `size` (H, W) are the input the model
+    was trained on, and set a folder's colour mode and image size when the user does not.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int | None = None
+    size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.mean or len(self.mean) != len(self.std):
+            raise UserError(f"mean and std need one value per channel each, not {len(self.mean)} and {len(self.std)}.")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or min(self.std) <= 0:
+            raise UserError(f"mean must be finite and std positive, not mean {list(self.mean)}, std {list(self.std)}.")
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (N, C, H, W) in [0, 1] as the model's input."""
+        if len(self.mean) not in (1, x.shape[1]):
+            raise UserError(f"the images have {x.shape[1]} channels but mean and std give {len(self.mean)} values.")
+        mean = torch.tensor(self.mean, dtype=x.dtype).reshape(1, -1, 1, 1)  # (1, C or 1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).reshape(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": self.channels,
+            "size": None if self.size is None else list(self.size),
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Preprocessing:
+        size = value.get("size")
+        return cls(
+            tuple(float(v) for v in value["mean"]),
+            tuple(float(v) for v in value["std"]),
+            value.get("channels"),
+            None if size is None else (int(size[0]), int(size[1])),
+        )
+
+
+def parse_preprocessing(mean: str | None, std: str | None) -> Preprocessing | None:
+    """Per-channel `mean` and `std` given as comma-separated numbers, e.g. "0.485,0.456,0.406"."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise UserError("`mean` and `std` go together; give both (one value, or one per channel).")
+    values = []
+    for name, text in (("`mean`", mean), ("`std`", std)):
+        try:
+            values.append(tuple(float(v) for v in text.split(",")))
+        except ValueError:
+            raise UserError(f"{name} must be comma-separated numbers, e.g. 0.5 or 0.485,0.456,0.406, not {text!r}.") from None
+    return Preprocessing(values[0], values[1])
 
 
 @dataclass
@@ -30,13 +96,13 @@ class Dataset:
     y: torch.Tensor  # (N,) int64 labels | (N, K) multi-label | (N, K, H, W) masks
     batch_size: int = 64
     batches: int | None = None  # use only the first `batches` minibatches
-    classes: list[str] | None = None  # class names, for image folders
+    classes: list[str] | None = None  # class names: an image folder's, or a data file's `classes`
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}.")
+            raise UserError(f"`batch_size` must be at least 1, not {self.batch_size}.")
         if self.batches is not None and self.batches < 1:
-            raise UserError(f"--batches must be at least 1, not {self.batches}.")
+            raise UserError(f"`batches` must be at least 1, not {self.batches}.")
 
     @property
     def target_kind(self) -> TargetKind:
@@ -60,7 +126,7 @@ class Dataset:
             yield self.x[sl], self.y[sl]
 
     def targets(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y` as a tensor of the output's shape: one-hot for labels, as-is otherwise (METHOD §1)."""
+        """`y` as a tensor of the output's shape: one-hot for labels, as-is otherwise (docs/method.md §1)."""
         if self.target_kind == "labels":
             if output.dim() != 2:
                 raise UserError(
@@ -85,11 +151,23 @@ def load_data(
     batches: int | None = None,
     image_size: int | None = None,
     grayscale: bool = False,
+    preprocessing: Preprocessing | None = None,
 ) -> Dataset:
-    """Read a data file or image folder (PRODUCT.md "Data in")."""
+    """Read a data file or image folder (docs/cli.md "Data in").
+
+    An image folder's pixels are scaled to [0, 1] and normalised by `preprocessing` (the model's
+    own, or the user's); its `channels` and `size` apply unless `grayscale` / `image_size` say
+    otherwise. A data file's `x` is taken as already preprocessed.
+    """
     path = Path(path)
     if path.is_dir():
+        if preprocessing is not None:
+            grayscale = grayscale or preprocessing.channels == 1
+            if image_size is None and preprocessing.size is not None and preprocessing.size[0] == preprocessing.size[1]:
+                image_size = preprocessing.size[0]
         x, y, classes = _read_image_folder(path, image_size, grayscale)
+        if preprocessing is not None:
+            x = preprocessing.normalise(x)
         return Dataset(x, y, batch_size, batches, classes)
     if not path.is_file():
         raise UserError(f"data {path} does not exist.")
@@ -99,25 +177,48 @@ def load_data(
             raise UserError(f"{path} has no array named {key!r} (it has {sorted(arrays)}); store inputs as x and targets as y.")
     x = torch.as_tensor(np.asarray(arrays["x"]))
     y = torch.as_tensor(np.asarray(arrays["y"]))
-    return Dataset(*_validated(x, y, path), batch_size=batch_size, batches=batches)
+    return Dataset(*_validated(x, y, path), batch_size=batch_size, batches=batches, classes=_class_names(arrays, path))
+
+
+def _class_names(arrays: Mapping[str, np.ndarray], path: Path) -> list[str] | None:
+    """The optional class names of a data file, one per class (e.g. the labels of multi-label
+    targets): a `classes` string array in a .npz, a JSON list in a .safetensors file's metadata."""
+    names = arrays.get("classes")
+    if names is None:
+        return None
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise UserError(f"{path}: classes must be a 1-D array of class names (strings), not {names.dtype} {names.shape}.")
+    return [str(n) for n in names.astype(str)]
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".npz":
+    """The arrays of a .npz or safetensors file, told apart by content, not by name."""
+    kind = sniff(path)
+    if kind in ("torch-zip", "torch-export"):
+        raise UserError(f"data {path} is a PyTorch model file, not data; pass a .npz or .safetensors file with x and y.")
+    if is_zip(path):
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise UserError(f"{path} is not a readable .npz file ({e}).") from None
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+    if kind == "safetensors":
+        from safetensors import SafetensorError, safe_open
         from safetensors.numpy import load_file
 
         try:
-            return load_file(str(path))
+            arrays = load_file(str(path))
+            with safe_open(str(path), framework="np") as f:
+                metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable safetensors file ({e}).") from None
-    raise UserError(f"data {path} must be a .npz or .safetensors file or a folder of images per class.")
+        if "classes" in metadata:  # safetensors holds no strings: class names are a JSON list in the metadata
+            try:
+                arrays["classes"] = np.array(json.loads(metadata["classes"]), dtype=str)
+            except (json.JSONDecodeError, ValueError):
+                raise UserError(f"{path}: the metadata entry classes must be a JSON list of class names.") from None
+        return arrays
+    raise UserError(f"data {path} is neither a .npz nor a safetensors file nor a folder of images per class.")
 
 
 def _validated(x: torch.Tensor, y: torch.Tensor, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +259,7 @@ def _read_image_folder(
             try:
                 with Image.open(file) as img:
                     img = img.convert("L" if grayscale else "RGB")
-                    if image_size is not None:
+                    if image_size is not None and img.size != (image_size, image_size):
                         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
                     images.append(np.asarray(img, dtype=np.float32) / 255.0)
             except (UnidentifiedImageError, OSError) as e:
@@ -168,7 +269,7 @@ def _read_image_folder(
         raise UserError(f"{root} holds no images in its class folders.")
     sizes = {im.shape[:2] for im in images}
     if len(sizes) > 1:
-        raise UserError(f"{root} holds images of different sizes {sorted(sizes)[:3]}; pass --image-size to resize them.")
+        raise UserError(f"{root} holds images of different sizes {sorted(sizes)[:3]}; pass `image_size` to resize them.")
     x = torch.from_numpy(np.stack(images))  # (N, H, W) or (N, H, W, 3)
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
     return x.contiguous(), torch.tensor(labels, dtype=torch.long), classes

@@ -1,6 +1,6 @@
 """The orthonormal 2-D DCT-II basis of a spatial kernel and its low-to-high frequency order.
 
-Shared by explain (METHOD.md §5, ExplainSteer) and by steered initialisation (METHOD.md §4).
+Shared by explain (docs/method.md §5, ExplainSteer) and by steered initialisation (docs/method.md §4).
 """
 
 import math
@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 def dct1_basis(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """1-D orthonormal DCT-II basis: row k is c_k(i) = a_k cos(pi/n (i + 1/2) k) (METHOD.md §4)."""
+    """1-D orthonormal DCT-II basis: row k is c_k(i) = a_k cos(pi/n (i + 1/2) k) (docs/method.md §4)."""
     k = torch.arange(n, dtype=dtype).unsqueeze(1)  # (n, 1) frequency
     i = torch.arange(n, dtype=dtype).unsqueeze(0)  # (1, n) position
     scale = torch.full((n, 1), math.sqrt(2 / n), dtype=dtype)  # (n, 1)
@@ -19,7 +19,7 @@ def dct1_basis(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 def dct2_basis(kh: int, kw: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """2-D orthonormal DCT-II basis of a `(kh, kw)` kernel (METHOD.md §4).
+    """2-D orthonormal DCT-II basis of a `(kh, kw)` kernel (docs/method.md §4).
 
     Row `j = a * kw + b` is the outer product of the 1-D vectors `c_a` (vertical frequency `a`)
     and `c_b` (horizontal frequency `b`), flattened row-major like `kernel.reshape(-1)`, so
@@ -30,7 +30,7 @@ def dct2_basis(kh: int, kw: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 def frequency_order(kh: int, kw: int) -> list[int]:
-    """Row-major basis indices ordered from low to high frequency (METHOD.md §5).
+    """Row-major basis indices ordered from low to high frequency (docs/method.md §5).
 
     Anti-diagonals `a + b = s` by increasing `s`; within one, its cells are taken from the two
     ends inwards (the end with the smaller `a` first), the centre last. For non-square kernels an

@@ -1,4 +1,4 @@
-"""METHOD.md §4: spatially fixed filters (never learned: requires_grad=False)."""
+"""docs/method.md §4: spatially fixed filters (never learned: requires_grad=False)."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ class ModelInfo:
     macs: int | None
     layers: list[LayerInfo] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    preprocessing: dict[str, Any] | None = None  # input normalisation the file records
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +48,9 @@ def describe(loaded: LoadedModel, input_size: tuple[int, ...] | None = None) -> 
     if input_size is None:  # a pruned file remembers the input size it was pruned on
         recorded = next((h.get("input_size") for h in reversed(loaded.history) if h.get("input_size")), None)
         input_size = tuple(recorded) if recorded else None
+    pre = loaded.preprocessing
+    if input_size is None and pre is not None and pre.channels and pre.size:  # or the input it was trained on
+        input_size = (pre.channels, *pre.size)
     layers = []
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
@@ -76,4 +80,5 @@ def describe(loaded: LoadedModel, input_size: tuple[int, ...] | None = None) -> 
         macs=count_macs(model, input_size) if input_size else None,
         layers=layers,
         history=loaded.history,
+        preprocessing=None if loaded.preprocessing is None else loaded.preprocessing.to_json(),
     )

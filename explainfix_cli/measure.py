@@ -72,9 +72,13 @@ def metric(data: Dataset, out: torch.Tensor) -> float:
     if data.target_kind == "mask":
         pred, truth = (out > 0).float(), (y > 0.5).float()
         return float(2 * (pred * truth).sum() / (pred.sum() + truth.sum()).clamp_min(1e-12))
-    aucs = [_roc_auc(out[:, k], y[:, k] > 0.5) for k in range(y.shape[1])]
-    valid = [a for a in aucs if a is not None]
+    valid = [a for a in auc_per_label(y, out) if a is not None]
     return float(sum(valid) / len(valid)) if valid else float("nan")
+
+
+def auc_per_label(y: torch.Tensor, out: torch.Tensor) -> list[float | None]:
+    """ROC AUC of each label's logit against its 0/1 target (N, K); None for a label with one class only."""
+    return [_roc_auc(out[:, k], y[:, k] > 0.5) for k in range(y.shape[1])]
 
 
 def _roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:

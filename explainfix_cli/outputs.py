@@ -1,36 +1,73 @@
-"""Writing outputs safely: refuse to replace without --force, write to a temporary path, rename.
+"""Writing outputs safely (docs/cli.md, "Outputs").
 
-Every command that writes goes through these two context managers, so a failure (bad input found
-late, an exception, Ctrl-C) never leaves a half-written file or folder behind.
+- A command that writes **one file** refuses an existing file unless `force`, and always refuses a
+  path that is a folder. It writes a temporary file beside the target and renames it at the end, so
+  a failure leaves nothing behind and the output may be the input.
+- A command that writes a **report folder** creates it, or writes into an existing one: an empty
+  folder is fine, a non-empty one needs `force`, and then only the files the command writes are
+  replaced, each by a rename. Nothing else in the folder is touched and no folder of the user's is
+  ever removed.
+
+Files get the mode a new file gets under the user's umask; a replaced file keeps its own mode.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
 
 
-def check_target(path: Path, force: bool) -> None:
-    """Fail early, before any work, when `path` cannot be written."""
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists; pass --force to replace it or choose another --out.")
+def _check_parent(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"the folder {parent} for the output does not exist; create it first.")
     if not os.access(parent, os.W_OK):
-        raise UserError(f"the folder {parent} is not writable; choose another --out.")
+        raise UserError(f"the folder {parent} is not writable; choose another output path.")
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Fail early, before any work, when the file `path` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, but this command writes one file; name a file as the output.")
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass `force` to replace it or choose another output path.")
+    _check_parent(path)
+
+
+def check_folder_target(path: Path, force: bool) -> None:
+    """Fail early when the report folder `path` cannot be written (see the module docstring)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, but this command writes a folder; name a folder as the output.")
+    if path.is_dir():
+        if any(path.iterdir()) and not force:
+            raise UserError(f"the folder {path} is not empty; pass `force` to replace the files this command writes there, or choose another output folder.")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"the folder {path} is not writable; choose another output folder.")
+        return
+    _check_parent(path)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _mode_for(target: Path, default: int) -> int:
+    """The mode `target` keeps when it is replaced, or the umask's mode for a new file."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        return default & ~_umask()
 
 
 @contextmanager
@@ -40,11 +77,11 @@ def atomic_file(path: Path, force: bool) -> Iterator[Path]:
     check_target(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); outputs get the usual mode
     try:
         yield Path(tmp)
-        if path.is_dir():
-            shutil.rmtree(path)
+        check_target(path, force)  # the path may have become a folder while we worked
+        # after writing: a writer may replace the temporary file (safetensors does), and mkstemp made it 0600
+        os.chmod(tmp, _mode_for(path, 0o666))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -53,65 +90,29 @@ def atomic_file(path: Path, force: bool) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`."""
+    """Yield an empty staging folder beside `path`; on success its files move into `path`, one
+    rename each (creating `path` and sub-folders as needed). The staging folder is ours and goes."""
     path = Path(path)
-    check_target(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private (0700); outputs get the usual mode
+    check_folder_target(path, force)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else "."))
     try:
-        yield tmp
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        os.replace(tmp, path)
+        yield stage
+        check_folder_target(path, force)
+        if not path.exists():
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it 0700
+            os.replace(stage, path)
+            return
+        for src in sorted(stage.rglob("*")):
+            dst = path / src.relative_to(stage)
+            if src.is_dir():
+                if dst.exists() and not dst.is_dir():
+                    raise UserError(f"{dst} is a file where this command writes a folder; move it away first.")
+                dst.mkdir(exist_ok=True)
+            else:
+                if dst.is_dir():
+                    raise UserError(f"{dst} is a folder where this command writes a file; move it away first.")
+                os.chmod(src, _mode_for(dst, 0o666))
+                os.replace(src, dst)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def check_files(folder: Path, names: Sequence[str], force: bool) -> None:
-    """Fail early when the files `names` cannot be written into `folder` (which may be new).
-
-    Unlike `atomic_dir`, the folder is the user's: it may hold other files, and only these are replaced.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} exists and is not a folder; choose another --out.")
-    if not folder.exists():
-        check_target(folder, force=False)
-        return
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"the folder {folder} is not writable; choose another --out.")
-    for name in names:
-        path = folder / name
-        if path.is_dir():
-            raise UserError(f"{path} is a folder, where a file would be written; move it or choose another --out.")
-        if path.exists() and not force:
-            raise UserError(f"{path} already exists; pass --force to replace it or choose another --out.")
-
-
-@contextmanager
-def files_in_folder(folder: Path, names: Sequence[str], force: bool) -> Iterator[dict[str, Path]]:
-    """Yield a temporary path per file name (same name, in a hidden staging folder inside `folder`);
-    on success every file is moved into `folder`, replacing only a file of that name.
-
-    `folder` is made if missing (not its parents) and removed again, empty, if this fails; nothing
-    is ever deleted recursively.
-    """
-    folder = Path(folder)
-    check_files(folder, names, force)
-    made = not folder.exists()
-    if made:
-        folder.mkdir()
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
-    try:
-        yield {name: stage / name for name in names}
-        for name in names:
-            os.replace(stage / name, folder / name)
-    finally:
-        for name in names:
-            (stage / name).unlink(missing_ok=True)
-        stage.rmdir()
-        if made and not any(folder.iterdir()):
-            folder.rmdir()
+        if stage.exists():
+            shutil.rmtree(stage)

@@ -1,45 +1,66 @@
-"""METHOD.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
+"""docs/method.md §2 (zeroing the least salient kernels) and the whole prune: §1 → §2 → §3 → §4."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from .channels import ChannelRemoval, Removal, remove_dead_channels, remove_least_salient_channels
+from . import progress
+from .channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec, save_model
-from .data import Dataset
+from .choices import Criterion, Fill, Granularity, Removal
+from .data import Dataset, Preprocessing
 from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
-from .saliency import Criterion, require_spatial_convs, spatial_saliency
-
-Fill = Literal["zero", "reset", "fillzero"]
-Granularity = Literal["kernel", "channel"]
+from .saliency import require_spatial_convs, spatial_convs, spatial_saliency
 
 
-def zero_least_salient(model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> dict[str, torch.Tensor]:
-    """Zero the `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2).
+def least_salient_kernels(
+    model: nn.Module, scores: dict[str, torch.Tensor], pct: float, min_kernels_per_layer: int = 0
+) -> dict[str, torch.Tensor]:
+    """The `floor(pct/100 * total)` least salient spatial kernels of the whole model (§2), per
+    layer an (O, I/groups) mask, without changing the model.
 
     One global ranking, ascending; ties broken by layer order, then o, then i (a stable sort of
-    the scores laid out in that order). Returns per layer the (O, I/groups) mask of zeroed kernels.
+    the scores laid out in that order). `min_kernels_per_layer` K > 0 is a floor against layer
+    collapse: the K most salient kernels of every layer (ties to the earlier o, i) stay out of
+    the ranking, which is otherwise unchanged, and at most the kernels left in it are chosen.
     """
     if not 0 <= pct < 100:
-        raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
+    if min_kernels_per_layer < 0:
+        raise UserError(f"the minimum of kernels kept per layer must be 0 or more, not {min_kernels_per_layer}.")
     convs = require_spatial_convs(model)
     flat = torch.cat([scores[name].double().flatten() for name, _ in convs])  # layer, then o, then i
-    chosen = _smallest_first(flat, math.floor(pct / 100 * len(flat)))
+    k = math.floor(pct / 100 * len(flat))
+    if min_kernels_per_layer == 0:
+        chosen = _smallest_first(flat, k)
+    else:
+        ranked = ~torch.cat([_most_salient(scores[name].double().flatten(), min_kernels_per_layer) for name, _ in convs])  # (total,)
+        chosen = torch.zeros(len(flat), dtype=torch.bool)
+        chosen[ranked] = _smallest_first(flat[ranked], min(k, int(ranked.sum())))
     masks, start = {}, 0
     for name, conv in convs:
         n = conv.weight.shape[0] * conv.weight.shape[1]
         masks[name] = chosen[start : start + n].reshape(conv.weight.shape[:2])  # (O, I/groups)
         start += n
+    return masks
+
+
+def zero_least_salient(
+    model: nn.Module, scores: dict[str, torch.Tensor], pct: float, min_kernels_per_layer: int = 0
+) -> dict[str, torch.Tensor]:
+    """Zero the kernels `least_salient_kernels` picks (§2); returns its masks."""
+    masks = least_salient_kernels(model, scores, pct, min_kernels_per_layer)
+    for name, conv in require_spatial_convs(model):
         with torch.no_grad():
             conv.weight[masks[name]] = 0
     return masks
@@ -59,13 +80,25 @@ def _smallest_first(flat: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
+def _most_salient(layer: torch.Tensor, k: int) -> torch.Tensor:
+    """(n,) True at the k highest scores of one layer; among equal scores the earlier kernel."""
+    keep = torch.zeros(len(layer), dtype=torch.bool)
+    keep[torch.sort(layer, descending=True, stable=True).indices[:k]] = True
+    return keep
+
+
+def collapsed_layers(model: nn.Module) -> list[str]:
+    """Spatial convs with no nonzero kernel left: their output no longer depends on their input,
+    so neither does the model's, unless a skip connection goes around them."""
+    return [name for name, conv in spatial_convs(model) if not bool(conv.weight.detach().ne(0).any())]
+
+
 def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill, generator: torch.Generator) -> int:
     """Handle the zeroed kernels that stayed in the model (§3 `--fill`); returns how many were refilled.
 
     `original` holds each spatial conv's weight before zeroing, already cut to the channels that
-    remain. `reset` restores those values; `fillzero` redraws the zeroed entries of partly-zero
-    kernels from a normal with that kernel's mean and std, and all-zero kernels from PyTorch's
-    default Kaiming-uniform.
+    remain. `reset` restores those values; `fillzero` redraws the zeroed kernels from PyTorch's
+    default Kaiming-uniform. (Zeroing takes whole kernels, so no kernel is left partly zero.)
     """
     if fill == "zero":
         return 0
@@ -80,22 +113,15 @@ def fill_zeroed(model: nn.Module, original: dict[str, torch.Tensor], fill: Fill,
             if fill == "reset":
                 w[zero_entries] = old[zero_entries]
                 continue
-            all_zero = (w == 0).flatten(2).all(dim=2) & touched
-            partly = touched & ~all_zero
-            flat = old.flatten(2)  # (O, I/groups, kh*kw)
-            mean, std = flat.mean(dim=2), flat.std(dim=2, unbiased=False)
-            noise = torch.randn(w.shape, generator=generator)
-            drawn = mean[..., None, None] + std[..., None, None] * noise
-            w[zero_entries & partly[..., None, None]] = drawn[zero_entries & partly[..., None, None]]
             bound = 1 / math.sqrt(w[0].numel())  # kaiming_uniform_(a=sqrt(5)) as in nn.Conv2d.reset_parameters
             uniform = (torch.rand(w.shape, generator=generator) * 2 - 1) * bound
-            w[all_zero] = uniform[all_zero]
+            w[zero_entries] = uniform[zero_entries]
     return refilled
 
 
 @dataclass
 class PruneReport:
-    """Everything `prune` measured (PRODUCT.md: `prune --json` fields)."""
+    """Everything `prune` measured (docs/cli.md: `prune --json` fields)."""
 
     params_before: int
     params_after: int
@@ -112,6 +138,12 @@ class PruneReport:
     metric: str | None
     metric_before: float | None
     metric_after: float | None
+    calibration_samples: int | None  # samples of the data the scores and the removal saw
+    val_samples: int | None  # held-out samples (`val`), never seen by the prune
+    val_max_logit_change: float | None
+    val_predictions_changed: int | None
+    val_metric_before: float | None
+    val_metric_after: float | None
     pct: float
     granularity: str
     criterion: str
@@ -120,9 +152,27 @@ class PruneReport:
     fixed_tensors: int
     seconds: float
     out: str | None
+    min_kernels_per_layer: int = 0
+    collapsed_layers: list[str] = field(default_factory=list)  # spatial convs left with every kernel zero
+    constant_output: bool | None = None  # the written model gives every sample of the data the same output
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+
+    def warnings(self) -> list[str]:
+        """Sentences for a person: layer collapse is never silent (docs/method.md §2 at high pct)."""
+        if not self.collapsed_layers:
+            return []
+        names = ", ".join(self.collapsed_layers[:5]) + (f" and {len(self.collapsed_layers) - 5} more" if len(self.collapsed_layers) > 5 else "")
+        effect = (
+            "the pruned model gives every sample of the data the same output"
+            if self.constant_output
+            else "their outputs are constants, so only paths around them still carry the input"
+        )
+        return [
+            f"pruning zeroed every kernel of {len(self.collapsed_layers)} spatial layer(s) ({names}): {effect}; "
+            "keep a floor of kernels per layer (--min-kernels-per-layer K) or prune less."
+        ]
 
 
 def prune(
@@ -143,54 +193,70 @@ def prune(
     seed: int = 0,
     device: str = "cpu",
     sample_shape: tuple[int, ...] | None = None,
+    val: Dataset | None = None,
+    preprocessing: Preprocessing | None = None,
+    min_kernels_per_layer: int = 0,
     reference_outputs: torch.Tensor | None = None,
 ) -> tuple[nn.Module, PruneReport]:
-    """METHOD §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
+    """docs/method.md §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
     With `granularity="channel"` whole channels are ranked and removed instead (§3), and
     `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
-    input size for tracing and MACs, and no output-based numbers are reported.
-    `reference_outputs`, the unpruned model's outputs on `data` when the caller already has them
-    (a sweep that scores once and prunes many copies), saves a forward pass over the data.
+    input size for tracing and MACs, and no output-based numbers are reported. `val`, held-out
+    data the prune never sees, gets the same comparisons as `data`: the check that a removal
+    is exact beyond the data it was calibrated on. `seed` seeds only `fill`'s own generator.
+    `preprocessing` (the input normalisation) is recorded in the written file, for the input
+    size pruned on. `reference_outputs`, the unpruned model's outputs on `data` when the caller
+    already has them (a sweep that scores once and prunes many copies), saves a forward pass.
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:
-        raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
     if out is not None:
         check_target(Path(out), force)
     if data is not None:
         sample_shape = tuple(data.x.shape[1:])
     if sample_shape is None:
-        raise UserError("without --data, give the input size with --input-size C,H,W.")
-    torch.manual_seed(seed)
+        raise UserError("without `data`, give the input size with `input_size` C,H,W.")
     model.eval().to(device)
     convs = require_spatial_convs(model)
     seen: list[torch.Tensor] = []  # the saliency passes' outputs: the original model's
     if scores is None:
         scores = spatial_saliency(model, data, criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
-    if data is None:
-        out_before = None
-    else:
-        out_before = torch.cat(seen) if seen else reference_outputs if reference_outputs is not None else outputs(model, data, device)
+    with progress.stage("measuring the original"):
+        if data is None:
+            out_before = None
+        else:
+            out_before = torch.cat(seen) if seen else reference_outputs if reference_outputs is not None else outputs(model, data, device)
+        val_before = None if val is None else outputs(model, val, device)
 
     original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     removed: ChannelRemoval
     if granularity == "kernel":
-        masks = zero_least_salient(model, scores, pct)
-        removed = remove_dead_channels(model, example, data, device, removal)
+        with progress.stage("zeroing"):
+            masks = zero_least_salient(model, scores, pct, min_kernels_per_layer)
+            collapsed = collapsed_layers(model)
+            val_zeroed = None if val is None else outputs(model, val, device)
+        with progress.stage("removing channels"):
+            removed = remove_dead_channels(model, example, data, device, removal)
         out_zeroed = removed.outputs_before
     else:  # nothing is zeroed: the removal is measured against the original model
-        masks, out_zeroed = {}, out_before
-        removed = remove_least_salient_channels(model, example, scores, pct)
-    out_removed = outputs(model, data, device) if data is not None else None
+        masks, out_zeroed, val_zeroed = {}, out_before, val_before
+        with progress.stage("removing channels"):
+            removed = remove_least_salient_channels(model, example, scores, pct)
+        collapsed = collapsed_layers(model)
+    with progress.stage("measuring the pruned model"):
+        out_removed = outputs(model, data, device) if data is not None else None
+        val_removed = None if val is None else outputs(model, val, device)
     remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
     fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
 
     fixed = fix_spatial_filters(model) if fix else []
     after = model_size(model, sample_shape)
     out_after = out_removed if fill == "zero" or data is None else outputs(model, data, device)
+    val_after = val_removed if fill == "zero" or val is None else outputs(model, val, device)
     report = PruneReport(
         params_before=before.params,
         params_after=after.params,
@@ -207,6 +273,12 @@ def prune(
         metric=data.metric_name if data is not None else None,
         metric_before=metric(data, out_before) if data is not None and out_before is not None else None,
         metric_after=metric(data, out_after) if data is not None and out_after is not None else None,
+        calibration_samples=None if data is None else data.num_samples,
+        val_samples=None if val is None else val.num_samples,
+        val_max_logit_change=_max_change(val_removed, val_zeroed),
+        val_predictions_changed=_predictions_changed(val_removed, val_zeroed, val),
+        val_metric_before=None if val is None or val_before is None else metric(val, val_before),
+        val_metric_after=None if val is None or val_after is None else metric(val, val_after),
         pct=pct,
         granularity=granularity,
         criterion=criterion,
@@ -215,12 +287,26 @@ def prune(
         fixed_tensors=len(fixed),
         seconds=0.0,
         out=str(out) if out is not None else None,
+        min_kernels_per_layer=min_kernels_per_layer,
+        collapsed_layers=collapsed,
+        constant_output=_constant(out_after),
     )
     if out is not None:
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
-        save_model(model, out, arch=arch, history=[*(history or []), step], report=step, force=force)
+        if preprocessing is not None:
+            preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))
+        with progress.stage("writing"):
+            save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
+
+
+def _constant(out: torch.Tensor | None) -> bool | None:
+    """Whether every sample's output equals the first one's (to float rounding)."""
+    if out is None or len(out) < 2:
+        return None
+    spread = (out - out[:1]).abs().max()
+    return bool(spread <= 1e-5 * out.abs().max().clamp_min(1e-12))
 
 
 def _max_change(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:

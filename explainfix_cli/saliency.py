@@ -1,4 +1,4 @@
-"""METHOD.md §1: the saliency of every spatial kernel, from one forward + backward per minibatch.
+"""docs/method.md §1: the saliency of every spatial kernel, from one forward + backward per minibatch.
 
     L = sum(y * output);  G = dL/dW;  s[o, i] += sum_(kh, kw) |W[o, i] * G[o, i]|
 
@@ -11,19 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import get_args
 
 import torch
 from torch import nn
 
+from . import progress
+from .choices import Criterion
 from .data import Dataset
 from .errors import UserError
 
-Criterion = Literal["gradient", "magnitude"]
-
 
 def is_spatial(module: nn.Module) -> bool:
-    """A 2-D convolution whose kernel is larger than 1x1 in every dimension (METHOD vocabulary)."""
+    """A 2-D convolution whose kernel is larger than 1x1 in every dimension (docs/method.md, "Words used throughout")."""
     return isinstance(module, nn.Conv2d) and all(k > 1 for k in module.kernel_size)
 
 
@@ -45,7 +45,7 @@ def model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = model(x)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"inputs of shape {tuple(x.shape[1:])} do not fit the model ({first}); check the data or --input-size.") from None
+        raise UserError(f"inputs of shape {tuple(x.shape[1:])} do not fit the model ({first}); check the data or `input_size`.") from None
     if isinstance(out, (tuple, list)):  # e.g. auxiliary heads: the first output is the prediction
         out = out[0]
     if not isinstance(out, torch.Tensor):
@@ -77,7 +77,7 @@ def _distributed() -> tuple[int, int]:
 def spatial_gradients(
     model: nn.Module, data: Dataset, device: str = "cpu"
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (METHOD §1).
+    """Per minibatch, dL/dW of every spatial conv weight, L = sum(target * output) (docs/method.md §1).
 
     Yields `{name: G}` with G of shape (O, I/groups, kh, kw), and the minibatch's outputs
     (detached); the model is put in eval mode.
@@ -106,20 +106,24 @@ def _accumulate(
     device: str,
     per_kernel: Callable[[nn.Conv2d, torch.Tensor], torch.Tensor],
     outputs: list[torch.Tensor] | None = None,
+    label: str = "saliency",
 ) -> dict[str, torch.Tensor]:
-    """Sum `per_kernel(conv, G)` -> (O, I/groups) over minibatches (and processes, under torchrun).
+    """Sum `per_kernel(conv, G)` -> (O, I/groups) or (k, O, I/groups) over minibatches (and processes, under torchrun).
 
     In a single process, the model's outputs on every minibatch are appended to `outputs` (on the CPU).
     """
     import torch.distributed as dist
 
     convs = require_spatial_convs(model)
-    sums = {name: torch.zeros(m.weight.shape[:2], dtype=torch.float64, device=device) for name, m in convs}
-    for grads, out in spatial_gradients(model, data, device):
-        for name, m in convs:
-            sums[name] += per_kernel(m, grads[name])
-        if outputs is not None and _distributed()[1] == 1:
-            outputs.append(out.cpu())
+    # per_kernel of a zero gradient gives the shape of the sums: (O, I/groups), or (k, O, I/groups)
+    sums = {name: torch.zeros_like(per_kernel(m, torch.zeros_like(m.weight)), dtype=torch.float64) for name, m in convs}
+    with progress.stage(label, total=len(range(_distributed()[0], len(data), _distributed()[1]))):
+        for grads, out in spatial_gradients(model, data, device):
+            for name, m in convs:
+                sums[name] += per_kernel(m, grads[name])
+            if outputs is not None and _distributed()[1] == 1:
+                outputs.append(out.cpu())
+            progress.advance()
     if _distributed()[1] > 1:
         for s in sums.values():
             dist.all_reduce(s)
@@ -135,7 +139,7 @@ def spatial_saliency(
 ) -> dict[str, torch.Tensor]:
     """Kernel saliency per spatial conv, an (O, I/groups) matrix keyed by module name.
 
-    `gradient` is METHOD §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
+    `gradient` is docs/method.md §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
     `outputs`, if given, receives the model's outputs per minibatch from the same forward passes
     (gradient saliency in a single process), so the caller need not run them again.
     """
@@ -143,13 +147,26 @@ def spatial_saliency(
     if criterion == "magnitude":
         return {name: m.weight.detach().abs().sum(dim=(2, 3)).double().cpu() for name, m in convs}
     if data is None:
-        raise UserError("gradient saliency needs data: pass --data D, or --criterion magnitude for the data-free fallback.")
+        raise UserError("gradient saliency needs data; without data, use the magnitude criterion (the data-free fallback).")
     return _accumulate(model, data, device, lambda m, g: (m.weight.detach() * g).abs().sum(dim=(2, 3)), outputs)
 
 
 def gradient_weights(model: nn.Module, data: Dataset, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """METHOD §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
-    return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)))
+    """docs/method.md §5 kernel weights: w_k = sum over minibatches and kernel positions of |G[k]|."""
+    return _accumulate(model, data, device, lambda _, g: g.abs().sum(dim=(2, 3)), label="gradients")
+
+
+def saliency_and_gradient_weights(
+    model: nn.Module, data: Dataset, device: str = "cpu", outputs: list[torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """docs/method.md §1 saliency and §5 kernel weights together, from the same forward + backward passes
+    (the same numbers as `spatial_saliency` and `gradient_weights`)."""
+
+    def both(m: nn.Conv2d, g: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(m.weight.detach() * g).abs().sum(dim=(2, 3)), g.abs().sum(dim=(2, 3))])  # (2, O, I/groups)
+
+    sums = _accumulate(model, data, device, both, outputs)
+    return {k: v[0] for k, v in sums.items()}, {k: v[1] for k, v in sums.items()}
 
 
 def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, criterion: Criterion) -> None:
@@ -162,16 +179,20 @@ def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, crite
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": criterion})
 
 
-def load_saliency(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Read scores written by `save_saliency` and check they belong to `model`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_saliency(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], Criterion]:
+    """Read scores written by `save_saliency`, check they belong to `model`; also the criterion
+    that made them (the file says)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        scores = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            scores = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            criterion = (f.metadata() or {}).get("criterion")
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"--saliency {path} is not a readable safetensors file ({e}).") from None
+        raise UserError(f"the saliency file {path} is not a readable safetensors file ({e}).") from None
+    if criterion not in get_args(Criterion):
+        raise UserError(f"the saliency file {path} does not say which criterion made it; write it again with `explainfix saliency`.")
     for name, m in require_spatial_convs(model):
         if name not in scores or tuple(scores[name].shape) != tuple(m.weight.shape[:2]):
-            raise UserError(f"--saliency {path} does not belong to this model (layer {name} missing or of another shape).")
-    return scores
+            raise UserError(f"the saliency file {path} does not belong to this model (layer {name} missing or of another shape).")
+    return scores, criterion

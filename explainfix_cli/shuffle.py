@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning._helpers import GroupItem
+
+from .tp_compat import GroupItem
 
 OPTYPE = tp.ops.OPTYPE
 

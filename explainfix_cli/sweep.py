@@ -1,6 +1,6 @@
 """How much to prune: the trade-off curve from one saliency pass, and the pct that meets a target.
 
-Scoring (METHOD.md §1) is the costly step of a prune and does not depend on the pct: §2 ranks all
+Scoring (docs/method.md §1) is the costly step of a prune and does not depend on the pct: §2 ranks all
 kernels in one list, and `pct` only says how long a prefix of it is zeroed. `PruneCurve` scores a
 model once and then prunes a fresh copy at any pct with `pruning.prune` itself (§2 zeroing, §3
 channel removal, `--fill`), so each point of the curve is exactly the model `prune --pct` writes.
@@ -37,14 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .channels import Removal, remove_dead_channels, remove_least_salient_channels
+from .channels import remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec
-from .data import Dataset
+from .choices import Criterion, Fill, Granularity, Removal
+from .data import Dataset, Preprocessing
 from .errors import UserError
 from .measure import metric, metric_upper_bound, model_size, outputs
-from .outputs import check_files, check_target, files_in_folder
-from .pruning import Fill, Granularity, PruneReport, prune, zero_least_salient
-from .saliency import Criterion, model_output, spatial_convs, spatial_saliency
+from .outputs import atomic_dir, check_folder_target, check_target
+from .pruning import PruneReport, prune, zero_least_salient
+from .saliency import model_output, spatial_convs, spatial_saliency
 
 GRID = list(range(100))  # the 1 % grid of pcts a target is searched on
 PATIENCE = 5  # grid steps past the last point that met a target before the search gives up
@@ -74,13 +75,16 @@ class PruneCurve:
         seed: int = 0,
         device: str = "cpu",
         sample_shape: tuple[int, ...] | None = None,
+        min_kernels_per_layer: int = 0,
     ):
         if data is not None:
             sample_shape = tuple(data.x.shape[1:])
         if sample_shape is None:
-            raise UserError("without data, give the input size (C, H, W) to trace the model and count MACs.")
+            raise UserError("without data, give the `input_size` (C, H, W) to trace the model and count MACs.")
         self.model, self.data, self.device, self.sample_shape = model.eval().to(device), data, device, sample_shape
-        self.options: dict[str, Any] = {"criterion": criterion, "granularity": granularity, "fill": fill, "removal": removal, "seed": seed}
+        self.options: dict[str, Any] = {
+            "criterion": criterion, "granularity": granularity, "fill": fill, "removal": removal, "seed": seed, "min_kernels_per_layer": min_kernels_per_layer,
+        }  # fmt: skip
         seen: list[torch.Tensor] = []
         self.scores = scores if scores is not None else spatial_saliency(model, data, criterion, device, outputs=seen)
         self.reference = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
@@ -101,19 +105,20 @@ class PruneCurve:
         """A copy pruned at `pct` (§2 zeroing and §3 removal, no fill, filters left as they are)
         and its measurements, for one forward pass over the data fewer than `prune`: exact removal
         does not change what the zeroed model computes (`prune` checks it and reports the
-        difference, float rounding), so the zeroed model's outputs, which removal measures anyway,
-        give the metric. Aggressive removal and channel granularity change the outputs; they
-        are measured after the cut."""
+        difference, float rounding), nor does calibrated removal on the data it measured, so the
+        zeroed model's outputs, which removal measures anyway, give the metric. Aggressive removal
+        and channel granularity change the outputs; they are measured after the cut."""
         assert self.data is not None
         model = copy.deepcopy(self.model)
         example = self.data.x[:1].to(self.device)
         zeroed = 0
         if self.options["granularity"] == "kernel":
-            zeroed = sum(int(m.sum()) for m in zero_least_salient(model, self.scores, pct).values())
+            masks = zero_least_salient(model, self.scores, pct, self.options["min_kernels_per_layer"])
+            zeroed = sum(int(m.sum()) for m in masks.values())
             removed = remove_dead_channels(model, example, self.data, self.device, self.options["removal"])
         else:
             removed = remove_least_salient_channels(model, example, self.scores, pct)
-        exact = self.options["granularity"] == "kernel" and self.options["removal"] == "exact" and removed.outputs_before is not None
+        exact = self.options["granularity"] == "kernel" and self.options["removal"] != "aggressive" and removed.outputs_before is not None
         out = removed.outputs_before if exact else outputs(model, self.data, self.device)
         size = model_size(model, self.sample_shape)
         measured = _finite(metric(self.data, out))
@@ -135,7 +140,7 @@ class PruneCurve:
         with torch.no_grad():
             for name, conv in spatial_convs(self._zeroed):
                 conv.weight.copy_(self._weights[name])
-        zero_least_salient(self._zeroed, self.scores, pct)
+        zero_least_salient(self._zeroed, self.scores, pct, self.options["min_kernels_per_layer"])
         seen: list[torch.Tensor] = []
         with torch.no_grad():
             for x, _ in self.data:
@@ -211,7 +216,7 @@ def sweep(
     adapt: Callable[[nn.Module], Any] | None = None,
 ) -> SweepResult:
     """The metric / parameters / MACs / spatial kernels / latency trade-off at each pct, from one
-    saliency pass (METHOD §1, then §2-3 per pct on a copy); written into `out_dir` if given.
+    saliency pass (docs/method.md §1, then §2-3 per pct on a copy); written into `out_dir` if given.
 
     `adapt(model)` changes each pruned model in place before it is measured (its return value is
     ignored): the place for a short fine-tune of every point, e.g.
@@ -223,14 +228,17 @@ def sweep(
     start = time.perf_counter()
     pcts = sorted({float(p) for p in pcts})
     if not pcts or not all(0 <= p < 100 for p in pcts):
-        raise UserError(f"every pct of a sweep must be in [0, 100), not {pcts}.")
+        raise UserError(f"every pct of `pcts` must be in [0, 100), not {pcts}.")
     if latency_repeats < 0:
-        raise UserError(f"the latency repeats must be 0 (no latency) or more, not {latency_repeats}.")
+        raise UserError(f"`latency_repeats` must be 0 (no latency) or more, not {latency_repeats}.")
     figure = f"sweep.{fmt}"
     if out_dir is not None:
-        check_files(Path(out_dir), [*SWEEP_FILES, figure], force)
+        check_folder_target(Path(out_dir), force)
+        for name in (*SWEEP_FILES, figure):  # found before the work, not half-way through writing
+            if (Path(out_dir) / name).is_dir():
+                raise UserError(f"{Path(out_dir) / name} is a folder where the sweep writes a file; move it away first.")
     if data is None:
-        raise UserError("a sweep measures the metric at each pct, so it needs data.")
+        raise UserError("a sweep measures the metric at each pct, so it needs `data`.")
     seconds: dict[str, float] = {}
     curve = PruneCurve(model, data, criterion=criterion, scores=scores, granularity=granularity, removal=removal, device=device)
     seconds["saliency"] = time.perf_counter() - start
@@ -292,7 +300,8 @@ def median_latency_ms(models: Sequence[nn.Module], x: torch.Tensor, repeats: int
 
 
 def _write(result: SweepResult, out_dir: Path, figure: str, force: bool) -> None:
-    with files_in_folder(out_dir, [*SWEEP_FILES, figure], force) as paths:
+    with atomic_dir(out_dir, force) as stage:
+        paths = {name: stage / name for name in (*SWEEP_FILES, figure)}
         paths["sweep.json"].write_text(json.dumps(result.curve_json(), indent=2, allow_nan=False) + "\n")
         paths["sweep.csv"].write_text(result.csv_text())
         points, base = result.points, result.baseline
@@ -322,7 +331,7 @@ def draw_tradeoff(
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-    from .explain.figures import _save
+    from .explanation.figures import _save
 
     panels = [(params, "parameters")] + ([(latency_ms, "latency at batch 1 (ms, median)")] if latency_ms is not None else [])
     # fixed margins: a constrained layout would draw the figure twice, half the cost of a sweep's files
@@ -360,10 +369,10 @@ class Target:
 
     def __post_init__(self) -> None:
         if self.max_drop is not None and not 0 <= self.max_drop <= 1:
-            raise UserError(f"the largest metric drop must be in [0, 1], not {self.max_drop}.")
-        for name, value in (("parameters", self.max_params), ("MACs", self.max_macs)):
+            raise UserError(f"`max_drop` must be in [0, 1], not {self.max_drop}.")
+        for name, value in (("max_params", self.max_params), ("max_macs", self.max_macs)):
             if value is not None and value < 1:
-                raise UserError(f"the budget of {name} must be a positive number, not {value}.")
+                raise UserError(f"`{name}` must be a positive number, not {value}.")
 
     @property
     def given(self) -> bool:
@@ -447,6 +456,9 @@ def prune_to_target(
     seed: int = 0,
     device: str = "cpu",
     sample_shape: tuple[int, ...] | None = None,
+    val: Dataset | None = None,
+    preprocessing: Preprocessing | None = None,
+    min_kernels_per_layer: int = 0,
 ) -> TargetReport:
     """`pruning.prune` at the pct that meets `target`, found on the 1 % grid of one ranking (§2).
 
@@ -461,22 +473,23 @@ def prune_to_target(
     (`PruneCurve.zeroed_metric`) and the first pct that keeps it is confirmed by a prune; with
     exact removal and no fill that is the largest pct of the grid that keeps the metric. With
     `fill` or aggressive removal the written model differs from the zeroed one, and the answer
-    is the largest pct at which both keep it. The chosen pct is pruned once more and written.
-    Raises `TargetNotMet` when no pct of the grid meets the target.
+    is the largest pct at which both keep it. The chosen pct is pruned once more and written
+    (with `val` and `preprocessing`, which the search does not use). Raises `TargetNotMet` when no
+    pct of the grid meets the target.
     """
     start = time.perf_counter()
     if not target.given:
-        raise UserError("give a target: the largest metric drop, or a budget of parameters or MACs.")
+        raise UserError("give a target: `max_drop`, `max_params` or `max_macs`.")
     if target.max_drop is not None and data is None:
-        raise UserError("a largest metric drop needs data to measure the metric on.")
+        raise UserError("`max_drop` needs `data` to measure the metric on.")
     if out is not None:
         check_target(Path(out), force)
     curve = PruneCurve(
         model, data, criterion=criterion, scores=scores, granularity=granularity, fill=fill, removal=removal, seed=seed,
-        device=device, sample_shape=sample_shape,
+        device=device, sample_shape=sample_shape, min_kernels_per_layer=min_kernels_per_layer,
     )  # fmt: skip
     if target.max_drop is not None and granularity != "kernel":
-        raise UserError("a largest metric drop is searched along the kernel ranking; use kernel granularity, or a budget of parameters or MACs with channel granularity.")
+        raise UserError("`max_drop` is searched along the kernel ranking; use kernel `granularity`, or `max_params` / `max_macs` with channel granularity.")
     if target.max_drop is not None and curve.metric is None:
         raise UserError(f"the {data.metric_name if data else 'metric'} is not defined on this data (e.g. a class with one kind of label only), so a drop cannot be measured.")
     probes: dict[int, PruneReport] = {}
@@ -506,7 +519,7 @@ def prune_to_target(
     if chosen is None:
         raise TargetNotMet(f"no pct meets the target: {failure}.")
 
-    _, report = curve.prune(chosen, fix=fix, arch=arch, history=history, out=out, force=force)
+    _, report = curve.prune(chosen, fix=fix, arch=arch, history=history, out=out, force=force, val=val, preprocessing=preprocessing)
     if not (target.keeps_metric(report) and target.fits(report)):  # the same pipeline as the probe: cannot differ
         raise RuntimeError(f"the model written at pct {chosen} does not meet the target its probe met.")
     return TargetReport(report, target, float(chosen), trail, round(time.perf_counter() - start, 3))

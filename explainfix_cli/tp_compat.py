@@ -1,4 +1,8 @@
-"""torch-pruning 1.6 reads two autograd attributes by names torch 2 no longer uses.
+"""Everything explainfix uses of torch-pruning beyond its public API, in one place, for the one
+minor version it is tested with (1.6; `pyproject.toml` pins it): `GroupItem`, the graph's
+module names, and the two functions swapped below.
+
+torch-pruning 1.6 reads two autograd attributes by names torch 2 no longer uses.
 
 Its dependency graph sizes channel splits from `grad_fn._saved_split_sizes` / `_saved_self_sizes`
 and skips reshapes that are not 1-D or 4-D by `_saved_self_sizes`; torch 2 saves
@@ -14,10 +18,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from typing import Any
 
 import torch_pruning as tp
-from torch_pruning.dependency import index_mapping, shape_infer
+from torch import nn
+
+TESTED = (1, 6)  # the torch-pruning minor version whose private names this module relies on
+if tuple(int(p) for p in version("torch-pruning").split(".")[:2]) != TESTED:
+    raise ImportError(
+        f"explainfix is tested with torch-pruning {TESTED[0]}.{TESTED[1]}.x, and this is {version('torch-pruning')}; "
+        f"install 'torch-pruning>={TESTED[0]}.{TESTED[1]},<{TESTED[0]}.{TESTED[1] + 1}'."
+    )
+
+from torch_pruning._helpers import GroupItem  # noqa: E402  (private: behind the version check)
+from torch_pruning.dependency import index_mapping, shape_infer  # noqa: E402
+
+__all__ = ["DependencyGraph", "GroupItem", "module_name", "saved_sizes_of_torch2"]
+
+
+def module_name(DG: tp.DependencyGraph, module: nn.Module) -> str:
+    """The name of `module` in the traced model ("" when the graph does not know it)."""
+    return DG._module2name.get(module, "")
 
 
 def _self_sizes(grad_fn: object) -> tuple[int, ...] | None:

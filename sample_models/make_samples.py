@@ -1,6 +1,11 @@
 """Regenerate everything in sample_models/: the data, the trained sample models, metrics.json.
 
     python sample_models/make_samples.py
+    python sample_models/make_samples.py --metadata-only   # rewrite the metadata only
+
+The second form keeps every tensor and array byte for byte, without training: it rewrites the
+explainfix metadata of the existing `NAME.safetensors` files (the input preprocessing, from
+metrics.json) and gives the multi-label data files their class names.
 
 Two runs write byte-identical files: fixed seeds, deterministic algorithms, one thread (CPU
 reductions split work by thread count), and zip entries with a fixed timestamp. Progress goes to
@@ -34,7 +39,8 @@ OUT = Path(__file__).resolve().parent
 # The script belongs to a checkout: use that checkout's package whether or not it is installed.
 sys.path.insert(0, str(OUT.parent))
 
-from explainfix_cli.checkpoints import ArchSpec, save_model  # noqa: E402
+from explainfix_cli.checkpoints import FORMAT, ArchSpec, save_model  # noqa: E402
+from explainfix_cli.data import Preprocessing  # noqa: E402
 from explainfix_cli.zoo import create_model  # noqa: E402
 
 SEED = 0
@@ -120,8 +126,9 @@ def make_digits() -> dict[str, Any]:
     write_image_folder(pixels[val_idx], labels[val_idx], OUT / "digits_images", per_class=10)
 
     multi = np.stack([f(labels) for f in ATTRIBUTES.values()], axis=1).astype(np.float32)  # (N, K)
-    save_npz(OUT / "digits_multilabel_train.npz", x=x[train_idx], y=multi[train_idx])
-    save_npz(OUT / "digits_multilabel_val.npz", x=x[val_idx], y=multi[val_idx])
+    names = np.array(list(ATTRIBUTES))  # (K,) the multi-label classes' names, read by load_data
+    save_npz(OUT / "digits_multilabel_train.npz", x=x[train_idx], y=multi[train_idx], classes=names)
+    save_npz(OUT / "digits_multilabel_val.npz", x=x[val_idx], y=multi[val_idx], classes=names)
     return {
         "source": "sklearn.datasets.load_digits, bilinear 8x8 -> 16x16, [0, 1], standardised",
         "train": len(train_idx),
@@ -238,7 +245,14 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample: Sample) ->
             schedule.step()
 
 
-def make_model(sample: Sample) -> dict[str, Any]:
+def preprocessing_of(sample: Sample, data: dict[str, Any]) -> Preprocessing:
+    """How the sample's inputs are made from [0, 1] pixels: the standardisation of its data."""
+    stats = data["nuclei" if sample.data == "nuclei" else "digits"]
+    size = NUCLEI_SIZE if sample.data == "nuclei" else DIGITS_SIZE
+    return Preprocessing((stats["mean"],), (stats["std"],), channels=1, size=(size, size))
+
+
+def make_model(sample: Sample, data: dict[str, Any]) -> dict[str, Any]:
     """Train one sample and write its files; returns its metrics.json entry."""
     started = time.perf_counter()
     (x_train, y_train), (x_val, y_val) = load_pair(sample.data)
@@ -252,7 +266,7 @@ def make_model(sample: Sample) -> dict[str, Any]:
     files = [f"{sample.name}.pt", f"{sample.name}.safetensors"]
     torch.save(state, OUT / files[0])
     arch = ArchSpec(factory=f"explainfix_cli.zoo:{sample.factory}", kwargs=sample.kwargs)
-    save_model(model, OUT / files[1], arch=arch, force=True)
+    save_model(model, OUT / files[1], arch=arch, preprocessing=preprocessing_of(sample, data), force=True)
     if sample.name == "resnet":
         files.append("resnet_wrapped.pt")
         torch.save({"state_dict": state, "epoch": sample.epochs}, OUT / files[-1])
@@ -287,13 +301,35 @@ def markdown_table(models: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def rewrite_metadata(sample: Sample, data: dict[str, Any]) -> None:
+    """Record the preprocessing in an existing `NAME.safetensors`, leaving its tensors as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = OUT / f"{sample.name}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[FORMAT])
+    meta["preprocessing"] = preprocessing_of(sample, data).to_json()
+    save_file(load_file(str(path)), str(path), metadata={FORMAT: json.dumps(meta, sort_keys=True)})
+    log(f"{path.name}: metadata rewritten")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--metadata-only"]:
+        data = json.loads((OUT / "metrics.json").read_text())["data"]
+        for sample in SAMPLES:
+            rewrite_metadata(sample, data)
+        for split in ("train", "val"):
+            path = OUT / f"digits_multilabel_{split}.npz"
+            with np.load(path) as arrays:
+                save_npz(path, x=arrays["x"], y=arrays["y"], classes=np.array(list(ATTRIBUTES)))
+        return
     started = time.perf_counter()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     data = {"digits": make_digits(), "nuclei": make_nuclei()}
     log("data written")
-    models = {sample.name: make_model(sample) for sample in SAMPLES}
+    models = {sample.name: make_model(sample, data) for sample in SAMPLES}
     metrics = {"seed": SEED, "torch": torch.__version__, "data": data, "models": models}
     (OUT / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(markdown_table(models))

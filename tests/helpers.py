@@ -21,5 +21,7 @@ def sample_model(name: str) -> LoadedModel:
     return open_model(path)
 
 
-def sample_data(model_name: str, batch_size: int = 64, batches: int | None = None) -> Dataset:
-    return load_data(SAMPLES / DATA_OF.get(model_name, "digits_val.npz"), batch_size=batch_size, batches=batches)
+def sample_data(model_name: str, batch_size: int = 64, batches: int | None = None, split: str = "val") -> Dataset:
+    """The sample's data: `val` (what the tests prune on) or `train` (held out from every prune)."""
+    name = DATA_OF.get(model_name, "digits_val.npz").replace("_val", f"_{split}")
+    return load_data(SAMPLES / name, batch_size=batch_size, batches=batches)

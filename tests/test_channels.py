@@ -1,4 +1,4 @@
-"""METHOD §3 channel removal on hand-built networks whose answer is known."""
+"""docs/method.md §3 channel removal on hand-built networks whose answer is known."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def test_silent_channel_before_zero_padding_stays_unless_aggressive() -> None:
     ))
     with torch.no_grad():
         model[0].weight[0] = 0  # silent, but the next conv pads it with zeros: not a constant there
+        model[0].bias[0] = model[1].running_mean[0] + 1  # and not zero after BN → ReLU
     exact = copy.deepcopy(model)
     assert remove_dead_channels(exact, X[:1], DATA).removed == 0
     before = run(model)

@@ -1,10 +1,8 @@
-"""Models in and out (PRODUCT.md "Models in", "Models out"): every format loads, saves round-trip."""
+"""Models in and out (docs/cli.md "Models in", "Models out"): every format loads, saves round-trip."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import stat
 import sys
 import textwrap
 from pathlib import Path
@@ -16,7 +14,6 @@ from torch import nn
 from explainfix_cli.checkpoints import ArchSpec, load_model, open_model, parse_arch, save_model
 from explainfix_cli.errors import UserError
 from explainfix_cli.fixed import fix_spatial_filters
-from explainfix_cli.outputs import atomic_dir, atomic_file
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 RESNET = ArchSpec("explainfix_cli.zoo:resnet", {"num_classes": 10, "in_channels": 1})
@@ -86,13 +83,13 @@ def test_dataparallel_prefix(tmp_path: Path, resnet_reference: torch.Tensor) -> 
 
 
 def test_state_dict_without_arch_is_refused() -> None:
-    with pytest.raises(UserError, match="--arch"):
+    with pytest.raises(UserError, match="`arch`"):
         open_model(_sample("resnet.pt"))
 
 
 def test_pickled_module_needs_trust() -> None:
     path = _sample("vgg_module.pt")
-    with pytest.raises(UserError, match="--trust-checkpoint"):
+    with pytest.raises(UserError, match="`trust_checkpoint`"):
         open_model(path)
     loaded = open_model(path, trust_checkpoint=True)
     reference = load_model(_sample("vgg.safetensors"))
@@ -118,7 +115,7 @@ def test_unknown_arch_and_bad_kwargs() -> None:
 
 def test_wrong_arch_kwargs_names_the_tensor() -> None:
     spec = ArchSpec("explainfix_cli.zoo:resnet", {"num_classes": 5, "in_channels": 1})
-    with pytest.raises(UserError, match=r"fc\.weight.*\(10, 64\).*\(5, 64\).*--arch-kwargs"):
+    with pytest.raises(UserError, match=r"fc\.weight.*\(10, 64\).*\(5, 64\).*`arch_kwargs`"):
         load_model(_sample("resnet.pt"), arch=spec)
 
 
@@ -177,7 +174,7 @@ def test_safetensors_of_bare_tensors_needs_arch(tmp_path: Path, resnet_reference
     state = torch.load(_sample("resnet.pt"), weights_only=True)
     path = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    with pytest.raises(UserError, match="--arch"):
+    with pytest.raises(UserError, match="`arch`"):
         open_model(path)
     assert torch.equal(_out(load_model(path, arch=RESNET), _x()), resnet_reference)
 
@@ -252,7 +249,7 @@ def test_script_class_needs_arch_path(tmp_path: Path) -> None:
         pickled = tmp_path / "net.pt"
         torch.save(net, pickled)
 
-        with pytest.raises(UserError, match="--trust-checkpoint"):
+        with pytest.raises(UserError, match="`trust_checkpoint`"):
             open_model(pickled)
         loaded = open_model(pickled, trust_checkpoint=True)
         assert loaded.arch == ArchSpec("net_script:Net")
@@ -260,7 +257,7 @@ def test_script_class_needs_arch_path(tmp_path: Path) -> None:
     finally:
         del sys.modules["net_script"]  # as in a fresh process: the script is not importable
 
-    with pytest.raises(UserError, match=r"--arch path/to/script\.py:ClassName"):
+    with pytest.raises(UserError, match=r"`arch` path/to/script\.py:ClassName"):
         load_model(out)
     rebuilt = load_model(out, arch=ArchSpec(f"{script}:Net"))
     x = _x(3)
@@ -344,65 +341,8 @@ def test_tied_weights_save_and_load(tmp_path: Path) -> None:
     assert net[0].weight.data_ptr() == net[2].weight.data_ptr()  # saving copied, the model is untouched
 
 
-# ---- atomic writes ------------------------------------------------------------------------------
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
-
-
-def test_atomic_file_leaves_nothing_when_the_write_fails(tmp_path: Path) -> None:
-    target = tmp_path / "out.bin"
-    with pytest.raises(RuntimeError, match="disk on fire"), atomic_file(target, force=False) as tmp:
-        tmp.write_bytes(b"half a file")
-        raise RuntimeError("disk on fire")
-    assert _names(tmp_path) == []
-
-
-def test_atomic_file_keeps_the_old_file_when_a_forced_write_fails(tmp_path: Path) -> None:
-    target = tmp_path / "out.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_file(target, force=True) as tmp:
-        tmp.write_bytes(b"new but broken")
-        raise RuntimeError("interrupted")
-    assert target.read_bytes() == b"old"
-    assert _names(tmp_path) == ["out.bin"]
-
-
-def test_atomic_file_refuses_existing_without_force(tmp_path: Path) -> None:
-    target = tmp_path / "out.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(UserError, match="--force"), atomic_file(target, force=False):
-        pass
-    assert target.read_bytes() == b"old"
-    with atomic_file(target, force=True) as tmp:
-        tmp.write_bytes(b"new")
-    assert target.read_bytes() == b"new"
-    assert _names(tmp_path) == ["out.bin"]
-
-
-def test_atomic_file_refuses_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="does not exist"), atomic_file(tmp_path / "no" / "out.bin", force=False):
-        pass
-
-
-def test_atomic_dir_leaves_nothing_when_the_write_fails(tmp_path: Path) -> None:
-    target = tmp_path / "figures"
-    with pytest.raises(RuntimeError), atomic_dir(target, force=False) as tmp:
-        (tmp / "a.png").write_bytes(b"png")
-        raise RuntimeError("interrupted")
-    assert _names(tmp_path) == []
-
-
-def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
-    umask = os.umask(0o022)
-    try:
-        with atomic_file(tmp_path / "out.bin", force=False) as tmp:
-            tmp.write_bytes(b"x")
-        with atomic_dir(tmp_path / "folder", force=False) as tmp:
-            (tmp / "a.txt").write_text("a")
-    finally:
-        os.umask(umask)
-    assert stat.S_IMODE((tmp_path / "out.bin").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
 
 
 def test_save_model_leaves_nothing_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,3 +357,20 @@ def test_save_model_leaves_nothing_when_the_write_fails(tmp_path: Path, monkeypa
     with pytest.raises(OSError, match="No space"):
         save_model(model, tmp_path / "m.safetensors", arch=None)
     assert _names(tmp_path) == []
+
+
+def test_arch_given_as_a_relative_path_is_found_from_another_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my_net.py").write_text(textwrap.dedent(NET_SCRIPT))
+    monkeypatch.chdir(project)
+    arch = parse_arch("my_net.py:Net", None)
+    assert arch is not None and Path(arch.factory.partition(":")[0]).is_absolute()
+    net = arch.build().eval()
+    out = save_model(net, project / "net.safetensors", arch=arch)
+    monkeypatch.chdir(tmp_path)  # `cd elsewhere && explainfix info project/net.safetensors`
+    x = _x(3)
+    assert torch.equal(_out(load_model(out), x), _out(net, x))
+    (project / "my_net.py").rename(tmp_path / "moved.py")
+    with pytest.raises(UserError, match=r"`arch` path/to/script\.py:ClassName"):
+        load_model(out)

@@ -1,4 +1,4 @@
-"""The command line (PRODUCT.md "Commands" and "Bad input"), in process and as a real process.
+"""The command line (docs/cli.md "Commands" and "Bad input"), in process and as a real process.
 
 The installed typer's CliRunner keeps stdout and stderr apart (`result.stdout`, `result.stderr`;
 `result.output` is both interleaved), so every test can check that stdout holds only the JSON.
@@ -60,11 +60,52 @@ def _data(args: list[str] | None = None) -> list[str]:
 
 
 # ---- help and info ------------------------------------------------------------------------------
-def test_help_in_process() -> None:
-    result = _invoke("--help")
-    assert result.exit_code == 0
-    for command in ("info", "saliency", "prune"):
-        assert command in result.stdout
+def test_help_lists_every_command_and_takes_h() -> None:
+    import typer.main
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for args in (["--help"], ["-h"]):
+        result = _invoke(*args)
+        assert result.exit_code == 0
+        listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+        assert set(commands) <= listed, listed
+    assert _invoke("prune", "-h").stdout == _invoke("prune", "--help").stdout
+
+
+def test_version() -> None:
+    from explainfix_cli import __version__
+
+    result = _invoke("--version")
+    assert result.exit_code == 0 and result.stdout == f"explainfix {__version__}\n"
+
+
+def test_flags_show_no_value_in_help() -> None:
+    text = _invoke("prune", "--help").stdout
+    assert "--no-fix" in text and "<bool>" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["prune", "MODEL", "--data", "missing.npz"], "--data missing.npz does not exist"),
+        (["prune", "MODEL", "--data", "DATA", "--image-size", "0"], "--image-size must be at least 1"),
+        (["prune", "MODEL", "--data", "DATA", "--pct", "100"], "--pct must be in [0, 100)"),
+        (["prune", "NOISE", "--data", "DATA"], "unrecognised model format"),
+        (["explain", "MODEL", "--out", "DATA"], "is a file"),
+    ],
+)
+def test_argument_errors_answer_before_torch_is_imported(args: list[str], words: str, tmp_path: Path) -> None:
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(bytes(range(9, 200)))
+    argv = [{"MODEL": _sample("resnet.safetensors"), "DATA": _sample("digits_val.npz"), "NOISE": str(noise)}.get(a, a) for a in args]
+    code = (
+        "import sys\nfrom explainfix_cli.cli import main\n"
+        f"sys.argv = ['explainfix', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert words in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_help_and_no_torch_as_a_real_process() -> None:
@@ -111,27 +152,38 @@ def test_info_json() -> None:
     first, conv = convs[0]
     assert layers[first]["weight_shape"] == list(conv.weight.shape)
     assert info["arch"]["factory"] == "explainfix_cli.zoo:resnet"
-    # without --input-size no MACs are invented
-    assert _json(_invoke("info", path, "--json"))["macs"] is None
+    # without --input-size the input the file records is used, and no MACs are invented for a bare state dict
+    recorded = _json(_invoke("info", path, "--json"))
+    assert (recorded["input_size"], recorded["macs"]) == ([1, 16, 16], info["macs"])
+    assert _json(_invoke("info", _sample("resnet.pt"), *RESNET_ARCH, "--json"))["macs"] is None
 
 
-def test_info_as_a_real_process() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "explainfix_cli", "info", _sample("resnet.pt"), *RESNET_ARCH, "--json", "--input-size", "1,16,16"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+def test_info_tables_go_to_stdout_as_a_real_process(tmp_path: Path) -> None:
+    # `explainfix info m > info.txt` keeps the table; nothing else is said on stderr
+    with open(tmp_path / "info.txt", "w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "explainfix_cli", "info", _sample("resnet.pt"), *RESNET_ARCH, "--input-size", "1,16,16"],
+            stdout=f, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("\n") == 1
-    info = json.loads(proc.stdout)
-    assert info["spatial_kernels"] > 0 and info["macs"] > 0
-    assert "Traceback" not in proc.stderr
+    text = (tmp_path / "info.txt").read_text()
+    assert "spatial kernels" in text and "8,208" in text and "layer1.conv1" in text
+    assert proc.stderr == ""
 
 
-def test_info_without_json_prints_tables_on_stderr() -> None:
-    result = _invoke("info", _sample("resnet.safetensors"), "--input-size", "1,16,16")
+def test_prune_summary_reads_before_and_after(tmp_path: Path) -> None:
+    args = ["prune", _sample("resnet.safetensors"), *_data(), "--pct", "90"]
+    result = _invoke(*args, "--out", str(tmp_path / "p.safetensors"))
+    report = _json(_invoke(*args, "--out", str(tmp_path / "q.safetensors"), "--json"))
     assert result.exit_code == 0, result.output
-    assert result.stdout == ""
-    assert "spatial kernels" in result.stderr
+    before, after = report["params_before"], report["params_after"]
+    assert f"{before:,}" in result.stdout and f"{after:,}" in result.stdout
+    assert f"{(after - before) / before:+.1%}" in result.stdout
+    assert f"{report['metric_before']:.3f}" in result.stdout and str(report["metric_before"]) not in result.stdout
+    assert "None" not in result.stdout and "{" not in result.stdout
+    assert "reach the model's output" in result.stdout
+    # accuracy falls far at 90 %: the way back is named on stderr
+    assert "explainfix finetune" in result.stderr
 
 
 # ---- prune and saliency -------------------------------------------------------------------------
@@ -406,3 +458,64 @@ def test_usage_errors_are_one_sentence_as_a_real_process(args: list[str]) -> Non
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("explainfix: error: ")
+
+
+def test_prune_reports_the_criterion_of_a_saliency_file(tmp_path: Path) -> None:
+    scores = tmp_path / "magnitude.safetensors"
+    assert _invoke("saliency", _sample("resnet.safetensors"), "--criterion", "magnitude", "--out", str(scores)).exit_code == 0
+    report = _json(_invoke("prune", _sample("resnet.safetensors"), "--saliency", str(scores), *_data(), "--out", str(tmp_path / "p.safetensors"), "--json"))
+    assert report["criterion"] == "magnitude"
+    assert load_model(tmp_path / "p.safetensors") is not None
+
+
+def test_json_is_strict_undefined_numbers_are_null(tmp_path: Path) -> None:
+    # one sample: every label has one kind only, so the mean AUC is undefined
+    args = ["prune", _sample("resnet_multilabel.safetensors"), "--data", _sample("digits_multilabel_val.npz"), "--batch-size", "1", "--batches", "1"]
+    result = _invoke(*args, "--out", str(tmp_path / "p.safetensors"), "--json")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in JSON")
+
+    report = json.loads(result.stdout, parse_constant=refuse)
+    assert report["metric"] == "auc" and report["metric_before"] is None and report["metric_after"] is None
+# ---- image folders normalised the model's way ---------------------------------------------------
+def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
+    """The bundled folder holds digits_val.npz's images 0-9 (ten each, named by index); with the
+    model file's recorded normalisation it scores what those npz samples do, not 0.13."""
+    root = Path(_sample("digits_images"))
+    index = [int(f.stem) for c in sorted(p.name for p in root.iterdir()) for f in sorted((root / c).iterdir())]
+    from explainfix_cli.checkpoints import open_model
+
+    model = _sample("resnet.safetensors")
+    with np.load(_sample("digits_val.npz")) as val, torch.no_grad():
+        logits = open_model(model).model(torch.from_numpy(val["x"][index]))
+        on_npz = float((logits.argmax(1) == torch.from_numpy(val["y"][index])).float().mean())
+    out = tmp_path / "b.safetensors"
+    on_folder = _json(_invoke("prune", model, "--data", str(root), "--pct", "30", "--out", str(out), "--json"))
+    assert on_folder["metric_before"] == pytest.approx(on_npz) and on_npz == pytest.approx(0.99)
+    assert open_model(out).preprocessing == open_model(model).preprocessing  # carried through
+    digits = json.loads((SAMPLES / "metrics.json").read_text())["data"]["digits"]
+    recorded = _json(_invoke("info", str(out), "--json"))["preprocessing"]
+    assert recorded == {"mean": [digits["mean"]], "std": [digits["std"]], "channels": 1, "size": [16, 16]}
+    raw = _json(_invoke("prune", model, "--data", str(root), "--mean", "0", "--std", "1", "--pct", "0", "--out", str(tmp_path / "c.safetensors"), "--json"))
+    assert raw["metric_before"] < 0.3  # [0, 1] pixels: what the model was not trained on
+    written = open_model(tmp_path / "c.safetensors").preprocessing
+    assert written is not None and (written.mean, written.std, written.channels, written.size) == ((0.0,), (1.0,), 1, (16, 16))
+
+
+def test_mean_and_std_refused_for_a_data_file(tmp_path: Path) -> None:
+    result = _invoke("prune", _sample("resnet.safetensors"), *_data(["--mean", "0.5", "--std", "0.2"]), "--out", str(tmp_path / "o.safetensors"))
+    assert result.exit_code == 2 and "already preprocessed" in result.stderr
+    assert _listing(tmp_path) == []
+
+
+def test_library_errors_name_parameters_and_the_command_line_names_flags(tmp_path: Path) -> None:
+    from explainfix_cli.errors import UserError
+    from explainfix_cli.pruning import zero_least_salient
+
+    with pytest.raises(UserError) as e:
+        zero_least_salient(nn.Sequential(nn.Conv2d(1, 2, 3)), {}, 150)
+    assert "--" not in str(e.value) and "`pct`" in str(e.value)
+    result = _invoke("prune", _sample("resnet.safetensors"), *_data(), "--pct", "150", "--out", str(tmp_path / "p.safetensors"))
+    assert result.exit_code == 2 and "--pct must be in [0, 100)" in result.stderr

@@ -1,4 +1,4 @@
-"""Data in (PRODUCT.md "Data in"): files and image folders, target kinds, batching, bad data."""
+"""Data in (docs/cli.md "Data in"): files and image folders, target kinds, batching, bad data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.data import Dataset, Preprocessing, load_data, parse_preprocessing
 from explainfix_cli.errors import UserError
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -144,7 +144,7 @@ def test_load_data_passes_batching(tmp_path: Path) -> None:
     assert [b[1].tolist() for b in data] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
-@pytest.mark.parametrize(("batch_size", "batches", "option"), [(0, None, "--batch-size"), (4, 0, "--batches")])
+@pytest.mark.parametrize(("batch_size", "batches", "option"), [(0, None, "`batch_size`"), (4, 0, "`batches`")])
 def test_bad_batching_options(tmp_path: Path, batch_size: int, batches: int | None, option: str) -> None:
     with pytest.raises(UserError, match=option):
         load_data(_npz(tmp_path / "d.npz", x=_x(2), y=np.arange(2)), batch_size=batch_size, batches=batches)
@@ -179,7 +179,7 @@ def _rgb_folder(root: Path) -> Path:
 
 def test_image_folder_of_mixed_sizes(tmp_path: Path) -> None:
     root = _rgb_folder(tmp_path / "images")
-    with pytest.raises(UserError, match="--image-size"):
+    with pytest.raises(UserError, match="`image_size`"):
         load_data(root)
     data = load_data(root, image_size=5)
     assert data.x.shape == (3, 3, 5, 5)
@@ -276,3 +276,66 @@ def test_pickled_npz_is_refused(tmp_path: Path) -> None:
     np.savez(path, x=_x(2), y=np.array([{"a": 1}, {"b": 2}], dtype=object))
     with pytest.raises(UserError, match="not a readable"):
         load_data(path)
+
+
+# ---- preprocessing: a model's own normalisation for image folders ---------------------------------
+def test_preprocessing_normalises_each_channel(tmp_path: Path) -> None:
+    root = _rgb_folder(tmp_path / "images")
+    pre = parse_preprocessing("0.5,0.2,0.1", "0.25,0.5,2")
+    data = load_data(root, image_size=5, preprocessing=pre)
+    assert torch.allclose(data.x[:, 0], torch.full((3, 5, 5), (1.0 - 0.5) / 0.25))  # red 255
+    assert torch.allclose(data.x[:, 1], torch.full((3, 5, 5), (0.0 - 0.2) / 0.5))  # green 0
+    assert torch.allclose(data.x[1, 2], torch.full((5, 5), (51 / 255 - 0.1) / 2))  # blue 51
+    one = load_data(root, image_size=5, preprocessing=parse_preprocessing("0.5", "0.5"))  # one value, every channel
+    assert torch.allclose(one.x[:, 0], torch.ones(3, 5, 5)) and torch.allclose(one.x[:, 1], -torch.ones(3, 5, 5))
+
+
+def test_preprocessing_sets_colour_mode_and_size_but_not_a_data_files_values(tmp_path: Path) -> None:
+    root = _rgb_folder(tmp_path / "images")
+    data = load_data(root, preprocessing=Preprocessing((0.0,), (1.0,), channels=1, size=(6, 6)))
+    assert data.x.shape == (3, 1, 6, 6)  # grey and resized, as the model was trained
+    path = _npz(tmp_path / "d.npz", x=_x(2), y=np.arange(2))
+    as_stored = load_data(path, preprocessing=Preprocessing((10.0,), (2.0,)))
+    assert torch.equal(as_stored.x, torch.from_numpy(_x(2)))
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "message"),
+    [("0.5", None, "go together"), ("0.5,x", "1", "comma-separated"), ("0.5,0.5", "1", "one value per channel"), ("0", "0", "positive")],
+)
+def test_bad_preprocessing(mean: str | None, std: str | None, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_preprocessing(mean, std)
+
+
+def test_preprocessing_of_another_channel_count(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="3 channels"):
+        load_data(_rgb_folder(tmp_path / "images"), image_size=5, preprocessing=parse_preprocessing("0,0", "1,1"))
+
+
+def test_sample_folder_normalised_is_the_npz() -> None:
+    """The bundled folder holds val images as 8-bit PNGs: normalised the model's way they are
+    digits_val.npz's x up to the 8-bit rounding, 0.5/255/std."""
+    from explainfix_cli.checkpoints import open_model
+
+    root = _sample("digits_images")
+    loaded = open_model(_sample("resnet.safetensors"))
+    assert loaded.preprocessing is not None
+    data = load_data(root, preprocessing=loaded.preprocessing)
+    val = load_data(_sample("digits_val.npz"))
+    index = [int(f.stem) for c in data.classes or [] for f in sorted((root / c).iterdir())]  # files are named by val index
+    assert data.x.shape == (100, 1, 16, 16)
+    assert float((data.x - val.x[index]).abs().max()) <= 0.5 / 255 / loaded.preprocessing.std[0] + 1e-6
+    assert torch.equal(data.y, val.y[index])
+
+
+def test_class_names_of_a_data_file(tmp_path: Path) -> None:
+    path = _npz(tmp_path / "d.npz", x=_x(2), y=np.eye(2, 3, dtype=np.float32), classes=np.array(["cat", "dog", "owl"]))
+    assert load_data(path).classes == ["cat", "dog", "owl"]
+    assert load_data(_sample("digits_multilabel_val.npz")).classes == ["even", "at_least_5", "prime", "multiple_of_3"]
+    with pytest.raises(UserError, match="class names"):
+        load_data(_npz(tmp_path / "e.npz", x=_x(2), y=np.arange(2), classes=np.arange(2)))
+    from safetensors.numpy import save_file
+
+    save_file({"x": _x(2), "y": np.eye(2, 3, dtype=np.float32)}, str(tmp_path / "d.safetensors"), metadata={"classes": '["cat", "dog", "owl"]'})
+    assert load_data(tmp_path / "d.safetensors").classes == ["cat", "dog", "owl"]

@@ -1,4 +1,4 @@
-"""The DCT-II basis (METHOD.md §4) and the low-to-high frequency order (METHOD.md §5)."""
+"""The DCT-II basis (docs/method.md §4) and the low-to-high frequency order (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ExplainSteer spectra (METHOD.md §5) against hand computations, and the explain report end to end."""
+"""ExplainSteer spectra (docs/method.md §5) against hand computations, and the explain report end to end."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import CLASSIFIERS, DATA_OF, SAMPLES, sample_data, sample_model
@@ -17,7 +18,7 @@ from torch import nn
 from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis, frequency_order
 from explainfix_cli.errors import UserError
-from explainfix_cli.explain import explain, explainsteer_spectra, layer_spectra
+from explainfix_cli.explanation import explain, explainsteer_spectra, layer_spectra
 
 ORDER_3X3 = [0, 1, 3, 2, 6, 4, 5, 7, 8]
 LAYER_FIELDS = {"name", "kernel_shape", "e_d", "e_1", "e_0", "low_frequency_share", "saliency_weighted"}
@@ -34,7 +35,7 @@ def dct_coefficient(kernel: list[list[float]], a: int, b: int) -> float:
 
 
 def spectra_by_loop(weight: torch.Tensor, kernel_weights: torch.Tensor | None) -> tuple[list, list, list | None]:
-    """METHOD.md §5 one kernel and one basis vector at a time, as plain Python."""
+    """docs/method.md §5 one kernel and one basis vector at a time, as plain Python."""
     out_ch, in_ch, kh, kw = weight.shape
     e_d = [0.0] * (kh * kw)
     for o in range(out_ch):
@@ -144,7 +145,7 @@ def assert_images(folder: Path, names: list[str]) -> None:
 
 
 def test_attribution_methods_against_hand_computations() -> None:
-    from explainfix_cli.explain.attributions import input_attributions
+    from explainfix_cli.explanation.attributions import input_attributions
 
     model, data = small_model(), small_data()
     x, y = data.x[:3].clone().requires_grad_(True), data.y[:3]
@@ -210,7 +211,7 @@ def test_same_input_gives_identical_files(fmt: str, tmp_path: Path) -> None:
 
 
 def test_figures_drawn_in_parallel_equal_figures_drawn_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explain import figures
+    from explainfix_cli.explanation import figures
 
     monkeypatch.setattr(figures.os, "cpu_count", lambda: 1)
     in_turn = explain(small_model(), small_data(), tmp_path / "a", attributions=2)
@@ -226,7 +227,7 @@ def _failing_figure(path: Path) -> None:
 
 
 def test_a_figure_that_fails_in_a_worker_fails_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explain import figures
+    from explainfix_cli.explanation import figures
 
     monkeypatch.setattr(figures.os, "cpu_count", lambda: 4)
     jobs = [(Path.touch, tmp_path / "fine.txt"), (_failing_figure, tmp_path / "broken.png")]
@@ -239,11 +240,11 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     out = tmp_path / "report"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="`force`"):
         explain(small_model(), None, out)
     assert (out / "keep.txt").read_text() == "mine"
     explain(small_model(), None, out, force=True)
-    assert not (out / "keep.txt").exists()
+    assert (out / "keep.txt").read_text() == "mine"  # --force replaces only what explain writes
     assert (out / "index.html").exists()
 
 
@@ -338,3 +339,125 @@ def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert done.stdout == ""
     assert not (tmp_path / "r").exists()
+
+
+# ---- attribution grid: captions, wrapping, the cap --------------------------------------------------
+def test_attribution_captions_say_truth_prediction_and_right_or_wrong() -> None:
+    from explainfix_cli.explanation.attributions import input_attributions
+
+    model, data = small_model(), small_data()
+    with torch.no_grad():
+        predicted = model(data.x[:6]).argmax(dim=1)
+    result = input_attributions(model, data, 6)
+    for k, (caption, right) in enumerate(zip(result.captions, result.correct, strict=True)):
+        truth, guess = int(data.y[k]), int(predicted[k])
+        assert caption == f"true {truth}\npredicted {guess}\n{'right' if truth == guess else 'wrong'}"
+        assert right is (truth == guess)
+    assert set(result.correct) == {True, False}  # the untrained model gets some right, some wrong
+
+    names = Dataset(data.x, torch.nn.functional.one_hot(data.y, 3).float(), classes=["cat", "dog", "owl"])
+    with torch.no_grad():
+        positive = model(data.x[:2]) > 0  # (2, 3) what a multi-label reading predicts
+    multi = input_attributions(model, names, 2)
+    for k in range(2):
+        guessed = ", ".join(n for n, p in zip(["cat", "dog", "owl"], positive[k].tolist(), strict=True) if p) or "none"
+        assert multi.captions[k].startswith(f"true {['cat', 'dog', 'owl'][int(data.y[k])]}\npredicted {guessed}\n")
+        assert multi.correct[k] is (positive[k].nonzero().flatten().tolist() == [int(data.y[k])])
+
+
+def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainfix_cli.explanation import attributions, figures, report
+
+    monkeypatch.setattr(figures, "ATTRIBUTION_COLUMNS", 2)
+    sizes = {}
+    for n in (2, 3):
+        images = np.random.default_rng(n).random((n, 1, 6, 6))  # (n, C, H, W)
+        figures.draw_attributions(images, images, ["true 1\npredicted 1\nright"] * n, [True] * n, "saliency", tmp_path / f"{n}.png")
+        with Image.open(tmp_path / f"{n}.png") as image:
+            sizes[n] = image.size
+    assert sizes[3][0] == sizes[2][0] and sizes[3][1] > 1.8 * sizes[2][1]  # a second row, not a wider one
+    monkeypatch.setattr(figures, "draw_all", lambda jobs: None)  # the notes, not the drawing
+    result = explain(small_model(), small_data(), tmp_path / "many", attributions=1000)
+    assert result.notes == ["attribution maps for the first 20 inputs, not 1000: the data holds only 20."]
+    monkeypatch.setattr(report, "MAX_ATTRIBUTIONS", 3)
+    result = explain(small_model(), small_data(), tmp_path / "cap", attributions=5)
+    assert result.notes == ["attribution maps for the first 3 inputs, not 5: one figure shows at most 3."]
+    assert attributions.MAX_ATTRIBUTIONS == 32
+
+
+# ---- a report that explains itself ------------------------------------------------------------------
+def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainfix_cli.explanation import figures, report
+    from explainfix_cli.saliency import spatial_saliency
+
+    drawn: dict[str, tuple] = {}
+    monkeypatch.setattr(figures, "draw_kernel_saliency", lambda *args: drawn.setdefault("args", args))
+    monkeypatch.setattr(figures, "draw_all", lambda jobs: [draw(path) for draw, path in jobs if path.stem == "kernel_saliency"])
+    model, data = small_model(), small_data()
+    result = explain(model, data, tmp_path / "r", pct=40, attributions=0)
+    names, scores, zeroed, pct, total = drawn["args"][:5]
+    assert names == ["0", "2", "5"] and pct == 40
+    expected = spatial_saliency(model, data)  # what prune ranks by (docs/method.md §1)
+    flat_scores = np.concatenate([s.flatten() for s in scores])
+    flat_zeroed = np.concatenate([z.flatten() for z in zeroed])
+    assert np.allclose(flat_scores, np.concatenate([expected[n].numpy().flatten() for n in names]))
+    assert total == (int(0.4 * len(flat_scores)), len(flat_scores)) and int(flat_zeroed.sum()) == total[0]
+    assert flat_scores[flat_zeroed].max() <= flat_scores[~flat_zeroed].min()  # the least salient, over all layers
+    assert result.pct == 40 and "would zero" in next(f.caption for f in result.figures if f.name == "kernel_saliency.png")
+    assert report.MAX_SALIENCY_PANELS >= 3
+    with pytest.raises(UserError, match="`pct`"):
+        explain(model, data, tmp_path / "bad", pct=100)
+
+
+def test_index_names_model_data_metric_and_history(tmp_path: Path) -> None:
+    from explainfix_cli.explanation import ReportSource
+
+    model, data = small_model(), small_data()
+    with torch.no_grad():
+        accuracy = float((model(data.x).argmax(dim=1) == data.y).float().mean())
+    step = {"step": "prune", "pct": 80.0, "granularity": "kernel", "removal": "exact", "criterion": "gradient",
+            "params_before": 77754, "params_after": 26660, "metric": "accuracy", "metric_before": 0.9944, "metric_after": 0.3472}  # fmt: skip
+    source = ReportSource(model="models/small.safetensors", arch={"factory": "zoo:small", "kwargs": {"num_classes": 3}},
+                          data="digits.npz", history=[step], preprocessing={"mean": [0.3054], "std": [0.319]})  # fmt: skip
+    result = explain(model, data, tmp_path / "r", source=source, with_figures=False)
+    assert result.metric == "accuracy" and result.metric_value == pytest.approx(accuracy)
+    index = (tmp_path / "r" / "index.html").read_text()
+    for text in ("small.safetensors uses", "models/small.safetensors", "zoo:small(num_classes=3)", "digits.npz, 20 samples",
+                 f"accuracy on this data</th><td>{accuracy:.3f}", "mean 0.3054, std 0.319",
+                 "prune at --pct 80.0 (kernel granularity, exact removal, gradient saliency): 77,754 → 26,660 parameters, "
+                 "accuracy 0.994 → 0.347", "low-frequency share", "add up to 1", "e<sub>d</sub>"):  # fmt: skip
+        assert text in index, text
+    bare = explain(model, None, tmp_path / "bare", with_figures=False)
+    assert bare.metric is None and "none recorded" in (tmp_path / "bare" / "index.html").read_text()
+
+
+def test_cli_report_of_an_image_folder_names_its_sources(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from explainfix_cli.cli import app
+
+    model, folder = SAMPLES / "resnet.safetensors", SAMPLES / "digits_images"
+    if not model.exists() or not folder.exists():
+        pytest.skip("sample models not generated")
+    done = CliRunner().invoke(app, ["explain", str(model), "--data", str(folder), "--out", str(tmp_path / "r"), "--no-figures", "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["metric"] == "accuracy" and summary["metric_value"] == pytest.approx(0.99)  # normalised the model's way
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert all(text in index for text in (str(model), f"{folder}, 100 samples", "mean 0.3054, std 0.319", "none recorded"))
+
+
+def test_cli_says_when_attributions_were_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from explainfix_cli.cli import app
+    from explainfix_cli.explanation import figures
+
+    if not (SAMPLES / "resnet.safetensors").exists():
+        pytest.skip("sample models not generated")
+    monkeypatch.setattr(figures, "draw_all", lambda jobs: None)  # the message, not the drawing
+    args = ["explain", str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "1"]
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r"), "--attributions", "1000", "--json"])
+    assert done.exit_code == 0, done.output
+    assert "note: attribution maps for the first 32 inputs, not 1000: one figure shows at most 32." in done.stderr
+    assert json.loads(done.stdout)["notes"] == ["attribution maps for the first 32 inputs, not 1000: one figure shows at most 32."]

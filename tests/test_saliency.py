@@ -1,4 +1,4 @@
-"""METHOD §1 against an independent few-line computation, for every kind of target."""
+"""docs/method.md §1 against an independent few-line computation, for every kind of target."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_magnitude_is_labelled_fallback_without_data() -> None:
     scores = spatial_saliency(model, None, criterion="magnitude")
     name, conv = spatial_convs(model)[-1]
     torch.testing.assert_close(scores[name], conv.weight.detach().abs().sum(dim=(2, 3)).double())
-    with pytest.raises(UserError, match="--criterion magnitude"):
+    with pytest.raises(UserError, match="magnitude criterion"):
         spatial_saliency(model, None)
 
 

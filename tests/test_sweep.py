@@ -111,7 +111,7 @@ def test_refusals_leave_everything_as_it_was(swept: tuple[Path, dict], tmp_path:
     folder, _ = swept
     before = {n: (folder / n).read_bytes() for n in os.listdir(folder)}
     result = _invoke("sweep", MODEL, *DATA, "--out", str(folder))
-    assert result.exit_code == 2 and "already exists" in result.stderr and "--force" in result.stderr
+    assert result.exit_code == 2 and "not empty" in result.stderr and "--force" in result.stderr
     assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before
     (tmp_path / "clash").mkdir()
     (tmp_path / "clash" / "sweep.png").mkdir()  # a folder where the figure would go: never deleted

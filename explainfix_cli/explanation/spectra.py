@@ -1,4 +1,4 @@
-"""ExplainSteer: how much of a layer's kernels lies on each DCT-II basis vector (METHOD.md §5)."""
+"""ExplainSteer: how much of a layer's kernels lies on each DCT-II basis vector (docs/method.md §5)."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +45,7 @@ class LayerSpectra:
 
 
 def explainsteer_spectra(weight: Tensor, kernel_weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """`(e_d, e_1, e_0)` of a spatial conv weight (METHOD.md §5, Gaudio et al. 2022).
+    """`(e_d, e_1, e_0)` of a spatial conv weight (docs/method.md §5, Gaudio et al. 2022).
 
     `weight` is `(O, I/groups, kh, kw)`; `kernel_weights` is the `(O, I/groups)` saliency
     `w_k` of each kernel, or None for the plain average `w_k = 1/N`. `e_d` comes back in

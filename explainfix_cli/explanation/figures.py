@@ -1,4 +1,4 @@
-"""Figures of an explanation (METHOD.md §5), drawn headless with matplotlib.
+"""Figures of an explanation (docs/method.md §5), drawn headless with matplotlib.
 
 Every function draws one figure into `path` and knows nothing about the report around it. The
 object-oriented `Figure` API is used instead of pyplot: no global state, no GUI backend, and
@@ -13,23 +13,26 @@ import math
 import multiprocessing
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, get_args
 
 import numpy as np
 
+from explainfix_cli.choices import FigureFormat
 from explainfix_cli.dct import frequency_order
-from explainfix_cli.explain.spectra import LayerSpectra
+from explainfix_cli.explanation.spectra import LayerSpectra
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-FORMATS = ("png", "svg", "pdf")
+FORMATS: tuple[str, ...] = get_args(FigureFormat)
 Draw = Callable[[Path], None]  # draws one figure into the given file
 MAX_CHANNELS_SHOWN = 16  # a kernel grid larger than 16 x 16 is unreadable on a page
 MAX_LEGEND_ENTRIES = 8
+ATTRIBUTION_COLUMNS = 8  # inputs per row of the attribution grid
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -41,7 +44,7 @@ def _figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: Path) -> None:
     import matplotlib
 
-    # Dates and random ids would make two runs' files differ; PRODUCT.md wants identical bytes.
+    # Dates and random ids would make two runs' files differ; docs/cli.md wants identical bytes.
     metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(path.suffix[1:])
     with matplotlib.rc_context({"svg.hashsalt": "explainfix"}):
         fig.savefig(path, dpi=150, metadata=metadata)
@@ -91,24 +94,27 @@ def _basis_labels(kh: int, kw: int) -> list[str]:
 
 
 def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: bool = False) -> None:
-    """The ExplainSteer heatmap for layers of one kernel shape, with marginal totals.
+    """The ExplainSteer heatmap for layers of one kernel shape, with marginal bars in shares.
 
-    Cells are each layer's `e_d` divided by its total, so layers of very different magnitude
-    stay comparable; the right bars give the totals that normalisation hides, and the top bars
-    the total of each basis vector over the layers (both in `e_d` units).
+    Cells are each layer's energy per basis vector (`e_d`) divided by the layer's total, so layers
+    of very different magnitude stay comparable. A line sets off the three lowest-frequency basis
+    vectors; the right bars give each layer's low-frequency share (their sum), against the share a
+    layer without preference would have; the top bars the mean share of each basis vector over
+    the layers. The absolute numbers are in spectra.json.
     """
     from matplotlib.colors import LogNorm, Normalize
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     kh, kw = layers[0][1].kernel_shape
     e_d = np.array([s.e_d for _, s in layers])  # (layers, kh*kw), low -> high frequency
     totals = e_d.sum(axis=1)  # (layers,)
     share = e_d / np.where(totals > 0, totals, 1.0)[:, None]  # (layers, kh*kw)
+    low = np.array([s.low_frequency_share for _, s in layers])  # (layers,)
     n_layers, n_basis = share.shape
+    even = 3 / n_basis  # the low-frequency share of a layer without preference
 
     cells_width = max(0.3 * n_basis, 4.5)  # inches; the margins keep a fixed width beside it
-    fig = _figure(cells_width + 4.5, min(3.2 + 0.28 * n_layers, 30.0))
-    grid = fig.add_gridspec(2, 3, width_ratios=[cells_width, 1.6, 0.15], height_ratios=[1, 4])
+    fig = _figure(cells_width + 5.0, min(3.6 + 0.28 * n_layers, 30.0))
+    grid = fig.add_gridspec(2, 3, width_ratios=[cells_width, 2.0, 0.15], height_ratios=[1, 4])
     ax = fig.add_subplot(grid[1, 0])
     # The margins line up with the cells by limits, not by sharing axes: a shared axis would
     # build a hidden tick per basis vector and layer, and ticks are most of a figure's cost.
@@ -124,31 +130,37 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     )
     image = ax.imshow(share, aspect="auto", cmap="magma", norm=norm, interpolation="nearest")
     fig.colorbar(image, cax=bar, label="share of the layer's energy")
+    ax.axvline(2.5, color="white", linewidth=1.5, linestyle="--")  # the low-frequency group on its left
     ax.set_xticks(range(n_basis), _basis_labels(kh, kw), rotation=90 if n_basis > 9 else 0)
-    ax.set_xlabel("DCT-II basis vector (vertical, horizontal frequency)\nfrequency (low → high)")
+    ax.set_xlabel("DCT-II basis vector (vertical, horizontal frequency), low → high frequency;\nleft of the dashed line: the 3 lowest")
     ax.set_yticks(range(n_layers), [_layer_label(i, s) for i, s in layers])
     ax.set_ylabel("layer depth (input → output)")
 
-    top.bar(range(n_basis), e_d.sum(axis=0), color="tab:blue")
-    top.set_ylabel("total over\nlayers")
+    top.bar(range(n_basis), share.mean(axis=0), color="tab:blue")
+    top.set_ylabel("mean share\nover layers")
     top.set_xlim(ax.get_xlim())
     top.set_xticks([])
-    right.barh(range(n_layers), totals, color="tab:blue")
-    right.set_xlabel("layer total")
+    right.barh(range(n_layers), low, color=["tab:orange" if v > even else "tab:blue" for v in low])
+    right.axvline(even, color="black", linewidth=1, linestyle=":")
+    right.text(even, -0.6, f" no preference\n {even:.2f}", fontsize=7, va="bottom")
+    for row, value in enumerate(low):
+        right.text(min(value, 0.8) + 0.02, row, f"{value:.2f}", va="center", fontsize=7)
+    right.set_xlim(0, 1)
+    right.set_xlabel("low-frequency share\n(3 lowest basis vectors)")
     right.set_ylim(ax.get_ylim())
     right.set_yticks([])
-    # Plain numbers on the ticks: an offset such as "1e6" collides with the axis labels.
-    top.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    right.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    right.xaxis.set_major_locator(MaxNLocator(2))
-    weighting = "saliency-weighted" if layers[0][1].saliency_weighted else "unweighted"
+    weighting = "kernels weighted by their saliency on the data" if layers[0][1].saliency_weighted else "kernels averaged, no data"
     fig.align_ylabels([top, ax])
-    fig.suptitle(f"Which spatial frequencies each {kh}x{kw} layer uses ({weighting} e_d)")
+    fig.suptitle(f"How each {kh}x{kw} layer's kernel energy spreads over spatial frequencies\n({weighting})")
     _save(fig, path)
 
 
 def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
-    """Per-layer `e_1` (split into its vertical and horizontal halves) and `e_0` curves."""
+    """Per-layer frequency profiles: `e_1` split into its vertical and horizontal halves, and `e_0`.
+
+    Each curve is divided by its own sum, so it reads as the share of the layer's energy at each
+    frequency in that direction (each curve sums to 1), whatever the layer's magnitude.
+    """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -156,31 +168,32 @@ def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
 
     kh, kw = layers[0][1].kernel_shape
     square = layers[0][1].e_0 is not None
-    fig = _figure(11.0 if square else 8.0, 3.6)
-    axes = fig.subplots(1, 3 if square else 2)
-    axes[1].sharey(axes[0])  # vertical and horizontal shares compare directly; e_0 is about twice as large
+    fig = _figure(11.0 if square else 8.0, 3.9)
+    axes = fig.subplots(1, 3 if square else 2, sharey=True)
     depth = Normalize(vmin=layers[0][0], vmax=max(layers[-1][0], layers[0][0] + 1))
     cmap = colormaps["viridis"]
     for index, s in layers:
         e_1 = np.array(s.e_1)  # (kh + kw,) vertical then horizontal frequencies
-        total = e_1.sum() or 1.0  # e_1 and e_0 have the same total, so one scale serves both
         curves = [e_1[:kh], e_1[kh:]] + ([np.array(s.e_0)] if s.e_0 is not None else [])
         for ax, curve in zip(axes, curves, strict=True):
-            ax.plot(curve / total, marker="o", color=cmap(depth(index)), label=_layer_label(index, s))
-    titles = ["e_1, vertical frequency", "e_1, horizontal frequency", "e_0, vertical + horizontal"]
+            ax.plot(curve / (curve.sum() or 1.0), marker="o", color=cmap(depth(index)), label=_layer_label(index, s))
+    titles = ["vertical frequency (e_1, rows)", "horizontal frequency (e_1, columns)", "both directions (e_0)"]
     for ax, title, n in zip(axes, titles, (kh, kw, kh), strict=False):
-        ax.set_title(title)
-        ax.set_xlabel("frequency (low → high)")
+        ax.axhline(1 / n, color="black", linewidth=1, linestyle=":")  # a flat profile: no preference
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("frequency index (0 = constant)")
         ax.set_xticks(range(n))
-    axes[0].set_ylabel("share of the layer's total")
-    axes[1].tick_params(labelleft=False)
+    axes[0].set_ylabel("share of the curve's sum (sums to 1)\ndotted: a flat profile")
     # A legend names a few layers; for many, a depth colour bar is the only readable key.
     if len(layers) <= MAX_LEGEND_ENTRIES:
         fig.legend(handles=axes[0].get_lines(), loc="outside right center", title="layer")
     else:
         key = fig.colorbar(ScalarMappable(depth, cmap), ax=axes, label="layer depth (input → output)")
         key.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"Frequency profile of each {kh}x{kw} layer")
+    fig.suptitle(
+        f"Frequency profile of each {kh}x{kw} layer: the square root of each basis vector's energy, summed over the other direction"
+        , fontsize=10
+    )
     _save(fig, path)
 
 
@@ -277,25 +290,52 @@ def draw_kernels(name: str, weight: np.ndarray, path: Path) -> None:
     _save(_draw_tiles(grid, f"{kh}x{kw} kernels of {name}", "kernel weight"), path)
 
 
-def draw_kernel_saliency(name: str, kernel_weights: np.ndarray, path: Path, log_scale: bool = False) -> None:
-    """The saliency weight `w_k` of every kernel of one layer, (O, I/groups), laid out like `draw_kernels`."""
+def draw_kernel_saliency(
+    names: list[str], scores: list[np.ndarray], zeroed: list[np.ndarray], pct: float, total: tuple[int, int], path: Path
+) -> None:
+    """The saliency (docs/method.md §1) of every kernel of each spatial layer, (O, I/groups) per layer,
+    laid out like `draw_kernels`, one panel per layer on one logarithmic colour scale (prune ranks
+    all layers together), with a red cross on each kernel a prune at `pct` would zero;
+    `total` is (zeroed, all) kernels in the model."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
-    grid = _channel_grid(kernel_weights)  # (rows, cols)
-    rows, cols = grid.values.shape
-    positive = grid.values[grid.values > 0]
-    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if log_scale and positive.size else None
-    fig = _figure(max(5.5, 3.0 + 0.3 * cols), max(3.5, 1.6 + 0.3 * rows))
-    ax = fig.add_subplot()
-    cmap = colormaps["viridis"].with_extremes(bad="white")
-    shown = ax.imshow(grid.values, cmap=cmap, norm=norm, interpolation="nearest")
-    fig.colorbar(shown, ax=ax, label="saliency (sum of |dL/dW|)", shrink=0.8)
-    ax.set_xticks(range(cols), grid.col_labels)
-    ax.set_yticks(range(rows), grid.row_labels)
-    ax.set_xlabel(grid.xlabel)
-    ax.set_ylabel(grid.ylabel)
-    ax.set_title(f"Saliency of each kernel of {name}")
+    grids = [_channel_grid(s) for s in scores]  # (rows, cols) each
+    marks = [_channel_grid(z.astype(float)).values for z in zeroed]  # (rows, cols), 1 where zeroed
+    positive = np.concatenate([s[s > 0] for s in scores] or [np.ones(1)])
+    norm = LogNorm(vmin=float(positive.min()) if positive.size else 1e-12, vmax=float(positive.max()) if positive.size else 1.0)
+    n = len(grids)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    from matplotlib.figure import Figure
+
+    width, height = 1.5 + 3.0 * cols, 1.0 + 2.9 * rows
+    # Fixed margins: a constrained layout of many panels costs more than drawing them.
+    fig = Figure(figsize=(width, height))
+    margins = {"left": 0.5 / width, "right": 1 - 1.4 / width, "top": 1 - 0.7 / height, "bottom": 0.3 / height}
+    axes = np.array(fig.subplots(rows, cols, squeeze=False, gridspec_kw={**margins, "wspace": 0.25, "hspace": 0.35})).flatten()
+    cmap = colormaps["viridis"].with_extremes(bad="white", under="black")
+    shown = None
+    for ax, name, grid, mark, z in zip(axes, names, grids, marks, zeroed, strict=False):
+        values = np.where(np.isnan(grid.values) | (grid.values > 0), grid.values, norm.vmin / 2)  # 0 -> under: black
+        shown = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
+        r, c = np.nonzero(mark == 1)
+        ax.scatter(c, r, marker="x", color="red", s=max(4.0, 300 / max(grid.values.shape)), linewidths=1.0)
+        ax.set_title(f"{name}: {int(z.sum())} of {z.size}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(grid.xlabel, fontsize=7)
+        ax.set_ylabel(grid.ylabel, fontsize=7)
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    if shown is not None:
+        key = fig.add_axes((1 - 1.0 / width, 0.2, 0.15 / width, 0.6))
+        fig.colorbar(shown, cax=key, label="saliency  Σ|W · ∂L/∂W|  (log scale; black: 0)")
+    fig.suptitle(
+        f"Saliency of each kernel, layer by layer; red crosses: the {total[0]:,} of {total[1]:,} kernels "
+        f"`explainfix prune --pct {pct:g}` would zero (the least salient over all layers)",
+        fontsize=10,
+    )
     _save(fig, path)
 
 
@@ -308,28 +348,42 @@ def _displayable(image: np.ndarray) -> np.ndarray:
     return image if image.shape[2] == 3 else image[:, :, 0]  # (H, W, 3) or (H, W)
 
 
-def draw_attributions(images: np.ndarray, attributions: np.ndarray, captions: list[str], method: str, path: Path) -> None:
-    """Inputs (top row) and the magnitude of their attribution overlaid on them (bottom row), both (n, C, H, W)."""
+def draw_attributions(
+    images: np.ndarray, attributions: np.ndarray, captions: list[str], correct: list[bool | None], method: str, path: Path
+) -> None:
+    """Inputs and the magnitude of their attribution overlaid on them, both (n, C, H, W), in a
+    grid that wraps after `ATTRIBUTION_COLUMNS` inputs: per input the image above its map, under
+    a title with the true target and the prediction (green when right, red when wrong)."""
     heat = np.abs(attributions).sum(axis=1)  # (n, H, W)
     n = len(images)
-    fig = _figure(1.0 + 2.0 * n, 4.6)
-    axes = np.array(fig.subplots(2, n, squeeze=False))  # (2, n) of Axes
-    for k in range(n):
+    cols = min(n, ATTRIBUTION_COLUMNS)
+    rows = math.ceil(n / cols)
+    # long lists of label names wrap to the column's width
+    captions = ["\n".join(textwrap.fill(line, 24) for line in c.split("\n")) for c in captions]
+    lines = max(c.count("\n") + 1 for c in captions)
+    fig = _figure(1.6 + 1.7 * cols, (3.2 + 0.14 * lines) * rows + 0.4)
+    axes = np.array(fig.subplots(2 * rows, cols, squeeze=False))  # (2 * rows, cols) of Axes
+    colours = {True: "tab:green", False: "tab:red", None: "black"}
+    for k in range(rows * cols):
+        top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
+        if k >= n:
+            top.set_axis_off()
+            bottom.set_axis_off()
+            continue
         picture = _displayable(images[k])
         scale = float(heat[k].max()) or 1.0
-        axes[0, k].imshow(picture, cmap="gray", interpolation="nearest")
-        axes[0, k].set_title(captions[k])
+        top.imshow(picture, cmap="gray", interpolation="nearest")
+        top.set_title(captions[k], fontsize=8, color=colours[correct[k]])
         # Colour under the heat map would mix with it: the overlay shows the input in grey.
         grey = picture.mean(axis=2) if picture.ndim == 3 else picture  # (H, W)
-        axes[1, k].imshow(grey, cmap="gray", interpolation="nearest")
-        shown = axes[1, k].imshow(
-            heat[k] / scale, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest"
-        )
-        for ax in axes[:, k]:
+        bottom.imshow(grey, cmap="gray", interpolation="nearest")
+        shown = bottom.imshow(heat[k] / scale, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest")
+        for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_ylabel("input")
-    axes[1, 0].set_ylabel(f"{method}\n(overlaid)")
-    fig.colorbar(shown, ax=axes[1, :], label="attribution\n(share of max)", shrink=0.9)
+    for r in range(rows):
+        axes[2 * r, 0].set_ylabel("input")
+        axes[2 * r + 1, 0].set_ylabel(f"{method}\n(overlaid)")
+    fig.colorbar(shown, ax=axes, label="attribution (share of the input's max)", shrink=0.5 if rows > 1 else 0.9)
     fig.suptitle("Which input pixels drive the target output")
     _save(fig, path)

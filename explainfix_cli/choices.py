@@ -1,0 +1,16 @@
+"""The allowed values of the library's options, defined once.
+
+Torch-free, so that the command line builds its choices (and answers `--help`) without importing
+torch; the library modules take their `Literal` types from here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Criterion = Literal["gradient", "magnitude"]  # docs/method.md §1
+Granularity = Literal["kernel", "channel"]  # §2-3
+Removal = Literal["exact", "calibrated", "aggressive"]  # §3, each a superset of the one before
+Fill = Literal["zero", "reset", "fillzero"]  # §3, zeroed kernels that stay
+AttributionMethod = Literal["saliency", "integrated-gradients"]
+FigureFormat = Literal["png", "svg", "pdf"]

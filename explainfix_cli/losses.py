@@ -1,0 +1,61 @@
+"""The loss that goes with each kind of target (docs/method.md §1's three kinds), in one place.
+
+Class labels → cross-entropy; multi-label 0/1 targets → binary cross-entropy on the logits;
+segmentation masks → binary cross-entropy plus the soft Dice loss (the usual pairing for masks
+whose foreground is a small share of the pixels). `evaluate` reports these on held-out data and
+`finetune` minimises them, so both import `loss_for` from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from .data import TargetKind
+
+DICE_SMOOTH = 1.0  # keeps the soft Dice defined (and its gradient finite) on an all-background batch
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss of the model's raw outputs (logits) and the data's targets, averaged over the batch."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.fn(output, target)
+
+
+def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - (2 Σ p·t + s) / (Σ p + Σ t + s), p = sigmoid(logits), summed over the whole batch."""
+    p = torch.sigmoid(logits)  # (N, K, H, W)
+    t = mask.to(p.dtype)
+    return 1 - (2 * (p * t).sum() + DICE_SMOOTH) / (p.sum() + t.sum() + DICE_SMOOTH)
+
+
+def _cross_entropy(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, labels)
+
+
+def _bce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
+
+
+def _bce_dice(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _bce(output, mask) + soft_dice_loss(output, mask)
+
+
+_LOSSES = {
+    "labels": Loss("cross_entropy", _cross_entropy),
+    "multilabel": Loss("bce", _bce),
+    "mask": Loss("bce_dice", _bce_dice),
+}
+
+
+def loss_for(kind: TargetKind) -> Loss:
+    """The loss for a target kind (`Dataset.target_kind`): labels, multilabel or mask."""
+    return _LOSSES[kind]

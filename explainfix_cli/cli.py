@@ -432,11 +432,13 @@ def saliency(
         _setup(seed, device)
         from .saliency import save_saliency, spatial_saliency
 
+        rank = _distributed_setup(device)  # under torchrun every process scores a share of the minibatches
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         with _working("computing saliency"):
             scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
-        save_saliency(scores, str(out), force, criterion.value)
+        if rank == 0:
+            save_saliency(scores, str(out), force, criterion.value)
         layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
         payload = {"out": str(out), "criterion": criterion.value, "layers": layers}
         _emit(as_json, payload, lambda: _table(f"saliency → {out}", [(k, f"{v['shape']}  sum {v['total']:.4g}") for k, v in layers.items()]))
@@ -494,6 +496,7 @@ def prune(
         _check_paths(model, data, val)
         _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
+        _distributed_setup(device)  # under torchrun the saliency pass is shared; process 0 writes
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
         from .pruning import prune as prune_model
@@ -732,6 +735,142 @@ def bench(
         return report
 
     _gate_verdict(_run(debug, body).gates)
+# ---- fix and finetune (docs/method.md §4; training under torchrun) ------------------------------------
+InitOpt = _choice("InitOpt", choices.Init)
+TrainOpt = _choice("TrainOpt", choices.Trainable)
+BatchNormOpt = _choice("BatchNormOpt", choices.BatchNormMode)
+OptimizerOpt = _choice("OptimizerOpt", choices.OptimizerName)
+
+
+OutModelOpt = Annotated[Path, typer.Option("--out", help="Output .safetensors.")]
+
+
+def _distributed_setup(device: str) -> int:
+    """Under torchrun, join the process group (gloo on CPU, nccl on GPU); only rank 0 prints. Returns the rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import atexit
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.startswith("cuda"):  # one GPU per process: torchrun's local rank picks it
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    rank = dist.get_rank()
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the results are rank 0's to print
+    return rank
+
+
+@app.command()
+def fix(
+    model: Annotated[Path | None, typer.Argument(help="Model to fix (any format of MODEL); leave out with --arch for a fresh network.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-fixed.safetensors beside the input).")] = None,
+    init: Annotated[InitOpt, typer.Option("--init", help="keep the filters, or re-initialise them: dct2 / ghaar (steered), random (Kaiming, the negative control).")] = InitOpt.keep,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_size: InputSizeOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Fix every spatial filter (docs/method.md §4), optionally with steered filters; --arch without MODEL builds a fresh network."""
+
+    def body() -> None:
+        from .checkpoints import LoadedModel, parse_arch, save_model
+        from .fixed import fix as fix_model
+        from .outputs import check_target
+
+        spec = parse_arch(arch, arch_kwargs)
+        if model is None and spec is None:
+            raise UserError("give a MODEL to fix, or --arch module.path:factory (with --input-size C,H,W) for a fresh network.")
+        if model is None and out is None:
+            raise UserError("a fresh network has no file to name the output after; pass --out OUT.safetensors.")
+        target = out or model.with_name(f"{model.stem}-fixed.safetensors")  # type: ignore[union-attr]
+        check_target(target, force)
+        _setup(seed, device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint) if model else LoadedModel(spec.build(), spec, Path("-"))  # type: ignore[union-attr]
+        _, report = fix_model(loaded.model, init.value, seed=seed, sample_shape=_input_size(input_size))
+        save_model(loaded.model, target, arch=loaded.arch, history=[*loaded.history, report.history_step()], report=report.history_step(), force=force)
+        report.out = str(target)
+        _emit(as_json, report.to_json(), lambda: _table(f"fix → {target}", list(report.to_json().items())))
+
+    _run(debug, body)
+
+
+@app.command()
+def finetune(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", help="Training data (same formats as --data elsewhere).")],
+    val: Annotated[Path, typer.Option("--val", help="Validation data: the best epoch by its metric is kept.")],
+    out: OutModelOpt,
+    train: Annotated[TrainOpt, typer.Option("--train", help="unfixed: train only what is not fixed; all: unfreeze the spatial filters too.")] = TrainOpt.unfixed,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs to train.")] = 20,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule to zero).")] = 1e-2,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.")] = 0.0,
+    optimizer: Annotated[OptimizerOpt, typer.Option("--optimizer", help="adam, adamw or sgd (Nesterov momentum 0.9).")] = OptimizerOpt.adam,
+    batch_norm: Annotated[BatchNormOpt, typer.Option("--batch-norm", help="train: batch statistics, running ones re-estimated; frozen: running statistics kept.")] = BatchNormOpt.train,
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="Distil from this model's softened outputs (e.g. the unpruned one); read with --arch too.")] = None,
+    distill_weight: Annotated[float, typer.Option("--distill-weight", help="Share of the distillation loss with --teacher, in [0, 1].")] = 0.5,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature of the distillation.")] = 4.0,
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop before an epoch that would end past this many minutes.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Train what is not fixed (a pruned or fixed model), keep the best epoch; runs under torchrun."""
+
+    def body() -> None:
+        from .outputs import check_target
+        from .training import Recipe, finetune_file
+
+        check_target(out, force)
+        if not 0 <= distill_weight <= 1:
+            raise UserError(f"--distill-weight must be in [0, 1], not {distill_weight}.")
+        if epochs < 0 or lr <= 0 or temperature <= 0:
+            raise UserError("--epochs must be >= 0, and --lr and --temperature positive.")
+        _setup(seed, device)
+        rank = _distributed_setup(device)
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        teacher_model = _load_model(teacher, arch, arch_kwargs, trust_checkpoint).model if teacher else None
+        train_data = _load_data(data, batch_size, batches, image_size, grayscale)
+        val_data = _load_data(val, batch_size, None, image_size, grayscale)
+        recipe = Recipe(
+            epochs=epochs, lr=lr, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
+            distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=seed,
+        )
+        progress = None
+        if not as_json and rank == 0 and sys.stderr.isatty():
+            def progress(r: Any) -> None:
+                print(f"epoch {r.epoch}: loss {r.loss:.4f}, {val_data.metric_name} {r.metric}, {r.seconds:.1f} s", file=sys.stderr)
+        report = finetune_file(
+            loaded, train_data, val_data, out, recipe=recipe, teacher=teacher_model, device=device, on_epoch=progress, force=force,
+        )
+        payload = report.to_json()
+        rows = [(k, str(v) if isinstance(v, bool) else v) for k, v in payload.items() if k not in ("history", "recipe")]
+        _emit(as_json, payload, lambda: _table(f"finetune → {out}", rows))
+
+    _run(debug, body)
+
+
 for _info in app.registered_commands:  # every command, whoever added it, shows flags as flags
     if _info.cls in (None, TyperCommand):
         _info.cls = _Command

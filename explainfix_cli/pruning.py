@@ -20,7 +20,7 @@ from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
 from .outputs import check_target
-from .saliency import require_spatial_convs, spatial_convs, spatial_saliency
+from .saliency import _distributed, require_spatial_convs, spatial_convs, spatial_saliency
 
 
 def least_salient_kernels(
@@ -291,7 +291,7 @@ def prune(
         collapsed_layers=collapsed,
         constant_output=_constant(out_after),
     )
-    if out is not None:
+    if out is not None and _distributed()[0] == 0:  # under torchrun, process 0 writes
         step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
         if preprocessing is not None:
             preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))

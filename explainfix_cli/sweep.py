@@ -220,8 +220,8 @@ def sweep(
 
     `adapt(model)` changes each pruned model in place before it is measured (its return value is
     ignored): the place for a short fine-tune of every point, e.g.
-    `adapt=lambda m: finetune(m, train, val, recipe=Recipe(epochs=2))` once `training.finetune`
-    lands, so the curve shows what a user would get. Points come unfixed (spatial filters
+    `adapt=lambda m: finetune(m, train, val, recipe=Recipe(epochs=2))` (`training.finetune`),
+    so the curve shows what a user would get. Points come unfixed (spatial filters
     trainable); fix them in `adapt` to train only the rest, as the paper does.
     `latency_repeats=0` skips latency (then the files are identical across runs).
     """

@@ -1,9 +1,10 @@
 """Regenerate everything in sample_models/: the data, the trained sample models, metrics.json.
 
-    python sample_models/make_samples.py
-    python sample_models/make_samples.py --metadata-only   # rewrite the metadata only
+    python sample_models/make_samples.py                  # everything
+    python sample_models/make_samples.py densenet_bc      # only the named models
+    python sample_models/make_samples.py --metadata-only  # rewrite the metadata only
 
-The second form keeps every tensor and array byte for byte, without training: it rewrites the
+The last form keeps every tensor and array byte for byte, without training: it rewrites the
 explainfix metadata of the existing `NAME.safetensors` files (the input preprocessing, from
 metrics.json) and gives the multi-label data files their class names.
 
@@ -72,6 +73,7 @@ class Sample:
 SAMPLES = (
     Sample("resnet", "resnet", "digits", 10, kwargs={"num_classes": 10, "in_channels": 1}),
     Sample("densenet", "densenet", "digits", 12, kwargs={"num_classes": 10, "in_channels": 1}),
+    Sample("densenet_bc", "densenet_bc", "digits", 12, kwargs={"num_classes": 10, "in_channels": 1}),
     Sample("mobilenet", "mobilenet", "digits", 15, kwargs={"num_classes": 10, "in_channels": 1}),
     Sample(
         "vgg",
@@ -315,6 +317,8 @@ def rewrite_metadata(sample: Sample, data: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    """Everything, or with sample names as arguments only those models (the data and the other
+    models' entries in metrics.json stay as they are), or with --metadata-only the metadata."""
     if sys.argv[1:] == ["--metadata-only"]:
         data = json.loads((OUT / "metrics.json").read_text())["data"]
         for sample in SAMPLES:
@@ -327,9 +331,17 @@ def main() -> None:
     started = time.perf_counter()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    data = {"digits": make_digits(), "nuclei": make_nuclei()}
-    log("data written")
-    models = {sample.name: make_model(sample, data) for sample in SAMPLES}
+    only = set(sys.argv[1:])
+    unknown = only - {sample.name for sample in SAMPLES}
+    if unknown:
+        sys.exit(f"unknown sample(s) {sorted(unknown)}; choose from {[sample.name for sample in SAMPLES]}")
+    if only:
+        previous = json.loads((OUT / "metrics.json").read_text())
+        data, made = previous["data"], previous["models"]
+    else:
+        data, made = {"digits": make_digits(), "nuclei": make_nuclei()}, {}
+        log("data written")
+    models = {sample.name: make_model(sample, data) if not only or sample.name in only else made[sample.name] for sample in SAMPLES}
     metrics = {"seed": SEED, "torch": torch.__version__, "data": data, "models": models}
     (OUT / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(markdown_table(models))

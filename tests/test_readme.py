@@ -2,7 +2,8 @@
 
 Shell blocks run line by line: `explainfix …` in process (the process boundary is tested in
 test_cli.py), anything else in a shell. Skipped: the set-up (`scripts/setup.sh`, which made this
-environment), the test command itself, and the blocks that need torchvision (benchmarks).
+environment), the test command itself, the blocks that need torchvision (benchmarks), and the CI pipeline, which
+tests/test_ci_example.py runs end to end.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from explainfix_cli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.MULTILINE | re.DOTALL)
-SKIPPED = ("torchvision", "-m pytest")
+SKIPPED = ("torchvision", "-m pytest", "prune-and-gate.sh")  # the CI script has its own test (test_ci_example.py)
 
 
 def blocks() -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from .convnext import convnext
-from .densenet import densenet
+from .densenet import densenet, densenet_bc
 from .mobilenet import mobilenet
 from .resnet import resnet
 from .shufflenet import shufflenet
@@ -29,6 +29,7 @@ from .vgg import vgg
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet": resnet,
     "densenet": densenet,
+    "densenet_bc": densenet_bc,
     "mobilenet": mobilenet,
     "vgg": vgg,
     "shufflenet": shufflenet,
@@ -49,6 +50,7 @@ __all__ = [
     "convnext",
     "create_model",
     "densenet",
+    "densenet_bc",
     "mobilenet",
     "resnet",
     "shufflenet",

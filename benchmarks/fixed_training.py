@@ -1,0 +1,195 @@
+"""The paper's table for the bundled samples: learned vs spatially fixed, and pruned then fine-tuned.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fixed_training.py [--models resnet,unet] [--epochs 20]
+
+Per model, on its held-out split (`*_val.npz`; everything trains on `*_train.npz`):
+- the bundled trained sample, as it is;
+- learned from scratch, and spatially fixed from scratch with `dct2`, `ghaar` and `random` filters,
+  all trained the same number of epochs with the default recipe (`explainfix_cli.training.Recipe`);
+- the trained sample pruned at each pct (saliency on the training data, default prune options)
+  and fine-tuned with the default recipe, without and with the unpruned model as `--teacher`.
+A model without a bundled sample (densenet_bc) uses its learned-from-scratch network as the trained one.
+
+Then the speed of one training epoch, measured in turn (`--speed-rounds` rounds, the fastest of
+each kept, since other processes share the machine): learned, fixed (dct2, unpruned), and fixed
+pruned at 90 %. Markdown tables go to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from explainfix_cli.checkpoints import open_model
+from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.fixed import fix
+from explainfix_cli.measure import kernel_counts, metric, outputs
+from explainfix_cli.pruning import prune
+from explainfix_cli.training import Recipe, finetune
+from explainfix_cli.zoo import create_model
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    factory: str
+    data: str
+    batch_size: int
+    sample: str | None  # bundled trained model, if any
+    kwargs: tuple[tuple[str, int], ...] = (("num_classes", 10), ("in_channels", 1))
+
+
+BENCHES = {
+    "resnet": Bench("resnet", "resnet", "digits", 64, "resnet"),
+    "densenet": Bench("densenet", "densenet", "digits", 64, "densenet"),
+    "densenet_bc": Bench("densenet_bc", "densenet_bc", "digits", 64, "densenet_bc"),
+    "mobilenet": Bench("mobilenet", "mobilenet", "digits", 64, "mobilenet"),
+    "unet": Bench("unet", "unet", "nuclei", 32, "unet", (("num_classes", 1), ("in_channels", 1))),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    setting: str
+    spatial_kernels: int  # not all-zero
+    params: int
+    trainable: int
+    metric: float
+    seconds_per_epoch: float | None
+    best_epoch: int | None
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def row(bench: Bench, setting: str, model: nn.Module, value: float, seconds: float | None = None, best: int | None = None) -> Row:
+    total, zero = kernel_counts(model)
+    r = Row(bench.name, setting, total - zero, sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad), value, seconds, best)  # fmt: skip
+    print(markdown_row(r), flush=True)  # as it comes: a long run that is stopped keeps its rows
+    return r
+
+
+def fresh(bench: Bench) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(bench.factory, **dict(bench.kwargs))
+
+
+def train(model: nn.Module, data: tuple[Dataset, Dataset], recipe: Recipe, teacher: nn.Module | None = None) -> tuple[nn.Module, float, float, int]:
+    model, report = finetune(model, *data, recipe=recipe, teacher=teacher)
+    assert report.metric_after is not None
+    return model, report.metric_after, report.seconds_per_epoch, report.best_epoch
+
+
+def run(
+    bench: Bench, recipe: Recipe, pcts: list[float], speed_rounds: int, scratch: bool = True, speed_only: bool = False
+) -> tuple[list[Row], dict[str, float]]:
+    train_data = load_data(SAMPLES / f"{bench.data}_train.npz", batch_size=bench.batch_size)
+    val = load_data(SAMPLES / f"{bench.data}_val.npz", batch_size=256)
+    data = (train_data, val)
+    rows: list[Row] = []
+    trained = None
+    if bench.sample is not None:
+        trained = open_model(SAMPLES / f"{bench.sample}.safetensors").model
+        rows.append(row(bench, "trained sample (bundled)", trained, metric(val, outputs(trained, val))))
+    speed_models: dict[str, nn.Module | None] = {}
+    if (scratch and not speed_only) or trained is None:
+        learned, value, seconds, best = train(fresh(bench), data, recipe)
+        rows.append(row(bench, "learned, from scratch", learned, value, seconds, best))
+        speed_models["learned"] = learned
+        for init in ("dct2", "ghaar", "random"):
+            model, _ = fix(fresh(bench), init, seed=0)
+            model, value, seconds, best = train(model, data, recipe)
+            speed_models.setdefault("fixed", model)
+            rows.append(row(bench, f"fixed {init}, from scratch", model, value, seconds, best))
+        trained = trained if trained is not None else learned
+    else:
+        speed_models = {"learned": trained, "fixed": fix(copy.deepcopy(trained), "keep")[0]}
+    saliency_data = load_data(SAMPLES / f"{bench.data}_train.npz", batch_size=256)
+    if speed_only:
+        speed_models["fixed, pruned 90 %"] = prune(copy.deepcopy(trained), saliency_data, pct=90)[0]
+        return rows, epoch_speed(speed_models, data, speed_rounds)
+    for pct in pcts:
+        small, _ = prune(copy.deepcopy(trained), saliency_data, pct=pct)
+        if pct == 90:
+            speed_models["fixed, pruned 90 %"] = copy.deepcopy(small)
+        for teacher in (None, trained):
+            model, value, seconds, best = train(copy.deepcopy(small), data, recipe, teacher)
+            rows.append(row(bench, f"pruned {pct:g} % + finetune{' + teacher' if teacher is not None else ''}", model, value, seconds, best))
+    return rows, epoch_speed(speed_models, data, speed_rounds)
+
+
+def epoch_speed(models: dict[str, nn.Module | None], data: tuple[Dataset, Dataset], rounds: int) -> dict[str, float]:
+    """Seconds of one training epoch per model, measured in turn, the fastest of `rounds` kept."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            if model is None:
+                continue
+            _, report = finetune(copy.deepcopy(model), *data, recipe=Recipe(epochs=1))
+            best[name] = min(best.get(name, float("inf")), report.seconds_per_epoch)
+    return best
+
+
+HEADER = """| model | setting | spatial kernels | params | trainable | held-out metric | s/epoch | best epoch |
+| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"""
+
+
+def markdown_row(r: Row) -> str:
+    sec = "" if r.seconds_per_epoch is None else f"{r.seconds_per_epoch:.2f}"
+    best = "" if r.best_epoch is None else str(r.best_epoch)
+    return f"| {r.model} | {r.setting} | {r.spatial_kernels:,} | {r.params:,} | {r.trainable:,} | {r.metric:.4f} | {sec} | {best} |"
+
+
+def versus(seconds: float, learned: float) -> str:
+    change = 1 - seconds / learned
+    return f"{change:.0%} faster" if change >= 0 else f"{-change:.0%} slower"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet,densenet,densenet_bc,mobilenet,unet")
+    parser.add_argument("--epochs", type=int, default=Recipe().epochs)
+    parser.add_argument("--pcts", default="50,90,95,99", help="comma-separated; empty for no pruning rows")
+    parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch rows (learned and fixed)")
+    parser.add_argument("--speed-only", action="store_true", help="only the epoch speeds (trained sample, fixed, pruned 90 %%)")
+    parser.add_argument("--json", type=Path, help="also write the rows and speeds here")
+    args = parser.parse_args()
+    recipe = Recipe(epochs=args.epochs)
+    started = time.perf_counter()
+    rows: list[Row] = []
+    speeds: dict[str, dict[str, float]] = {}
+    print(f"Default recipe: {json.dumps(recipe.to_json())}; torch threads {torch.get_num_threads()}\n")
+    print(HEADER, flush=True)
+    pcts = [float(p) for p in args.pcts.split(",") if p]
+    for name in args.models.split(","):
+        r, speeds[name] = run(BENCHES[name], recipe, pcts, args.speed_rounds, not args.no_scratch, args.speed_only)
+        rows += r
+    print("\n| model | s/epoch learned | s/epoch fixed | s/epoch fixed, pruned 90 % | pruned 90 % vs learned | fixed vs learned |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, s in speeds.items():
+        if "learned" not in s or "fixed" not in s:
+            continue
+        p90 = s.get("fixed, pruned 90 %")
+        p90_cells = f"{p90:.3f} | {versus(p90, s['learned'])}" if p90 else " | "
+        print(f"| {name} | {s['learned']:.3f} | {s['fixed']:.3f} | {p90_cells} | {versus(s['fixed'], s['learned'])} |")
+    if args.json:
+        args.json.write_text(json.dumps({"recipe": recipe.to_json(), "rows": [r.__dict__ for r in rows], "speed": speeds}, indent=1))
+    log(f"done in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Training what is not fixed: fine-tuning a pruned model, or training a fixed one from scratch.
+
+ExplainFix's claim (docs/method.md §4) is that spatially fixed, pruned networks match the learned ones
+once their remaining parameters are trained. `finetune` trains those parameters (or all of them),
+with the loss of the target kind, optional knowledge distillation from a teacher, and keeps the
+best epoch by the validation metric. Under `torchrun` it trains with DistributedDataParallel, each
+process a shard of every global minibatch, so one epoch equals the single-process epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import LoadedModel, save_model
+from .choices import BatchNormMode, OptimizerName, Trainable
+from .data import Dataset, TargetKind
+from .errors import UserError
+from .measure import metric, outputs
+from .outputs import check_target
+from .saliency import _distributed, model_output
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: the defaults are the recipe measured on the bundled samples (README)."""
+
+    epochs: int = 20
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    optimizer: OptimizerName = "adam"
+    train: Trainable = "unfixed"  # "all" unfreezes the fixed spatial filters too
+    batch_norm: BatchNormMode = "train"  # "frozen": running statistics kept, affine still learned
+    distill_weight: float = 0.5  # share of the distillation term when a teacher is given
+    temperature: float = 4.0  # softening of the teacher's and the student's logits
+    max_minutes: float | None = None
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochRecord:
+    """One epoch: mean training loss, validation metric, seconds spent training and validating."""
+
+    epoch: int
+    loss: float
+    metric: float | None
+    seconds: float
+    val_seconds: float
+
+
+@dataclass
+class FinetuneReport:
+    """What `finetune` did (docs/cli.md `finetune --json`)."""
+
+    metric: str
+    metric_before: float | None
+    metric_after: float | None
+    best_epoch: int  # 0: no epoch beat the model as given, which is kept
+    epochs: int  # epochs run (fewer than asked when --max-minutes stopped early)
+    seconds_per_epoch: float
+    trainable_params: int
+    params: int
+    stopped_early: bool
+    processes: int
+    recipe: dict[str, Any]
+    history: list[EpochRecord] = field(default_factory=list)
+    out: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def history_step(self) -> dict[str, Any]:
+        """The entry for the file's history: every number except timings, so reruns write the same bytes."""
+        step = {k: v for k, v in self.to_json().items() if k not in ("seconds_per_epoch", "history", "out", "processes")}
+        step["history"] = [{"epoch": r.epoch, "loss": r.loss, "metric": r.metric} for r in self.history]
+        return {"step": "finetune", **step}
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, kind: TargetKind) -> torch.Tensor:
+    """Per-sample loss (N,) by target kind: cross-entropy, BCE, or BCE + soft Dice for masks."""
+    if kind == "labels":
+        return F.cross_entropy(out, y, reduction="none")  # (N,)
+    bce = F.binary_cross_entropy_with_logits(out, y, reduction="none").flatten(1).mean(dim=1)  # (N,)
+    if kind == "multilabel":
+        return bce
+    p, t = torch.sigmoid(out).flatten(1), y.flatten(1)  # (N, K*H*W)
+    dice = (2 * (p * t).sum(dim=1) + 1) / (p.sum(dim=1) + t.sum(dim=1) + 1)  # (N,), smoothed by 1
+    return bce + 1 - dice
+
+
+def distill_loss(out: torch.Tensor, teacher: torch.Tensor, kind: TargetKind, temperature: float) -> torch.Tensor:
+    """Per-sample distillation loss (N,) from softened logits (Hinton et al., 2015), scaled by T².
+
+    Class labels: KL(softmax(teacher/T) || softmax(out/T)). Multi-label and masks: BCE of the
+    student's softened logits against the teacher's softened probabilities, per label or pixel.
+    """
+    t2 = temperature**2
+    if kind == "labels":
+        log_p = F.log_softmax(out / temperature, dim=1)  # (N, K)
+        log_q = F.log_softmax(teacher / temperature, dim=1)  # (N, K)
+        return t2 * (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    soft = torch.sigmoid(teacher / temperature)
+    return t2 * F.binary_cross_entropy_with_logits(out / temperature, soft, reduction="none").flatten(1).mean(dim=1)
+
+
+def _check_fits(model: nn.Module, train: Dataset, val: Dataset, teacher: nn.Module | None, device: str) -> None:
+    """Fail before training when the data, the model and the teacher do not go together."""
+    if train.target_kind != val.target_kind:
+        raise UserError(f"the training data has {train.target_kind} targets but the validation data {val.target_kind}; they must be of one kind.")
+    model.eval()
+    with torch.no_grad():
+        x, y = train.x[:2].to(device), train.y[:2].to(device)
+        out = model_output(model, x)
+        train.targets(out, y)  # raises when the targets do not fit the output
+        if teacher is not None and model_output(teacher, x).shape != out.shape:
+            raise UserError(f"the teacher's outputs have shape {tuple(model_output(teacher, x).shape[1:])} but the model's {tuple(out.shape[1:])}; they must match.")
+
+
+def _optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; choose adam, adamw or sgd.")
+
+
+def _set_train_mode(model: nn.Module, batch_norm: BatchNormMode) -> None:
+    model.train()
+    if batch_norm == "frozen":  # normalise with the running statistics and leave them as they are
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _validate(model: nn.Module, val: Dataset, device: str) -> float | None:
+    value = metric(val, outputs(model, val, device))
+    return None if math.isnan(value) else value
+
+
+def _better(value: float | None, best: float | None) -> bool:
+    return value is not None and (best is None or value > best)
+
+
+def finetune(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset,
+    *,
+    recipe: Recipe | None = None,
+    teacher: nn.Module | None = None,
+    device: str = "cpu",
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> tuple[nn.Module, FinetuneReport]:
+    """Train the parameters that are not fixed (or all, `recipe.train="all"`); keep the best epoch.
+
+    Minibatches of `train.batch_size` samples come in a seeded order. The loss follows the
+    target kind (`task_loss`); with a `teacher`, `(1 - a) * task + a * distill` with
+    `a = recipe.distill_weight`. After every epoch the validation metric (accuracy, AUC or Dice,
+    `measure.metric`) is measured; the model ends with the weights of the best epoch, the model
+    as given counting as epoch 0. The global RNG is left as it was (dropout and stochastic depth
+    draw from it inside a forked, seeded state). Under an initialised process group (torchrun)
+    each process trains on its shard of every global minibatch through DistributedDataParallel.
+    `model` is changed in place, returned in eval mode.
+    """
+    recipe = recipe or Recipe()
+    if recipe.epochs < 0:
+        raise UserError(f"epochs must be at least 0, not {recipe.epochs}.")
+    if recipe.train == "all":
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("every parameter of the model is fixed, so there is nothing to train; train all of them instead.")
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    _check_fits(model, train, val, teacher, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        report = _train(model, params, train, val, recipe, teacher, device, on_epoch)
+    model.eval()
+    return model, report
+
+
+def _train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    train: Dataset,
+    val: Dataset,
+    recipe: Recipe,
+    teacher: nn.Module | None,
+    device: str,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> FinetuneReport:
+    rank, world = _distributed()
+    x_all, y_all = train.x[: train.num_samples], train.y[: train.num_samples]
+    kind = train.target_kind
+    generator = torch.Generator().manual_seed(recipe.seed)
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    optimizer = _optimizer(params, recipe)
+    steps = max(1, recipe.epochs * math.ceil(len(x_all) / train.batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+
+    before = _validate(model, val, device)
+    best, best_epoch = before, 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history: list[EpochRecord] = []
+    started, stopped = time.perf_counter(), False
+    for epoch in range(1, recipe.epochs + 1):
+        if history and _out_of_time(started, history[-1].seconds + history[-1].val_seconds, recipe.max_minutes, world):
+            stopped = True
+            break
+        t0 = time.perf_counter()
+        _set_train_mode(model, recipe.batch_norm)
+        order = torch.randperm(len(x_all), generator=generator)
+        total, seen = 0.0, 0
+        for batch in order.split(train.batch_size):
+            if len(batch) < 2 * world:  # a batch norm in train mode cannot normalise one sample
+                continue
+            # each process a contiguous shard; its loss is its share of the global minibatch's mean
+            shard = batch.tensor_split(world)[rank]
+            x, y = x_all[shard].to(device), y_all[shard].to(device)
+            out = model_output(net, x)
+            loss = task_loss(out, y, kind)  # (n,)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = model_output(teacher, x)
+                w = recipe.distill_weight
+                loss = (1 - w) * loss + w * distill_loss(out, soft, kind, recipe.temperature)
+            # DistributedDataParallel averages gradients over processes: scale so they add up
+            objective = loss.sum() * world / len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            schedule.step()
+            total, seen = total + float(loss.detach().sum()), seen + len(shard)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        value = _validate(model, val, device)
+        record = EpochRecord(epoch, _mean_loss(total, seen, world), value, round(seconds, 4), round(time.perf_counter() - t1, 4))
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if _better(value, best):
+            best, best_epoch = value, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return FinetuneReport(
+        metric=val.metric_name,
+        metric_before=before,
+        metric_after=best,
+        best_epoch=best_epoch,
+        epochs=len(history),
+        seconds_per_epoch=round(sum(r.seconds for r in history) / len(history), 4) if history else 0.0,
+        trainable_params=sum(p.numel() for p in params),
+        params=sum(p.numel() for p in model.parameters()),
+        stopped_early=stopped,
+        processes=world,
+        recipe=recipe.to_json(),
+        history=history,
+    )
+
+
+def _mean_loss(total: float, seen: int, world: int) -> float:
+    """The epoch's mean per-sample loss over every process."""
+    if world > 1:
+        import torch.distributed as dist
+
+        both = torch.tensor([total, float(seen)], dtype=torch.float64)
+        dist.all_reduce(both)
+        total, seen = float(both[0]), int(both[1])
+    return round(total / max(seen, 1), 6)
+
+
+def _out_of_time(started: float, last_epoch: float, max_minutes: float | None, world: int) -> bool:
+    """Would another epoch end past the budget? Process 0 decides for all, so they stop together."""
+    if max_minutes is None:
+        return False
+    stop = torch.tensor([float(time.perf_counter() - started + last_epoch > max_minutes * 60)])
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(stop, src=0)
+    return bool(stop.item())
+
+
+def finetune_file(
+    loaded: LoadedModel,
+    train: Dataset,
+    val: Dataset,
+    out: str | Path,
+    *,
+    recipe: Recipe | None = None,
+    teacher: nn.Module | None = None,
+    device: str = "cpu",
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    force: bool = False,
+) -> FinetuneReport:
+    """`finetune` a loaded model and write it to `out` with the step in its history (process 0 only).
+
+    The file keeps the (pruned) architecture and the fixed flags, so `load_model` rebuilds it.
+    """
+    check_target(Path(out), force)
+    model, report = finetune(loaded.model, train, val, recipe=recipe, teacher=teacher, device=device, on_epoch=on_epoch)
+    report.out = str(out)
+    if _distributed()[0] == 0:
+        step = report.history_step()
+        save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, force=force)
+    return report

@@ -1,0 +1,199 @@
+"""Fine-tuning (training.py, `explainfix finetune`), and training under torchrun."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import SAMPLES
+from typer.testing import CliRunner
+
+from explainfix_cli import cli
+from explainfix_cli.checkpoints import load_model, open_model
+from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.measure import metric, outputs
+from explainfix_cli.pruning import prune
+from explainfix_cli.saliency import spatial_convs
+from explainfix_cli.training import Recipe, distill_loss, finetune, task_loss
+
+FIELDS = {"metric_before", "metric_after", "best_epoch", "epochs", "seconds_per_epoch", "trainable_params", "params", "out"}
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def small_train() -> Dataset:
+    return load_data(SAMPLES / "digits_train.npz", batch_size=32, batches=8)  # 256 samples
+
+
+@pytest.fixture(scope="module")
+def small_val() -> Dataset:
+    full = load_data(SAMPLES / "digits_val.npz")
+    return Dataset(full.x[:120], full.y[:120], batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory: pytest.TempPathFactory, small_val: Dataset) -> Path:
+    """The ResNet sample pruned at 90 % (spatial filters fixed), written to a file."""
+    out = tmp_path_factory.mktemp("pruned") / "resnet-90.safetensors"
+    loaded = open_model(SAMPLES / "resnet.safetensors")
+    prune(loaded.model, small_val, pct=90, arch=loaded.arch, out=out)
+    return out
+
+
+def _finetune(*args: str) -> dict:
+    result = CliRunner().invoke(cli.app, ["finetune", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1
+    return json.loads(result.stdout)
+
+
+# ---- losses --------------------------------------------------------------------------------------
+def test_task_loss_by_target_kind_against_hand_computation() -> None:
+    out = torch.tensor([[2.0, 0.0, -1.0]])
+    ce = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1)))
+    torch.testing.assert_close(task_loss(out, torch.tensor([0]), "labels"), torch.tensor([ce]))
+    # one mask of two pixels, logits (0, 0) → p = (0.5, 0.5); truth (1, 0)
+    mask_out, mask_y = torch.zeros(1, 1, 1, 2), torch.tensor([[[[1.0, 0.0]]]])
+    bce = math.log(2)  # -log 0.5 at both pixels
+    dice = (2 * 0.5 + 1) / (1.0 + 1.0 + 1)  # smoothed soft Dice: (2·Σpt + 1) / (Σp + Σt + 1)
+    torch.testing.assert_close(task_loss(mask_out, mask_y, "mask"), torch.tensor([bce + 1 - dice]))
+    torch.testing.assert_close(task_loss(mask_out.flatten(1), mask_y.flatten(1), "multilabel"), torch.tensor([bce]))
+
+
+def test_distillation_is_zero_only_when_the_student_matches_the_teacher() -> None:
+    teacher = torch.tensor([[3.0, 1.0, -2.0]])
+    assert float(distill_loss(teacher.clone(), teacher, "labels", 4.0)) == pytest.approx(0, abs=1e-6)
+    student = torch.tensor([[0.0, 1.0, 0.0]])
+    t = 4.0
+    p, q = F.softmax(student / t, dim=1), F.softmax(teacher / t, dim=1)
+    kl = float((q * (q / p).log()).sum()) * t * t
+    assert float(distill_loss(student, teacher, "labels", t)) == pytest.approx(kl, rel=1e-5)
+    # per pixel for masks: the gradient vanishes where the student's softened logit equals the teacher's
+    mask_t = torch.randn(1, 1, 4, 4)
+    s = mask_t.clone().requires_grad_(True)
+    distill_loss(s, mask_t, "mask", 2.0).sum().backward()
+    assert float(s.grad.abs().max()) < 1e-6
+
+
+# ---- finetune ------------------------------------------------------------------------------------
+def test_finetune_recovers_a_pruned_model_and_keeps_the_best_epoch(pruned: Path, small_train: Dataset, small_val: Dataset) -> None:
+    model = load_model(pruned)
+    fixed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    state = torch.get_rng_state()
+    model, report = finetune(model, small_train, small_val, recipe=Recipe(epochs=3))
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
+    assert report.metric_after > report.metric_before + 0.3  # pruned at 90 % it starts near chance
+    # the model returned is the best epoch's, and the report says so
+    value = metric(small_val, outputs(model, small_val))
+    assert value == pytest.approx(report.metric_after)
+    assert report.metric_after == max(r.metric for r in report.history)
+    assert report.history[report.best_epoch - 1].metric == report.metric_after
+    for name, p in model.named_parameters():  # only what was not fixed has moved
+        if name in fixed:
+            assert torch.equal(p, fixed[name]) and not p.requires_grad
+    assert report.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad) < report.params
+
+
+def test_train_all_unfreezes_the_spatial_filters(pruned: Path, small_train: Dataset, small_val: Dataset) -> None:
+    model = load_model(pruned)
+    conv = spatial_convs(model)[0][1]
+    before = conv.weight.detach().clone()
+    few = Dataset(small_train.x[:64], small_train.y[:64], batch_size=32)
+    _, report = finetune(model, few, small_val, recipe=Recipe(epochs=1, train="all"))
+    assert report.trainable_params == report.params
+    assert conv.weight.requires_grad and not torch.equal(conv.weight.detach(), before)
+
+
+def test_cli_finetune_writes_a_loadable_pruned_fixed_model_same_bytes_for_same_seed(pruned: Path, tmp_path: Path) -> None:
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    reports = [
+        _finetune(str(pruned), "--data", str(SAMPLES / "digits_train.npz"), "--batches", "4", "--batch-size", "32",
+                  "--val", str(SAMPLES / "digits_val.npz"), "--epochs", "2", "--teacher", str(SAMPLES / "resnet.safetensors"),
+                  "--out", str(out))
+        for out in outs
+    ]  # fmt: skip
+    assert set(reports[0]) >= FIELDS
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    tuned, original = open_model(outs[0]), open_model(pruned)
+    assert [h["step"] for h in tuned.history] == ["prune", "finetune"]
+    assert tuned.history[-1]["best_epoch"] == reports[0]["best_epoch"]
+    # the pruned architecture and the fixed flags survive the round trip
+    assert {n: p.shape for n, p in tuned.model.named_parameters()} == {n: p.shape for n, p in original.model.named_parameters()}
+    assert {n for n, p in tuned.model.named_parameters() if not p.requires_grad} == set(original.metadata["fixed"])
+    val = load_data(SAMPLES / "digits_val.npz")
+    assert metric(val, outputs(tuned.model, val)) == pytest.approx(reports[0]["metric_after"])
+
+
+def test_max_minutes_stops_after_the_first_epoch(pruned: Path, tmp_path: Path) -> None:
+    report = _finetune(str(pruned), "--data", str(SAMPLES / "digits_train.npz"), "--batches", "2", "--val", str(SAMPLES / "digits_val.npz"),
+                       "--epochs", "5", "--max-minutes", "0", "--out", str(tmp_path / "t.safetensors"))  # fmt: skip
+    assert report["epochs"] == 1 and report["stopped_early"]
+
+
+def test_cli_defaults_are_the_recipe() -> None:
+    defaults = {name: p.default for name, p in inspect.signature(cli.finetune).parameters.items()}
+    recipe = Recipe()
+    for name in ("epochs", "lr", "weight_decay", "distill_weight", "temperature"):
+        assert defaults[name] == getattr(recipe, name)
+    assert (defaults["optimizer"].value, defaults["batch_norm"].value, defaults["train"].value) == (recipe.optimizer, recipe.batch_norm, recipe.train)
+
+
+def test_finetune_bad_input_exit_2(tmp_path: Path) -> None:
+    fixed_all = tmp_path / "f.safetensors"
+    model = load_model(SAMPLES / "vgg.safetensors")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    from explainfix_cli.checkpoints import save_model
+
+    save_model(model, fixed_all, arch=open_model(SAMPLES / "vgg.safetensors").arch)
+    out = tmp_path / "o.safetensors"
+    base = ["finetune", "--data", str(SAMPLES / "digits_train.npz"), "--val", str(SAMPLES / "digits_val.npz"), "--out", str(out)]
+    result = CliRunner().invoke(cli.app, [*base[:1], str(fixed_all), *base[1:]])
+    assert result.exit_code == 2 and "nothing to train" in result.stderr
+    result = CliRunner().invoke(cli.app, [*base[:1], str(SAMPLES / "unet.safetensors"), *base[1:]])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not out.exists()
+
+
+# ---- torchrun ------------------------------------------------------------------------------------
+def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "explainfix_cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_saliency_equals_single_process(tmp_path: Path) -> None:
+    args = ["saliency", str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batch-size", "32", "--batches", "5"]
+    _torchrun(*args, "--out", str(tmp_path / "two.safetensors"))
+    assert CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "one.safetensors")]).exit_code == 0
+    from safetensors.torch import load_file
+
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert list(one) == list(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-9, atol=1e-12)
+
+
+def test_torchrun_finetune_epoch_matches_single_process(pruned: Path, tmp_path: Path) -> None:
+    # frozen batch norms: batch statistics would be per process on CPU (SyncBatchNorm needs a GPU)
+    args = ["finetune", str(pruned), "--data", str(SAMPLES / "digits_train.npz"), "--batch-size", "30", "--batches", "4",
+            "--val", str(SAMPLES / "digits_val.npz"), "--epochs", "1", "--batch-norm", "frozen", "--json"]  # fmt: skip
+    proc = _torchrun(*args, "--out", str(tmp_path / "two.safetensors"))
+    two = json.loads(proc.stdout)  # only process 0 prints
+    one = _finetune(*args[1:-1], "--out", str(tmp_path / "one.safetensors"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
+    a, b = load_model(tmp_path / "one.safetensors"), load_model(tmp_path / "two.safetensors")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(p.is_file() for p in tmp_path.glob(".two*"))  # no temporary file of another process left

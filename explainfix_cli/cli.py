@@ -124,6 +124,7 @@ def _stdout():  # type: ignore[no-untyped-def]
 LIBRARY_PARAMETERS = {
     "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
     "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
+    "granularity", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
 }
 
 
@@ -454,7 +455,7 @@ def prune(
     model: ModelArg,
     data: DataOpt = None,
     val: Annotated[Path | None, typer.Option("--val", help="Held-out data the prune never sees: the removal's change and the metrics are measured on it too.")] = None,
-    pct: Annotated[float, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100).")] = 50.0,
+    pct: Annotated[float | None, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100) (default 50, or chosen by a target).", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-pruned.safetensors beside the input).")] = None,
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
     saliency_file: Annotated[Path | None, typer.Option("--saliency", help="Reuse scores written by `explainfix saliency`.")] = None,
@@ -463,6 +464,9 @@ def prune(
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact: only removals that leave the output unchanged for every input. calibrated: also channels constant on --data only (check with --val). aggressive: also silent channels, unfolded, as the paper did (fine-tune afterwards).")] = RemovalOpt.exact,
     no_fix: Annotated[bool, _flag("--no-fix", help="Leave spatial filters trainable in the output.")] = False,
     min_kernels_per_layer: Annotated[int, typer.Option("--min-kernels-per-layer", help="Keep the K most salient kernels of every spatial layer out of zeroing, against layer collapse (0: pure global ranking).")] = 0,
+    max_drop: MaxDropOpt = None,
+    max_params: MaxParamsOpt = None,
+    max_macs: MaxMacsOpt = None,
     input_size: InputSizeOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -484,7 +488,8 @@ def prune(
     def body() -> None:
         from .outputs import check_target
 
-        if not 0 <= pct < 100:
+        goal = _target(pct, max_drop, max_params, max_macs)
+        if pct is not None and not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
         if min_kernels_per_layer < 0:
             raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
@@ -503,17 +508,22 @@ def prune(
         from .saliency import load_saliency
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
+        options: dict[str, Any] = {
+            "granularity": granularity.value, "criterion": scored_by, "scores": scores, "fill": fill.value, "removal": removal.value,
+            "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": target, "force": force, "seed": seed,
+            "device": device, "sample_shape": _input_size(input_size), "val": _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
+            "preprocessing": _override(loaded.preprocessing, _preprocessing(data, mean, std)), "min_kernels_per_layer": min_kernels_per_layer,
+        }  # fmt: skip
         with _working("pruning"):
-            _, report = prune_model(
-                loaded.model, dataset, pct=pct, granularity=granularity.value, criterion=scored_by, scores=scores, fill=fill.value, removal=removal.value,
-                fix=not no_fix, arch=loaded.arch, history=loaded.history, out=target, force=force, seed=seed,
-                device=device, sample_shape=_input_size(input_size), val=_load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
-                preprocessing=_override(loaded.preprocessing, _preprocessing(data, mean, std)), min_kernels_per_layer=min_kernels_per_layer,
-            )
+            if goal is None:
+                _, report = prune_model(loaded.model, dataset, pct=50.0 if pct is None else pct, **options)
+            else:
+                found = _prune_to_target(loaded.model, dataset, goal, options)
+                report = found.report
         for warning in report.warnings():
             print(f"explainfix: warning: {warning}", file=sys.stderr)
-        payload = report.to_json()
-        _emit(as_json, payload, lambda: _render_prune(payload))
+        payload = report.to_json() if goal is None else found.to_json()
+        _emit(as_json, payload, lambda: _render_prune(payload) if goal is None else _render_target(payload))
 
     _run(debug, body)
 
@@ -1002,6 +1012,120 @@ def extract(
             _stdout().print(table)
 
         _emit(as_json, report.to_json(), render)
+
+    _run(debug, body)
+
+
+# ---- sweep, and prune to a target (issue 12) ----------------------------------------------------
+MaxDropOpt = Annotated[float | None, typer.Option("--max-drop", help="Instead of --pct: the largest pct whose metric on the data falls at most this much (e.g. 0.01).", show_default=False)]
+MaxParamsOpt = Annotated[int | None, typer.Option("--max-params", help="Instead of --pct: the smallest pct whose model has at most this many parameters.", show_default=False)]
+MaxMacsOpt = Annotated[int | None, typer.Option("--max-macs", help="Instead of --pct: the smallest pct whose model needs at most this many MACs per sample.", show_default=False)]
+
+
+def _target(pct: float | None, max_drop: float | None, max_params: int | None, max_macs: int | None) -> Any:
+    if max_drop is None and max_params is None and max_macs is None:
+        return None  # without importing torch: a plain prune's argument checks answer at once
+    if pct is not None:
+        raise UserError("--pct and a target (--max-drop, --max-params, --max-macs) are alternatives; give one of them.")
+    from .sweep import Target
+
+    return Target(max_drop, max_params, max_macs)
+
+
+def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dict[str, Any]) -> Any:
+    """A target no pct meets is a correct request that cannot be satisfied: one sentence, exit 1."""
+    from .sweep import TargetNotMet, prune_to_target
+
+    try:
+        return prune_to_target(model, data, target, **options)
+    except TargetNotMet as e:
+        print(f"explainfix: failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _render_target(payload: dict[str, Any]) -> None:
+    """The prune summary, then which pct the target chose and how it was found (--json lists every probe)."""
+    _render_prune(payload)
+    limits = ", ".join(f"--{k.replace('_', '-')} {v:,}" for k, v in payload["target"].items() if v is not None)
+    scanned = sum(p["model"] == "zeroed" for p in payload["probes"])
+    pruned = len(payload["probes"]) - scanned
+    _stdout().print(f"pct {payload['pct_chosen']:g} meets {limits}: {scanned} pcts scanned on the zeroed model, {pruned} pruned.")
+
+
+def _stdout_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    _stdout().print(table)
+
+
+@app.command()
+def sweep(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.json, sweep.csv and the figure (made if missing; with --force only those files are replaced).")],
+    data: DataOpt = None,
+    pcts: Annotated[str, typer.Option("--pcts", help="Comma-separated percentages of spatial kernels to zero, each in [0, 100).")] = "0,50,80,90,95,99",
+    granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
+    criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
+    removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact, calibrated or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
+    latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 30,
+    fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    batches: BatchesOpt = None,
+    image_size: ImageSizeOpt = None,
+    grayscale: GrayscaleOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """The metric / parameters / MACs / latency trade-off at several pcts, from one saliency pass."""
+
+    def body() -> None:
+        from .outputs import check_folder_target
+
+        try:
+            values = [float(p) for p in pcts.split(",")]
+        except ValueError:
+            raise UserError(f"--pcts must be comma-separated numbers, e.g. 0,50,90, not {pcts!r}.") from None
+        if data is None:
+            raise UserError("sweep measures the metric at each pct: pass --data D.")
+        check_folder_target(out, force)
+        _check_paths(model, data)
+        _check_batches(batch_size, batches, image_size)
+        _setup(seed, device)
+        from .sweep import sweep as sweep_model
+
+        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
+        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        with _working("sweeping"):
+            result = sweep_model(
+                loaded.model, dataset, values, out_dir=out, criterion=criterion.value, granularity=granularity.value, removal=removal.value,  # type: ignore[arg-type]
+                latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=device,
+            )
+
+        def render() -> None:
+            def num(v: float | None, spec: str) -> str:
+                return "" if v is None else format(v, spec)
+
+            rows = [
+                ["unpruned" if p.pct is None else f"{p.pct:g}", f"{p.params:,}", f"{p.macs:,}", f"{p.nonzero_spatial_kernels:,}",
+                 num(p.metric, ".4f"), num(p.metric_drop, "+.4f"), num(p.latency_ms, ".3f")]
+                for p in [result.baseline, *result.points]
+            ]  # fmt: skip
+            _stdout_table(f"sweep → {out}", ["pct", "params", "MACs", "nonzero kernels", result.metric or "metric", "drop", "latency ms"], rows)
+
+        _emit(as_json, result.to_json(), render)
 
     _run(debug, body)
 

@@ -90,3 +90,20 @@ def _roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
     greater = (pos[:, None] > neg[None, :]).double().sum()
     ties = (pos[:, None] == neg[None, :]).double().sum()
     return float((greater + 0.5 * ties) / (n_pos * n_neg))
+
+
+def metric_upper_bound(data: Dataset, out: torch.Tensor) -> float:
+    """The best `metric` the whole of `data` can still reach, given the outputs `out` on its first
+    samples: the rest all right (accuracy), or every remaining mask pixel found and nothing else
+    (Dice). An AUC has no such bound short of the end (1.0). Lets a search stop a hopeless
+    evaluation after a minibatch or two."""
+    n, total = len(out), data.num_samples
+    y = data.y[:total]
+    if data.target_kind == "labels":
+        return (int((out.argmax(dim=1) == y[:n]).sum()) + total - n) / total
+    if data.target_kind == "mask":
+        pred, truth = out > 0, y[:n] > 0.5
+        rest = int((y[n:] > 0.5).sum())  # every remaining true pixel found: +2 above, +2 below
+        above = 2 * (int((pred & truth).sum()) + rest)
+        return above / max(int(pred.sum()) + int(truth.sum()) + 2 * rest, 1) if above else 0.0
+    return 1.0

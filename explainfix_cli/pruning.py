@@ -198,6 +198,7 @@ def prune(
     val: Dataset | None = None,
     preprocessing: Preprocessing | None = None,
     min_kernels_per_layer: int = 0,
+    reference_outputs: torch.Tensor | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """docs/method.md §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
@@ -206,8 +207,9 @@ def prune(
     input size for tracing and MACs, and no output-based numbers are reported. `val`, held-out
     data the prune never sees, gets the same comparisons as `data`: the check that a removal
     is exact beyond the data it was calibrated on. `seed` seeds only `fill`'s own generator.
-    `preprocessing` (the input normalisation) is recorded in the written file, for the input size
-    pruned on.
+    `preprocessing` (the input normalisation) is recorded in the written file, for the input
+    size pruned on. `reference_outputs`, the unpruned model's outputs on `data` when the caller
+    already has them (a sweep that scores once and prunes many copies), saves a forward pass.
     """
     start = time.perf_counter()
     if not 0 <= pct < 100:
@@ -225,7 +227,10 @@ def prune(
         scores = spatial_saliency(model, data, criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
     with progress.stage("measuring the original"):
-        out_before = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
+        if data is None:
+            out_before = None
+        else:
+            out_before = torch.cat(seen) if seen else reference_outputs if reference_outputs is not None else outputs(model, data, device)
         val_before = None if val is None else outputs(model, val, device)
 
     original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}

@@ -1,0 +1,89 @@
+"""What a sweep costs against single prunes, on the ResNet sample (issue 12: a sweep at 6 pcts
+must cost less than 3 single prunes).
+
+Both are timed in one process as a library user (or the command line, after its imports) runs
+them: load the model and data, then `prune` at one pct and write the file, or `sweep` at six
+pcts and write sweep.json, sweep.csv and the figure (latency measured, 30 repeats, the default). The runs
+alternate, so a change in the machine's load touches both alike; medians of `--runs`. Then the
+same as a user at the shell pays it: `explainfix prune` against `explainfix sweep`, each a new
+process that imports torch first.
+
+    python benchmarks/sweep_cost.py [--runs 5] [--pcts 0,50,80,90,95,99]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from explainfix_cli.checkpoints import open_model
+from explainfix_cli.data import load_data
+from explainfix_cli.pruning import prune
+from explainfix_cli.sweep import sweep
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+MODEL, DATA = SAMPLES / "resnet.safetensors", SAMPLES / "digits_val.npz"
+
+
+def one_prune(out: Path, pct: float) -> float:
+    start = time.perf_counter()
+    model = open_model(MODEL).model
+    prune(model, load_data(DATA), pct=pct, out=out, force=True)
+    return time.perf_counter() - start
+
+
+def one_sweep(out: Path, pcts: list[float]) -> tuple[float, dict[str, float]]:
+    start = time.perf_counter()
+    model = open_model(MODEL).model
+    result = sweep(model, load_data(DATA), pcts, out_dir=out, force=True)
+    return time.perf_counter() - start, result.seconds
+
+
+def command(*args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "explainfix_cli", *args, "--force", "--json"], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--pcts", default="0,50,80,90,95,99")
+    args = parser.parse_args()
+    pcts = [float(p) for p in args.pcts.split(",")]
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        one_prune(folder / "warm.safetensors", 80)  # first calls pay imports (matplotlib in the sweep)
+        one_sweep(folder / "warm", pcts)
+        prunes, sweeps, stages = [], [], []
+        for _ in range(args.runs):
+            prunes.append(one_prune(folder / "p.safetensors", 80))
+            seconds, split = one_sweep(folder / "s", pcts)
+            sweeps.append(seconds)
+            stages.append(split)
+        data = ["--data", str(DATA)]
+        cli_prunes, cli_sweeps = [], []
+        for _ in range(args.runs):
+            cli_prunes.append(command("prune", str(MODEL), *data, "--pct", "80", "--out", str(folder / "c.safetensors")))
+            cli_sweeps.append(command("sweep", str(MODEL), *data, "--pcts", args.pcts, "--out", str(folder / "c")))
+    p, s = statistics.median(prunes), statistics.median(sweeps)
+    split = {k: statistics.median(st[k] for st in stages) for k in stages[0]}
+    print(f"single prune at 80 %        median {p:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in prunes)})")
+    print(f"sweep at {len(pcts)} pcts              median {s:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in sweeps)})")
+    print("  sweep by stage (medians): " + ", ".join(f"{k} {v:.3f} s" for k, v in split.items()))
+    print(f"in process: sweep / single prune = {s / p:.2f}  (target: below 3) -> {'met' if s < 3 * p else 'NOT met'}")
+    cp, cs = statistics.median(cli_prunes), statistics.median(cli_sweeps)
+    print(f"command line: explainfix prune {cp:.3f} s, explainfix sweep {cs:.3f} s (medians), sweep / prune = {cs / cp:.2f}")
+
+
+if __name__ == "__main__":
+    main()

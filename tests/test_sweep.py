@@ -1,0 +1,277 @@
+"""`sweep` and `prune` to a target (explainfix_cli/sweep.py), on the ResNet sample and by hand.
+
+Every number of the sweep is compared with an independent `prune --pct` of a fresh model; the
+largest pct that keeps the metric is compared with a brute-force scan of the 1 % grid above it
+(zeroed models, two minibatches of digits: cheap); benchmarks/target_search.py scans the whole
+grid with real prunes on three samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SAMPLES, sample_data, sample_model
+from torch import nn
+from typer.testing import CliRunner, Result
+
+from explainfix_cli.checkpoints import load_model
+from explainfix_cli.cli import app
+from explainfix_cli.measure import metric, outputs
+from explainfix_cli.pruning import prune, zero_least_salient
+from explainfix_cli.saliency import spatial_saliency
+from explainfix_cli.sweep import last_meeting, median_latency_ms, sweep
+
+PCTS = [0.0, 60.0, 90.0]
+MODEL = str(SAMPLES / "resnet.safetensors")
+DATA = ["--data", str(SAMPLES / "digits_val.npz"), "--batches", "2"]
+
+
+def _invoke(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args))
+
+
+def _json(result: Result) -> dict:
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1, "stdout must be one JSON line"
+    return json.loads(result.stdout)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One sweep through the command line, into a folder of the user's that already holds a note
+    and a stale sweep.csv (replaced with --force; the note stays)."""
+    folder = tmp_path_factory.mktemp("sweep") / "out"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "sweep.csv").write_text("stale")
+    payload = _json(_invoke("sweep", MODEL, *DATA, "--pcts", "90,0,60", "--latency-repeats", "0", "--out", str(folder), "--force", "--json"))
+    return folder, payload
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+def test_each_point_is_the_model_prune_writes(swept: tuple[Path, dict]) -> None:
+    _, payload = swept
+    data = sample_data("resnet", batches=2)
+    assert payload["metric"] == "accuracy"
+    assert [p["pct"] for p in payload["points"]] == PCTS  # sorted
+    base = payload["baseline"]
+    total = base["spatial_kernels"]
+    for point in payload["points"]:
+        model, report = prune(sample_model("resnet").model, data, pct=point["pct"])  # scores again, from scratch
+        assert point["params"] == report.params_after == sum(p.numel() for p in model.parameters())
+        assert point["macs"] == report.macs_after
+        assert point["metric"] == pytest.approx(report.metric_after, abs=1e-9)
+        assert point["metric_drop"] == pytest.approx(base["metric"] - point["metric"], abs=1e-9)
+        assert point["zeroed_kernels"] == math.floor(point["pct"] / 100 * total)
+        zero = sum(int((c.weight == 0).flatten(2).all(dim=2).sum()) for c in model.modules() if isinstance(c, nn.Conv2d) and c.kernel_size != (1, 1))
+        assert point["spatial_kernels"] - point["nonzero_spatial_kernels"] == zero
+        assert point["latency_ms"] is None
+    assert payload["points"][0]["params"] == base["params"] and payload["points"][0]["metric"] == base["metric"]
+    assert payload["points"][-1]["params"] < base["params"]  # 90 % removes channels from the ResNet
+
+
+def test_files_json_csv_figure_and_force(swept: tuple[Path, dict]) -> None:
+    folder, payload = swept
+    assert sorted(os.listdir(folder)) == ["notes.txt", "sweep.csv", "sweep.json", "sweep.png"]  # no staging folder left
+    assert (folder / "notes.txt").read_text() == "mine"
+    written = json.loads((folder / "sweep.json").read_text())
+    assert written == {k: payload[k] for k in ("metric", "baseline", "points", "settings")}
+    rows = list(csv.DictReader((folder / "sweep.csv").open()))
+    assert [r["model"] for r in rows] == ["unpruned", "pruned", "pruned", "pruned"]
+    for row, point in zip(rows, [payload["baseline"], *payload["points"]], strict=True):
+        assert int(row["params"]) == point["params"] and float(row["metric"]) == point["metric"]
+    assert _png_size(folder / "sweep.png")[0] == 780  # one panel (5.2 in at 150 dpi): no latency measured
+    assert payload["files"] == [str(folder / n) for n in ("sweep.json", "sweep.csv", "sweep.png")]
+
+
+def test_same_inputs_give_identical_files(swept: tuple[Path, dict], tmp_path: Path) -> None:
+    folder, _ = swept
+    _json(_invoke("sweep", MODEL, *DATA, "--pcts", "0,60,90", "--latency-repeats", "0", "--out", str(tmp_path / "again"), "--json"))
+    for name in ("sweep.json", "sweep.csv", "sweep.png"):
+        assert (tmp_path / "again" / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_refusals_leave_everything_as_it_was(swept: tuple[Path, dict], tmp_path: Path) -> None:
+    folder, _ = swept
+    before = {n: (folder / n).read_bytes() for n in os.listdir(folder)}
+    result = _invoke("sweep", MODEL, *DATA, "--out", str(folder))
+    assert result.exit_code == 2 and "not empty" in result.stderr and "--force" in result.stderr
+    assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before
+    (tmp_path / "clash").mkdir()
+    (tmp_path / "clash" / "sweep.png").mkdir()  # a folder where the figure would go: never deleted
+    result = _invoke("sweep", MODEL, *DATA, "--out", str(tmp_path / "clash"), "--force")
+    assert result.exit_code == 2 and "is a folder" in result.stderr
+    assert os.listdir(tmp_path / "clash") == ["sweep.png"]
+    for bad, words in [
+        (["--pcts", "50,abc"], "comma-separated"),
+        (["--pcts", "50,100"], "[0, 100)"),
+        (["--out", str(tmp_path / "missing" / "deeper")], "does not exist"),
+        (["--latency-repeats", "-1"], "latency"),
+    ]:
+        args = ["--out", str(tmp_path / "new"), *bad] if bad[0] != "--out" else bad
+        result = _invoke("sweep", MODEL, *DATA, *args)
+        assert result.exit_code == 2, (bad, result.output)
+        assert words in result.stderr and "Traceback" not in result.stderr
+    result = _invoke("sweep", MODEL, "--out", str(tmp_path / "new"))
+    assert result.exit_code == 2 and "--data" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["clash"]
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import explainfix_cli.sweep as module
+
+    def broken(path: Path, **_: object) -> None:
+        path.write_bytes(b"half a figure")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "draw_tradeoff", broken)
+    data = sample_data("resnet", batches=1)
+    with pytest.raises(OSError, match="disk full"):
+        sweep(sample_model("resnet").model, data, [50], out_dir=tmp_path / "new", latency_repeats=0)
+    assert os.listdir(tmp_path) == []  # the folder it made is gone again, and nothing is half-written
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "sweep.json").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        sweep(sample_model("resnet").model, data, [50], out_dir=tmp_path / "mine", latency_repeats=0, force=True)
+    assert os.listdir(tmp_path / "mine") == ["sweep.json"] and (tmp_path / "mine" / "sweep.json").read_text() == "old"
+
+
+def test_table_on_stdout_and_latency_in_the_figure(tmp_path: Path) -> None:
+    result = _invoke("sweep", MODEL, *DATA, "--batches", "1", "--pcts", "80", "--latency-repeats", "2", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    assert "unpruned" in result.stdout and "80" in result.stdout and "latency ms" in result.stdout
+    written = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert all(p["latency_ms"] > 0 for p in [written["baseline"], *written["points"]])
+    assert written["settings"]["latency"]["repeats"] == 2
+    assert _png_size(tmp_path / "s" / "sweep.png")[0] == 1560  # two panels: parameters, latency
+
+
+def test_adapt_runs_on_each_point_before_it_is_measured() -> None:
+    """The extension point for fine-tuning each point: here a change whose effect is known. With
+    the classifier silenced every logit is its bias alone, so every sample gets one class."""
+    data = sample_data("resnet", batches=1)
+
+    def silence(model: nn.Module) -> None:
+        linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            linear.weight.zero_()
+
+    result = sweep(sample_model("resnet").model, data, [50], latency_repeats=0, adapt=silence)
+    linear = [m for m in sample_model("resnet").model.modules() if isinstance(m, nn.Linear)][-1]
+    predicted = int(linear.bias.argmax())
+    expected = float((data.y[: data.num_samples] == predicted).float().mean())
+    assert result.points[0].metric == pytest.approx(expected)
+    assert result.baseline.metric > 0.9
+
+
+def test_latency_is_a_median_of_timed_forwards() -> None:
+    class Sleeper(nn.Module):
+        def __init__(self, seconds: float):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(self.seconds)
+            return x
+
+    fast, slow = median_latency_ms([Sleeper(0.0), Sleeper(0.004)], torch.zeros(1, 1), repeats=5, warmup=1)
+    assert 4.0 <= slow < 40.0
+    assert fast < slow
+
+
+# ---- the search ---------------------------------------------------------------------------------
+def _brute_last(grid: list[int], meets: list[bool]) -> int | None:
+    return next((grid[i] for i in reversed(range(len(grid))) if meets[i] and meets[0]), None)
+
+
+@pytest.mark.parametrize("boundary", [0, 1, 2, 37, 50, 97, 98, 99])
+def test_bisection_finds_every_boundary_of_a_monotone_condition(boundary: int) -> None:
+    grid, calls = list(range(100)), []
+
+    def meets(p: int) -> bool:
+        calls.append(p)
+        return p <= boundary
+
+    assert last_meeting(grid, meets) == boundary
+    assert len(calls) <= 2 + math.ceil(math.log2(100)) + 5  # ends, bisection, look-ahead
+
+
+def test_look_ahead_finds_a_condition_that_comes_back() -> None:
+    grid = list(range(100))
+    # fails at 41-43, meets again 44-46 (within the patience of 5), then never: the answer is 46
+    pattern = [p <= 40 or 44 <= p <= 46 for p in grid]
+    assert last_meeting(grid, lambda p: pattern[p]) == _brute_last(grid, pattern) == 46
+    assert last_meeting(grid, lambda p: p >= 5) is None  # the start fails
+    assert last_meeting(grid[::-1], lambda p: p >= 83) == 83  # reversed grid: the smallest pct that fits
+
+
+def test_max_drop_is_the_largest_pct_of_a_brute_force_scan(tmp_path: Path) -> None:
+    out = tmp_path / "small.safetensors"
+    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.01", "--out", str(out), "--json"))
+    chosen = int(report["pct_chosen"])
+    assert report["pct"] == chosen and report["target"] == {"max_drop": 0.01, "max_params": None, "max_macs": None}
+    assert report["metric_before"] - report["metric_after"] <= 0.01 + 1e-9
+    # brute force, independently: every pct of the grid from the chosen one up, zeroing a fresh
+    # copy (exact removal does not change the outputs, so this is the written model's metric)
+    data = sample_data("resnet", batches=2)
+    model = sample_model("resnet").model.eval()
+    scores = spatial_saliency(model, data)
+    before = metric(data, outputs(model, data))
+    drops = {}
+    for pct in range(chosen, 100):
+        zeroed = copy.deepcopy(model)
+        zero_least_salient(zeroed, scores, pct)
+        drops[pct] = before - metric(data, outputs(zeroed, data))
+    assert chosen == max(p for p, d in drops.items() if d <= 0.01 + 1e-9)
+    assert 0 < chosen < 99
+    assert [p["pct"] for p in report["probes"] if p["model"] == "zeroed"] == list(range(99, chosen - 1, -1))  # the scan, top down
+    written = load_model(out)
+    assert metric(data, outputs(written, data)) == pytest.approx(report["metric_after"], abs=1e-9)
+    assert sum(p.numel() for p in written.parameters()) == report["params_after"]
+    _, next_one = prune(copy.deepcopy(model), data, pct=chosen + 1, scores=scores)
+    assert before - next_one.metric_after > 0.01  # the pruned model one step up fails too
+
+
+def test_max_params_is_the_smallest_pct_that_fits(tmp_path: Path) -> None:
+    data = sample_data("resnet", batches=1)
+    budget = 40_000
+    out = tmp_path / "fits.safetensors"
+    report = _json(_invoke("prune", MODEL, *DATA, "--batches", "1", "--max-params", str(budget), "--out", str(out), "--json"))
+    chosen = int(report["pct_chosen"])
+    assert report["params_after"] <= budget
+    _, below = prune(sample_model("resnet").model, data, pct=chosen - 1)
+    assert below.params_after > budget
+    assert sum(p.numel() for p in load_model(out).parameters()) == report["params_after"]
+    assert all(p["model"] == "pruned" for p in report["probes"])
+    assert len(report["probes"]) < 20  # bisection, not a scan
+
+
+def test_target_refusals(tmp_path: Path) -> None:
+    out = str(tmp_path / "x.safetensors")
+    result = _invoke("prune", MODEL, *DATA, "--pct", "50", "--max-drop", "0.01", "--out", out)
+    assert result.exit_code == 2 and "alternatives" in result.stderr
+    result = _invoke("prune", MODEL, *DATA, "--max-drop", "0.01", "--granularity", "channel", "--out", out)
+    assert result.exit_code == 2 and "kernel" in result.stderr
+    result = _invoke("prune", MODEL, *DATA, "--max-drop", "-0.1", "--out", out)
+    assert result.exit_code == 2 and "[0, 1]" in result.stderr
+    result = _invoke("prune", MODEL, *DATA, "--batches", "1", "--max-params", "10", "--out", out)  # no pct gets that small
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and "no pct meets the target" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert os.listdir(tmp_path) == []

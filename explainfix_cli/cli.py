@@ -7,6 +7,7 @@ friends are imported inside the commands so that --help and completion answer at
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -1074,6 +1075,8 @@ def sweep(
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact, calibrated or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
     latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 30,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune every pruned point this many epochs on --train before measuring it (the curve after training); 0: none.")] = 0,
+    train: Annotated[Path | None, typer.Option("--train", help="Training data for --finetune-epochs (the metric is still measured on --data).")] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -1100,18 +1103,34 @@ def sweep(
             raise UserError(f"--pcts must be comma-separated numbers, e.g. 0,50,90, not {pcts!r}.") from None
         if data is None:
             raise UserError("sweep measures the metric at each pct: pass --data D.")
+        if finetune_epochs < 0:
+            raise UserError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}.")
+        if (finetune_epochs > 0) != (train is not None):
+            raise UserError("--finetune-epochs K and --train T go together: fine-tuning each point needs training data.")
         check_folder_target(out, force)
-        _check_paths(model, data)
+        _check_paths(model, data, train)
         _check_batches(batch_size, batches, image_size)
         _setup(seed, device)
         from .sweep import sweep as sweep_model
 
         loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
         dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        adapt = None
+        if finetune_epochs > 0:
+            from .fixed import fix_spatial_filters
+            from .training import Recipe, finetune
+
+            training = _load_data(train, batch_size, None, image_size, grayscale, mean, std, loaded)
+            teacher = copy.deepcopy(loaded.model)  # each point learns from the unpruned model
+
+            def adapt(pruned: Any) -> None:  # as prune → finetune would: spatial filters fixed, the rest trained
+                fix_spatial_filters(pruned)
+                finetune(pruned, training, dataset, recipe=Recipe(epochs=finetune_epochs, seed=seed), teacher=teacher, device=device)
+
         with _working("sweeping"):
             result = sweep_model(
                 loaded.model, dataset, values, out_dir=out, criterion=criterion.value, granularity=granularity.value, removal=removal.value,  # type: ignore[arg-type]
-                latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=device,
+                latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=device, adapt=adapt,
             )
 
         def render() -> None:

@@ -275,3 +275,21 @@ def test_target_refusals(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1 and "no pct meets the target" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_sweep_fine_tunes_each_point_from_the_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from explainfix_cli.cli import app
+
+    samples = Path(__file__).resolve().parents[1] / "sample_models"
+    args = ["sweep", str(samples / "resnet.safetensors"), "--data", str(samples / "digits_val.npz"), "--pcts", "90", "--latency-repeats", "0", "--json"]
+    plain = json.loads(CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")]).stdout)
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--finetune-epochs", "3", "--train", str(samples / "digits_val.npz")])
+    assert result.exit_code == 0, result.output
+    tuned = json.loads(result.stdout)
+    # at 90 % the zeroed model is near chance; three epochs with the teacher bring it far back
+    assert tuned["points"][0]["params"] == plain["points"][0]["params"]
+    assert tuned["points"][0]["metric"] > plain["points"][0]["metric"] + 0.3
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c"), "--finetune-epochs", "1"])
+    assert bad.exit_code == 2 and "--train" in bad.stderr

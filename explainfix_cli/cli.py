@@ -835,6 +835,7 @@ def finetune(
     distill_weight: Annotated[float, typer.Option("--distill-weight", help="Share of the distillation loss with --teacher, in [0, 1].")] = 0.5,
     temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature of the distillation.")] = 4.0,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop before an epoch that would end past this many minutes.")] = None,
+    class_gates: Annotated[bool, _flag("--class-gates", help="Class-specific gate training (docs/method.md §6): a channel-by-class gate on the classifier's input, one standard epoch then two gated; the written model keeps its architecture.")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -871,6 +872,7 @@ def finetune(
         recipe = Recipe(
             epochs=epochs, lr=lr, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
             distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=seed,
+            class_gates=class_gates,
         )
         progress = None
         if not as_json and rank == 0 and sys.stderr.isatty():

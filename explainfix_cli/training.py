@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 
 from .checkpoints import LoadedModel, save_model
 from .choices import BatchNormMode, OptimizerName, Trainable
+from .classes import ClassGates, uses_gates
 from .data import Dataset, TargetKind
 from .errors import UserError
 from .measure import metric, outputs
@@ -43,6 +45,9 @@ class Recipe:
     temperature: float = 4.0  # softening of the teacher's and the student's logits
     max_minutes: float | None = None
     seed: int = 0
+    class_gates: bool = False  # docs/method.md §6: CSG training, one standard epoch then two gated
+    gate_sparsity: float = 4.0  # weight of the gate's L1 norm on gated steps (measured on the ResNet sample)
+    gate_lr: float = 0.5  # the gate's own plain gradient step
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,6 +221,7 @@ def _train(
 
         net = DistributedDataParallel(model)
     optimizer = _optimizer(params, recipe)
+    gates = _class_gates(model, x_all[:1].to(device), kind, world) if recipe.class_gates else None
     steps = max(1, recipe.epochs * math.ceil(len(x_all) / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
@@ -231,6 +237,7 @@ def _train(
         t0 = time.perf_counter()
         _set_train_mode(model, recipe.batch_norm)
         order = torch.randperm(len(x_all), generator=generator)
+        gated = gates is not None and uses_gates(epoch - 1)
         total, seen = 0.0, 0
         for batch in order.split(train.batch_size):
             if len(batch) < 2 * world:  # a batch norm in train mode cannot normalise one sample
@@ -238,7 +245,8 @@ def _train(
             # each process a contiguous shard; its loss is its share of the global minibatch's mean
             shard = batch.tensor_split(world)[rank]
             x, y = x_all[shard].to(device), y_all[shard].to(device)
-            out = model_output(net, x)
+            with gates.applied(model, y) if gated and gates is not None else nullcontext():
+                out = model_output(net, x)
             loss = task_loss(out, y, kind)  # (n,)
             if teacher is not None:
                 with torch.no_grad():
@@ -247,9 +255,13 @@ def _train(
                 loss = (1 - w) * loss + w * distill_loss(out, soft, kind, recipe.temperature)
             # DistributedDataParallel averages gradients over processes: scale so they add up
             objective = loss.sum() * world / len(batch)
+            if gated and gates is not None:
+                objective = objective + recipe.gate_sparsity * gates.penalty()
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
+            if gated and gates is not None:
+                gates.step(recipe.gate_lr)
             schedule.step()
             total, seen = total + float(loss.detach().sum()), seen + len(shard)
         seconds = time.perf_counter() - t0
@@ -277,6 +289,16 @@ def _train(
         recipe=recipe.to_json(),
         history=history,
     )
+
+
+def _class_gates(model: nn.Module, example: torch.Tensor, kind: str, world: int) -> ClassGates:
+    """The gate of class-specific gate training (`classes.ClassGates`); it lives only while training,
+    so the model written afterwards keeps its architecture."""
+    if kind != "labels":
+        raise UserError("class gates need class labels: each sample passes its own class's gates.")
+    if world > 1:
+        raise UserError("class gates are not supported under torchrun yet; train them in one process.")
+    return ClassGates.for_model(model, example)
 
 
 def _mean_loss(total: float, seen: int, world: int) -> float:

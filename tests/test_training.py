@@ -197,3 +197,26 @@ def test_torchrun_finetune_epoch_matches_single_process(pruned: Path, tmp_path: 
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
     assert not any(p.is_file() for p in tmp_path.glob(".two*"))  # no temporary file of another process left
+
+
+def test_class_gates_train_a_model_that_keeps_its_architecture(tmp_path: Path) -> None:
+    # docs/method.md §6: three epochs = one standard, two gated; the gates shape training, then go
+    from typer.testing import CliRunner
+
+    from explainfix_cli.checkpoints import load_model
+    from explainfix_cli.cli import app
+
+    samples = Path(__file__).resolve().parents[1] / "sample_models"
+    args = ["finetune", str(samples / "resnet.safetensors"), "--data", str(samples / "digits_val.npz"), "--val", str(samples / "digits_val.npz"), "--epochs", "3", "--json"]
+    plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "plain.safetensors")])
+    gated = CliRunner().invoke(app, [*args, "--class-gates", "--out", str(tmp_path / "gated.safetensors")])
+    assert plain.exit_code == 0 and gated.exit_code == 0, gated.output
+    report = json.loads(gated.stdout)
+    assert report["recipe"]["class_gates"] is True
+    # epoch 1 is the standard path in both runs (same seed, same steps); epochs 2 and 3 are gated
+    losses = [[r["loss"] for r in json.loads(run.stdout)["history"]] for run in (plain, gated)]
+    assert losses[0][0] == losses[1][0] and losses[0][1:] != losses[1][1:]
+    a, b = load_model(tmp_path / "plain.safetensors").state_dict(), load_model(tmp_path / "gated.safetensors").state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    masks = CliRunner().invoke(app, ["finetune", str(samples / "unet.safetensors"), "--data", str(samples / "nuclei_val.npz"), "--val", str(samples / "nuclei_val.npz"), "--class-gates", "--out", str(tmp_path / "u.safetensors")])
+    assert masks.exit_code == 2 and "class labels" in masks.stderr

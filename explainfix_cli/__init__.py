@@ -19,7 +19,7 @@ _API = {
     "Dataset": "data",
     "spatial_saliency": "saliency",
     "gradient_weights": "saliency",
-    "spatial_convs": "saliency",
+    "spatial_convs": "models",
     "zero_least_salient": "pruning",
     "prune": "pruning",
     "PruneReport": "pruning",

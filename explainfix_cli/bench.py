@@ -25,7 +25,7 @@ from torch import nn
 
 from .gates import Gate, at_most
 from .measure import count_macs
-from .saliency import model_output
+from .models import model_output
 
 FORMS = ("eager", "deployment")
 

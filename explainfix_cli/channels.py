@@ -42,7 +42,7 @@ from torch import nn
 from .choices import Removal
 from .data import Dataset
 from .measure import outputs
-from .saliency import model_output
+from .models import model_output
 from .shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
 from .surgery import (
     Cut,

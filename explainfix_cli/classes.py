@@ -39,7 +39,7 @@ from torch import nn
 
 from .data import Dataset
 from .errors import UserError
-from .saliency import model_output, require_spatial_convs
+from .models import model_output, require_spatial_convs
 
 Side = Literal["input", "output"]
 FEATURES = "classifier input"

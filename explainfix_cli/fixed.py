@@ -17,7 +17,7 @@ from torch import nn
 
 from .choices import Init
 from .dct import dct2_basis
-from .saliency import model_output, require_spatial_convs, spatial_convs
+from .models import model_output, require_spatial_convs, spatial_convs
 
 INITS: tuple[Init, ...] = ("keep", "dct2", "ghaar", "random")
 

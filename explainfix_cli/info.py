@@ -7,7 +7,7 @@ from typing import Any
 
 from .checkpoints import LoadedModel
 from .measure import count_macs, kernel_counts
-from .saliency import spatial_convs
+from .models import spatial_convs
 
 
 @dataclass

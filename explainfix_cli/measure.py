@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .saliency import model_output, spatial_convs
+from .models import model_output, spatial_convs
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from .data import Dataset
 from .errors import UserError
 from .fixed import fix_spatial_filters
 from .measure import metric, model_size, outputs
+from .models import require_spatial_convs, spatial_convs
 from .outputs import check_target
 from .preprocessing import Preprocessing
-from .saliency import _distributed, require_spatial_convs, spatial_convs, spatial_saliency
+from .saliency import _distributed, spatial_saliency
 from .surgery import surgery_failures
 
 

@@ -37,7 +37,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import UserError
-from .saliency import InputMismatch
+from .models import InputMismatch
 from .shuffle import Shuffle
 
 OPTYPE = tp.ops.OPTYPE

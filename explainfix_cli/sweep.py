@@ -43,9 +43,10 @@ from .choices import Criterion, Fill, Granularity, Removal
 from .data import Dataset, Preprocessing
 from .errors import UserError
 from .measure import metric, metric_upper_bound, model_size, outputs
+from .models import model_output, spatial_convs
 from .outputs import atomic_dir, check_folder_target, check_target
 from .pruning import PruneReport, prune, zero_least_salient
-from .saliency import model_output, spatial_convs, spatial_saliency
+from .saliency import spatial_saliency
 
 GRID = list(range(100))  # the 1 % grid of pcts a target is searched on
 PATIENCE = 5  # grid steps past the last point that met a target before the search gives up

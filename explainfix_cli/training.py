@@ -27,8 +27,9 @@ from .classes import ClassGates, uses_gates
 from .data import Dataset, TargetKind
 from .errors import UserError
 from .measure import metric, outputs
+from .models import model_output
 from .outputs import check_target
-from .saliency import _distributed, model_output
+from .saliency import _distributed
 
 
 @dataclass(frozen=True)

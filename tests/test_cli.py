@@ -21,7 +21,7 @@ from typer.testing import CliRunner, Result
 
 from explainfix_cli.checkpoints import load_model
 from explainfix_cli.cli import app
-from explainfix_cli.saliency import spatial_convs
+from explainfix_cli.models import spatial_convs
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 PRUNE_FIELDS = {

@@ -284,7 +284,7 @@ def test_trained_resnet_prefers_low_frequencies() -> None:
 
 
 def _spatial(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
-    from explainfix_cli.saliency import spatial_convs
+    from explainfix_cli.models import spatial_convs
 
     return spatial_convs(model)
 

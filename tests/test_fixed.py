@@ -17,7 +17,7 @@ from explainfix_cli.checkpoints import load_model
 from explainfix_cli.cli import app
 from explainfix_cli.dct import dct2_basis
 from explainfix_cli.fixed import dct2_kernels, fix, ghaar_kernel, ghaar_kernels, kaiming_kernels
-from explainfix_cli.saliency import spatial_convs
+from explainfix_cli.models import spatial_convs
 
 RESNET = ["--arch", "explainfix_cli.zoo:resnet", "--arch-kwargs", '{"num_classes": 10, "in_channels": 1}']
 

@@ -16,8 +16,9 @@ from explainfix_cli.checkpoints import load_model
 from explainfix_cli.cli import app
 from explainfix_cli.errors import UserError
 from explainfix_cli.measure import outputs
+from explainfix_cli.models import spatial_convs
 from explainfix_cli.pruning import fill_zeroed, prune, zero_least_salient
-from explainfix_cli.saliency import spatial_convs, spatial_saliency
+from explainfix_cli.saliency import spatial_saliency
 
 FIELDS = {
     "params_before", "params_after", "spatial_kernels_before", "spatial_kernels_after", "zeroed_kernels",

@@ -9,7 +9,8 @@ from torch import nn
 
 from explainfix_cli.data import Dataset
 from explainfix_cli.errors import UserError
-from explainfix_cli.saliency import gradient_weights, spatial_convs, spatial_saliency
+from explainfix_cli.models import spatial_convs
+from explainfix_cli.saliency import gradient_weights, spatial_saliency
 
 
 def reference_saliency(model: nn.Module, data: Dataset) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ from explainfix_cli import cli
 from explainfix_cli.checkpoints import load_model, open_model
 from explainfix_cli.data import Dataset, load_data
 from explainfix_cli.measure import metric, outputs
+from explainfix_cli.models import spatial_convs
 from explainfix_cli.pruning import prune
-from explainfix_cli.saliency import spatial_convs
 from explainfix_cli.training import Recipe, distill_loss, finetune, task_loss
 
 FIELDS = {"metric_before", "metric_after", "best_epoch", "epochs", "seconds_per_epoch", "trainable_params", "params", "out"}

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from explainfix_cli.choices import AttributionMethod
 from explainfix_cli.data import Dataset
-from explainfix_cli.saliency import model_output
+from explainfix_cli.models import model_output
 
 IG_STEPS = 32  # enough for a smooth map on small inputs; cost is IG_STEPS backward passes per input
 MAX_ATTRIBUTIONS = 32  # one readable figure (4 rows of 8); more would take minutes to draw

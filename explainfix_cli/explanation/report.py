@@ -24,9 +24,10 @@ from explainfix_cli.explanation import figures
 from explainfix_cli.explanation.attributions import MAX_ATTRIBUTIONS, METHODS, Attributions
 from explainfix_cli.explanation.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
 from explainfix_cli.measure import metric
+from explainfix_cli.models import require_spatial_convs
 from explainfix_cli.outputs import atomic_dir, check_folder_target
 from explainfix_cli.pruning import least_salient_kernels
-from explainfix_cli.saliency import require_spatial_convs, saliency_and_gradient_weights
+from explainfix_cli.saliency import saliency_and_gradient_weights
 
 SPECTRA_FILE = "spectra.json"
 MAX_SALIENCY_PANELS = 16  # layers in the kernel-saliency figure

@@ -773,7 +773,12 @@ def _distributed_setup(device: str) -> int:
 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        atexit.register(dist.destroy_process_group)
+
+        def leave() -> None:  # together: a process that tears gloo down while a peer still talks aborts
+            dist.barrier()
+            dist.destroy_process_group()
+
+        atexit.register(leave)
     rank = dist.get_rank()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the results are rank 0's to print

@@ -8,12 +8,15 @@ friends are imported inside the commands so that --help and completion answer at
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import math
 import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
@@ -360,16 +363,96 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     _stdout().print(table)
 
 
+# ---- the options the commands share: one definition -------------------------------------------------
+SHARED_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {  # group → name → (annotation, default)
+    "model": {"arch": (ArchOpt, None), "arch_kwargs": (ArchKwargsOpt, None), "trust_checkpoint": (TrustOpt, False)},
+    "data": {
+        "batch_size": (BatchSizeOpt, 64), "batches": (BatchesOpt, None), "image_size": (ImageSizeOpt, None),
+        "grayscale": (GrayscaleOpt, False), "mean": (MeanOpt, None), "std": (StdOpt, None),
+    },
+    "run": {"as_json": (JsonOpt, False), "seed": (SeedOpt, 0), "device": (DeviceOpt, "cpu"), "debug": (DebugOpt, False)},
+}  # fmt: skip
+
+
+@dataclass
+class Inputs:
+    """The shared options of one command call, and what a command does with them."""
+
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_checkpoint: bool = False
+    batch_size: int = 64
+    batches: int | None = None
+    image_size: int | None = None
+    grayscale: bool = False
+    mean: str | None = None
+    std: str | None = None
+    as_json: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    debug: bool = False
+
+    def load_model(self, path: Path, eager: bool = True) -> LoadedModel:
+        return _load_model(path, self.arch, self.arch_kwargs, self.trust_checkpoint, eager)
+
+    def load_data(self, path: Path | None, model: LoadedModel | None = None, every_batch: bool = False) -> Dataset | None:
+        """`path` as data, normalised the model's way; `every_batch` ignores --batches (held-out data)."""
+        return _load_data(path, self.batch_size, None if every_batch else self.batches, self.image_size, self.grayscale, self.mean, self.std, model)
+
+    def check_batches(self) -> None:
+        _check_batches(self.batch_size, self.batches, self.image_size)
+
+    def setup(self) -> None:
+        _setup(self.seed, self.device)
+
+    def emit(self, payload: dict[str, Any], render: Callable[[], None]) -> None:
+        _emit(self.as_json, payload, render)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        return _run(self.debug, fn)
+
+
+def shared_options(*groups: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the shared options of `groups` ("model", "data", "run"): Typer sees them as
+    its own parameters (`_with_shared_options`, once every name is defined); the command receives
+    them as one `o: Inputs`."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.shared_option_groups = groups  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def _with_shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    groups: tuple[str, ...] = getattr(fn, "shared_option_groups", ())
+    if not groups:
+        return fn
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "o"]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for group in groups for name, (annotation, default) in SHARED_OPTIONS[group].items()
+    ]  # fmt: skip
+    fields = {p.name for p in extra}  # a command's own option may share a name (bench's --batch-size)
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        return fn(**{k: v for k, v in kwargs.items() if k not in fields}, o=Inputs(**{k: v for k, v in kwargs.items() if k in fields}))
+
+    command.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
+    return command
+
+
 # ---- commands -----------------------------------------------------------------------------------
 @app.command()
+@shared_options('model')
 def info(
     model: ModelArg,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
     input_size: InputSizeOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Layers, parameters, spatial kernels, fixed tensors, MACs and the file's metadata."""
 
@@ -377,7 +460,7 @@ def info(
         _check_paths(model)
         from .info import describe
 
-        result = describe(_load_model(model, arch, arch_kwargs, trust_checkpoint, eager=False), _input_size(input_size))
+        result = describe(o.load_model(model, eager=False), _input_size(input_size))
 
         def render() -> None:
             from rich.table import Table
@@ -404,25 +487,14 @@ def info(
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def saliency(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Where to write the score matrices (.safetensors).")],
     data: DataOpt = None,
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1, needs --data) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Per spatial layer, the (O, I/groups) kernel saliency matrix, keyed by the conv's name."""
 
@@ -432,26 +504,27 @@ def saliency(
         check_target(out, force)
         _needs_data(criterion, data)
         _check_paths(model, data)
-        _check_batches(batch_size, batches, image_size)
-        _preprocessing(data, mean, std)
-        _setup(seed, device)
+        o.check_batches()
+        _preprocessing(data, o.mean, o.std)
+        o.setup()
         from .saliency import save_saliency, spatial_saliency
 
-        rank = _distributed_setup(device)  # under torchrun every process scores a share of the minibatches
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        rank = _distributed_setup(o.device)  # under torchrun every process scores a share of the minibatches
+        loaded = o.load_model(model)
+        dataset = o.load_data(data, loaded)
         with _working("computing saliency"):
-            scores = spatial_saliency(loaded.model.to(device), dataset, criterion.value, device)
+            scores = spatial_saliency(loaded.model.to(o.device), dataset, criterion.value, o.device)
         if rank == 0:
             save_saliency(scores, str(out), force, criterion.value)
         layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
         payload = {"out": str(out), "criterion": criterion.value, "layers": layers}
-        _emit(as_json, payload, lambda: _table(f"saliency → {out}", [(k, f"{v['shape']}  sum {v['total']:.4g}") for k, v in layers.items()]))
+        o.emit(payload, lambda: _table(f"saliency → {out}", [(k, f"{v['shape']}  sum {v['total']:.4g}") for k, v in layers.items()]))
 
-    _run(debug, body)
+    o.run(body)
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def prune(
     model: ModelArg,
     data: DataOpt = None,
@@ -469,20 +542,8 @@ def prune(
     max_params: MaxParamsOpt = None,
     max_macs: MaxMacsOpt = None,
     input_size: InputSizeOpt = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Zero the least salient spatial kernels, remove dead channels, write a smaller fixed-filter model."""
 
@@ -499,21 +560,21 @@ def prune(
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
         check_target(target, force)
         _check_paths(model, data, val)
-        _check_batches(batch_size, batches, image_size)
-        _preprocessing(data, mean, std)
-        _setup(seed, device)
-        _distributed_setup(device)  # under torchrun the saliency pass is shared; process 0 writes
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        o.check_batches()
+        _preprocessing(data, o.mean, o.std)
+        o.setup()
+        _distributed_setup(o.device)  # under torchrun the saliency pass is shared; process 0 writes
+        loaded = o.load_model(model)
+        dataset = o.load_data(data, loaded)
         from .pruning import prune as prune_model
         from .saliency import load_saliency
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
         options: dict[str, Any] = {
             "granularity": granularity.value, "criterion": scored_by, "scores": scores, "fill": fill.value, "removal": removal.value,
-            "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": target, "force": force, "seed": seed,
-            "device": device, "sample_shape": _input_size(input_size), "val": _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded),
-            "preprocessing": _override(loaded.preprocessing, _preprocessing(data, mean, std)), "min_kernels_per_layer": min_kernels_per_layer,
+            "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": target, "force": force, "seed": o.seed,
+            "device": o.device, "sample_shape": _input_size(input_size), "val": o.load_data(val, loaded, every_batch=True),
+            "preprocessing": _override(loaded.preprocessing, _preprocessing(data, o.mean, o.std)), "min_kernels_per_layer": min_kernels_per_layer,
         }  # fmt: skip
         with _working("pruning"):
             if goal is None:
@@ -524,12 +585,13 @@ def prune(
         for warning in report.warnings():
             print(f"explainfix: warning: {warning}", file=sys.stderr)
         payload = report.to_json() if goal is None else found.to_json()
-        _emit(as_json, payload, lambda: _render_prune(payload) if goal is None else _render_target(payload))
+        o.emit(payload, lambda: _render_prune(payload) if goal is None else _render_target(payload))
 
-    _run(debug, body)
+    o.run(body)
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def explain(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Folder to write the figures, spectra.json and index.html to.")],
@@ -540,20 +602,8 @@ def explain(
     log_scale: Annotated[bool, _flag("--log-scale", help="Logarithmic colour scale in the spectra heatmaps (the kernel-saliency figure always has one).")] = False,
     pct: Annotated[float, typer.Option("--pct", help="Mark in the kernel-saliency figure the kernels `explainfix prune --pct P` would zero.")] = 50.0,
     with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Which spatial frequencies each layer uses (ExplainSteer, docs/method.md §5): figures, spectra and attributions."""
 
@@ -562,30 +612,30 @@ def explain(
 
         check_folder_target(out, force)
         _check_paths(model, data)
-        _check_batches(batch_size, batches, image_size)
-        _preprocessing(data, mean, std)
+        o.check_batches()
+        _preprocessing(data, o.mean, o.std)
         if not 0 <= pct < 100:
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
-        _setup(seed, device)
+        o.setup()
         from .explanation import ReportSource
         from .explanation import explain as explain_model
 
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        loaded = o.load_model(model)
+        dataset = o.load_data(data, loaded)
         with _working("explaining"):
             result = explain_model(
-                loaded.model.to(device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
-                log_scale=log_scale, with_figures=with_figures, device=device, pct=pct, source=ReportSource(
+                loaded.model.to(o.device), dataset, out, fmt=fmt.value, attributions=attributions, attribution_method=attribution_method.value, force=force,
+                log_scale=log_scale, with_figures=with_figures, device=o.device, pct=pct, source=ReportSource(
                     model=str(model), arch=loaded.arch.to_json() if loaded.arch else None, data=None if data is None else str(data), history=loaded.history,
-                    preprocessing=_folder_preprocessing(data, mean, std, loaded),
+                    preprocessing=_folder_preprocessing(data, o.mean, o.std, loaded),
                 ),
             )
         for note in result.notes:
             print(f"explainfix: note: {note}", file=sys.stderr)
         shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
-        _emit(as_json, result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
+        o.emit(result.to_json(), lambda: _table(f"explain → {out / 'index.html'}", shares))
 
-    _run(debug, body)
+    o.run(body)
 
 
 # ---- evaluate and bench: measurements with CI gates (a gate not met: one sentence, exit 1) ---------
@@ -612,25 +662,14 @@ def _side_by_side(title: str, names: list[str], rows: list[tuple[str, list[Any]]
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def evaluate(
     model: ModelArg,
     data: DataOpt = None,
     vs: VsOpt = None,
     min_metric: Annotated[float | None, typer.Option("--min-metric", help="Gate: exit 1 unless the model's metric is at least this.")] = None,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Gate (with --vs): exit 1 if the model's metric is more than this below OTHER's.")] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """The target's metric (accuracy, AUC, dice) and loss on the data, optionally against --vs; CI gates exit 1."""
 
@@ -641,13 +680,13 @@ def evaluate(
             raise UserError("evaluate needs data: pass --data D.")
         if max_drop is not None and vs is None:
             raise UserError("--max-drop compares with another model; pass it with --vs OTHER.")
-        _preprocessing(data, mean, std)
-        _setup(seed, device)
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint).model.to(device) if vs else None
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        _preprocessing(data, o.mean, o.std)
+        o.setup()
+        loaded = o.load_model(model)
+        other = o.load_model(vs).model.to(o.device) if vs else None
+        dataset = o.load_data(data, loaded)
         with _working("evaluating"):
-            report = evaluate_model(loaded.model.to(device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=device)
+            report = evaluate_model(loaded.model.to(o.device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=o.device)
 
         def render() -> None:
             runs = [report.model] if report.vs is None else [report.model, report.vs]
@@ -669,13 +708,14 @@ def evaluate(
             for g in report.gates:
                 _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
 
-        _emit(as_json, report.to_json(), render)
+        o.emit(report.to_json(), render)
         return report
 
-    _gate_verdict(_run(debug, body).gates)
+    _gate_verdict(o.run(body).gates)
 
 
 @app.command()
+@shared_options('model', 'run')
 def bench(
     model: ModelArg,
     vs: VsOpt = None,
@@ -687,13 +727,7 @@ def bench(
     max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms", help="Gate: exit 1 if the median latency at batch 1, as written, is above this.")] = None,
     max_params: Annotated[int | None, typer.Option("--max-params", help="Gate: exit 1 if the model has more parameters.")] = None,
     max_macs: Annotated[int | None, typer.Option("--max-macs", help="Gate: exit 1 if the model needs more MACs per sample.")] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    as_json: JsonOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Parameters, MACs, file size, peak memory and latency, as written and in deployment form; CI gates exit 1."""
 
@@ -705,18 +739,18 @@ def bench(
                 raise UserError(f"{flag} must be at least 1, not {value}.")
         if warmup < 0:
             raise UserError(f"--warmup must be 0 or more, not {warmup}.")
-        if device != "cpu":
+        if o.device != "cpu":
             raise UserError("bench measures CPU latency; run it with --device cpu.")
-        _setup(seed, device)
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        other = _load_model(vs, arch, arch_kwargs, trust_checkpoint) if vs else None
+        o.setup()
+        loaded = o.load_model(model)
+        other = o.load_model(vs) if vs else None
         size = _input_size(input_size) or loaded.input_size or (other.input_size if other else None)
         if size is None:
             raise UserError(f"{model} does not record its input size; pass --input-size C,H,W.")
         with _working("benchmarking"):
             report = bench_model(
                 loaded.model, size, name=str(model), path=model, vs=other.model if other else None, vs_name=str(vs), vs_path=vs,
-                batch_size=batch_size, repeats=repeats, warmup=warmup, threads=threads, seed=seed,
+                batch_size=batch_size, repeats=repeats, warmup=warmup, threads=threads, seed=o.seed,
                 max_latency_ms=max_latency_ms, max_params=max_params, max_macs=max_macs,
             )
 
@@ -743,10 +777,10 @@ def bench(
             for g in report.gates:
                 _stderr().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
 
-        _emit(as_json, report.to_json(), render)
+        o.emit(report.to_json(), render)
         return report
 
-    _gate_verdict(_run(debug, body).gates)
+    _gate_verdict(o.run(body).gates)
 # ---- fix and finetune (docs/method.md §4; training under torchrun) ------------------------------------
 InitOpt = _choice("InitOpt", choices.Init)
 TrainOpt = _choice("TrainOpt", choices.Trainable)
@@ -786,19 +820,14 @@ def _distributed_setup(device: str) -> int:
 
 
 @app.command()
+@shared_options('model', 'run')
 def fix(
     model: Annotated[Path | None, typer.Argument(help="Model to fix (any format of MODEL); leave out with --arch for a fresh network.", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-fixed.safetensors beside the input).")] = None,
     init: Annotated[InitOpt, typer.Option("--init", help="keep the filters, or re-initialise them: dct2 / ghaar (steered), random (Kaiming, the negative control).")] = InitOpt.keep,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
     input_size: InputSizeOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Fix every spatial filter (docs/method.md §4), optionally with steered filters; --arch without MODEL builds a fresh network."""
 
@@ -807,24 +836,25 @@ def fix(
         from .fixed import fix as fix_model
         from .outputs import check_target
 
-        spec = parse_arch(arch, arch_kwargs)
+        spec = parse_arch(o.arch, o.arch_kwargs)
         if model is None and spec is None:
             raise UserError("give a MODEL to fix, or --arch module.path:factory (with --input-size C,H,W) for a fresh network.")
         if model is None and out is None:
             raise UserError("a fresh network has no file to name the output after; pass --out OUT.safetensors.")
         target = out or model.with_name(f"{model.stem}-fixed.safetensors")  # type: ignore[union-attr]
         check_target(target, force)
-        _setup(seed, device)
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint) if model else LoadedModel(spec.build(), spec, Path("-"))  # type: ignore[union-attr]
-        _, report = fix_model(loaded.model, init.value, seed=seed, sample_shape=_input_size(input_size))
+        o.setup()
+        loaded = o.load_model(model) if model else LoadedModel(spec.build(), spec, Path("-"))  # type: ignore[union-attr]
+        _, report = fix_model(loaded.model, init.value, seed=o.seed, sample_shape=_input_size(input_size))
         save_model(loaded.model, target, arch=loaded.arch, history=[*loaded.history, report.history_step()], report=report.history_step(), preprocessing=loaded.preprocessing, force=force)
         report.out = str(target)
-        _emit(as_json, report.to_json(), lambda: _table(f"fix → {target}", list(report.to_json().items())))
+        o.emit(report.to_json(), lambda: _table(f"fix → {target}", list(report.to_json().items())))
 
-    _run(debug, body)
+    o.run(body)
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def finetune(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", help="Training data (same formats as --data elsewhere).")],
@@ -841,20 +871,8 @@ def finetune(
     temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature of the distillation.")] = 4.0,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop before an epoch that would end past this many minutes.")] = None,
     class_gates: Annotated[bool, _flag("--class-gates", help="Class-specific gate training (docs/method.md §6): a channel-by-class gate on the classifier's input, one standard epoch then two gated; the written model keeps its architecture.")] = False,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Train what is not fixed (a pruned or fixed model), keep the best epoch; runs under torchrun."""
 
@@ -867,43 +885,42 @@ def finetune(
             raise UserError(f"--distill-weight must be in [0, 1], not {distill_weight}.")
         if epochs < 0 or lr <= 0 or temperature <= 0:
             raise UserError("--epochs must be >= 0, and --lr and --temperature positive.")
-        _preprocessing(data, mean, std)
-        _setup(seed, device)
-        rank = _distributed_setup(device)
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        teacher_model = _load_model(teacher, arch, arch_kwargs, trust_checkpoint).model if teacher else None
-        train_data = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
-        val_data = _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded)
+        _preprocessing(data, o.mean, o.std)
+        o.setup()
+        rank = _distributed_setup(o.device)
+        loaded = o.load_model(model)
+        teacher_model = o.load_model(teacher).model if teacher else None
+        train_data = o.load_data(data, loaded)
+        val_data = o.load_data(val, loaded, every_batch=True)
         recipe = Recipe(
             epochs=epochs, lr=lr, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
-            distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=seed,
+            distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=o.seed,
             class_gates=class_gates,
         )
         progress = None
-        if not as_json and rank == 0 and sys.stderr.isatty():
+        if not o.as_json and rank == 0 and sys.stderr.isatty():
             def progress(r: Any) -> None:
                 print(f"epoch {r.epoch}: loss {r.loss:.4f}, {val_data.metric_name} {r.metric}, {r.seconds:.1f} s", file=sys.stderr)
         report = finetune_file(
-            loaded, train_data, val_data, out, recipe=recipe, teacher=teacher_model, device=device, on_epoch=progress, force=force,
+            loaded, train_data, val_data, out, recipe=recipe, teacher=teacher_model, device=o.device, on_epoch=progress, force=force,
         )
         payload = report.to_json()
         rows = [(k, str(v) if isinstance(v, bool) else v) for k, v in payload.items() if k not in ("history", "recipe")]
-        _emit(as_json, payload, lambda: _table(f"finetune → {out}", rows))
+        o.emit(payload, lambda: _table(f"finetune → {out}", rows))
 
-    _run(debug, body)
+    o.run(body)
 
 
 # ---- class-specific filters (docs/method.md §6): classes, extract --------------------------------------
-def _require_data(
-    data: Path | None, batch_size: int, batches: int | None, image_size: int | None, grayscale: bool, mean: str | None, std: str | None, model: LoadedModel
-) -> Dataset:
-    dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, model)
+def _require_data(data: Path | None, o: Inputs, model: LoadedModel) -> Dataset:
+    dataset = o.load_data(data, model)
     if dataset is None:
         raise UserError("this command needs data with class labels: pass --data D.")
     return dataset
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def classes(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Folder to write classes.json and the figures into (a non-empty folder needs --force; only these files are replaced).")],
@@ -911,33 +928,21 @@ def classes(
     share: Annotated[float, typer.Option("--share", help="Share of a class's positive importance its needed channels must reach.")] = 0.9,
     bins: Annotated[int, typer.Option("--bins", help="Quantile bins of each channel's pooled activation for the mutual information.")] = 8,
     with_figures: Annotated[bool, _flag("--figures/--no-figures", help="Draw the heatmap and the channels-needed figure.")] = True,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """Which channels serve which class (docs/method.md §6): importance, channels needed, MI specificity."""
 
     def body() -> None:
         _check_paths(model, data)
-        _check_batches(batch_size, batches, image_size)
-        _setup(seed, device)
+        o.check_batches()
+        o.setup()
         from .classes import classes as analyse
 
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _require_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        loaded = o.load_model(model)
+        dataset = _require_data(data, o, loaded)
         with _working("analysing classes"):
-            result = analyse(loaded.model.to(device), dataset, out, share=share, bins=bins, with_figures=with_figures, force=force, device=device)
+            result = analyse(loaded.model.to(o.device), dataset, out, share=share, bins=bins, with_figures=with_figures, force=force, device=o.device)
 
         def render() -> None:
             from rich.table import Table
@@ -953,12 +958,13 @@ def classes(
                 _stdout().print(f"decomposed classifier ({d.classifier}, needed inputs only): {d.metric} {d.metric_decomposed}, full model {d.metric_full}")
             _stdout().print(f"specificity score ({result.specificity_layer}): {result.specificity:.4f} bits")
 
-        _emit(as_json, result.to_json(), render)
+        o.emit(result.to_json(), render)
 
-    _run(debug, body)
+    o.run(body)
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def extract(
     model: ModelArg,
     target: Annotated[int, typer.Option("--class", help="The class to keep (its index in the model's outputs).")],
@@ -967,20 +973,8 @@ def extract(
     keep: Annotated[float | None, typer.Option("--keep", help="Share of the class's importance kept in every coupled channel group, in [0, 1].")] = None,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of --keep: the largest one-vs-rest AUC drop allowed on --data (bisection on the share).")] = None,
     val: Annotated[Path | None, typer.Option("--val", help="Held-out data to report the sub-model's AUC and accuracy on.")] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """A one-vs-rest sub-model for one class, without the channels it does not need (docs/method.md §6)."""
 
@@ -991,17 +985,17 @@ def extract(
             raise UserError("pass --keep or --max-drop, not both.")
         target_path = out or model.with_name(f"{model.stem}-class{target}.safetensors")
         _check_paths(model, data, val)
-        _check_batches(batch_size, batches, image_size)
-        _setup(seed, device)
+        o.check_batches()
+        o.setup()
         from .classes import extract as extract_class
 
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _require_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
-        held_out = _load_data(val, batch_size, None, image_size, grayscale, mean, std, loaded)
+        loaded = o.load_model(model)
+        dataset = _require_data(data, o, loaded)
+        held_out = o.load_data(val, loaded, every_batch=True)
         with _working(f"extracting class {target}"):
             _, report = extract_class(
-                loaded.model.to(device), dataset, target, keep=keep, max_drop=max_drop, val=held_out, arch=loaded.arch,
-                history=loaded.history, out=target_path, force=force, device=device,
+                loaded.model.to(o.device), dataset, target, keep=keep, max_drop=max_drop, val=held_out, arch=loaded.arch,
+                history=loaded.history, out=target_path, force=force, device=o.device,
             )
 
         def render() -> None:
@@ -1019,9 +1013,9 @@ def extract(
                 table.add_row(which, f"{params:,}", f"{macs:,}", number(d.auc), number(d.accuracy), number(v and v.auc), number(v and v.accuracy))
             _stdout().print(table)
 
-        _emit(as_json, report.to_json(), render)
+        o.emit(report.to_json(), render)
 
-    _run(debug, body)
+    o.run(body)
 
 
 # ---- sweep, and prune to a target (issue 12) ----------------------------------------------------
@@ -1072,6 +1066,7 @@ def _stdout_table(title: str, columns: list[str], rows: list[list[str]]) -> None
 
 
 @app.command()
+@shared_options('model', 'data', 'run')
 def sweep(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Folder for sweep.json, sweep.csv and the figure (made if missing; with --force only those files are replaced).")],
@@ -1084,20 +1079,8 @@ def sweep(
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune every pruned point this many epochs on --train before measuring it (the curve after training); 0: none.")] = 0,
     train: Annotated[Path | None, typer.Option("--train", help="Training data for --finetune-epochs (the metric is still measured on --data).")] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    batch_size: BatchSizeOpt = 64,
-    batches: BatchesOpt = None,
-    image_size: ImageSizeOpt = None,
-    grayscale: GrayscaleOpt = False,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    as_json: JsonOpt = False,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    debug: DebugOpt = False,
+    o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
     """The metric / parameters / MACs / latency trade-off at several pcts, from one saliency pass."""
 
@@ -1116,28 +1099,28 @@ def sweep(
             raise UserError("--finetune-epochs K and --train T go together: fine-tuning each point needs training data.")
         check_folder_target(out, force)
         _check_paths(model, data, train)
-        _check_batches(batch_size, batches, image_size)
-        _setup(seed, device)
+        o.check_batches()
+        o.setup()
         from .sweep import sweep as sweep_model
 
-        loaded = _load_model(model, arch, arch_kwargs, trust_checkpoint)
-        dataset = _load_data(data, batch_size, batches, image_size, grayscale, mean, std, loaded)
+        loaded = o.load_model(model)
+        dataset = o.load_data(data, loaded)
         adapt = None
         if finetune_epochs > 0:
             from .fixed import fix_spatial_filters
             from .training import Recipe, finetune
 
-            training = _load_data(train, batch_size, None, image_size, grayscale, mean, std, loaded)
+            training = o.load_data(train, loaded, every_batch=True)
             teacher = copy.deepcopy(loaded.model)  # each point learns from the unpruned model
 
             def adapt(pruned: Any) -> None:  # as prune → finetune would: spatial filters fixed, the rest trained
                 fix_spatial_filters(pruned)
-                finetune(pruned, training, dataset, recipe=Recipe(epochs=finetune_epochs, seed=seed), teacher=teacher, device=device)
+                finetune(pruned, training, dataset, recipe=Recipe(epochs=finetune_epochs, seed=o.seed), teacher=teacher, device=o.device)
 
         with _working("sweeping"):
             result = sweep_model(
                 loaded.model, dataset, values, out_dir=out, criterion=criterion.value, granularity=granularity.value, removal=removal.value,  # type: ignore[arg-type]
-                latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=device, adapt=adapt,
+                latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=o.device, adapt=adapt,
             )
 
         def render() -> None:
@@ -1151,14 +1134,15 @@ def sweep(
             ]  # fmt: skip
             _stdout_table(f"sweep → {out}", ["pct", "params", "MACs", "nonzero kernels", result.metric or "metric", "drop", "latency ms"], rows)
 
-        _emit(as_json, result.to_json(), render)
+        o.emit(result.to_json(), render)
 
-    _run(debug, body)
+    o.run(body)
 
 
 for _info in app.registered_commands:  # every command, whoever added it, shows flags as flags
     if _info.cls in (None, TyperCommand):
         _info.cls = _Command
+    _info.callback = _with_shared_options(_info.callback) if _info.callback else None
 
 
 def main() -> None:

@@ -20,12 +20,6 @@ from explainfix_cli.models import spatial_convs
 from explainfix_cli.pruning import fill_zeroed, prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
 
-FIELDS = {
-    "params_before", "params_after", "spatial_kernels_before", "spatial_kernels_after", "zeroed_kernels",
-    "channels_removed", "macs_before", "macs_after", "max_logit_change", "metric", "metric_before",
-    "metric_after", "seconds", "out",
-}
-
 
 def two_conv_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.Flatten(), nn.LazyLinear(3))

@@ -58,20 +58,23 @@ def _draw_pending(index: int) -> None:
     draw(path)
 
 
-def draw_all(jobs: Sequence[tuple[Draw, Path]]) -> None:
+def draw_all(jobs: Sequence[tuple[Draw, Path]], done: Callable[[], None] | None = None) -> None:
     """Draw independent figures, each `draw(path)`, in forked worker processes where possible.
 
     A figure is a few hundred milliseconds of single-threaded matplotlib work, the same whatever
     the data, so a report's figures take about 1/cores of the time in parallel. Forked workers
     inherit the jobs, matplotlib and the arrays (nothing is pickled); where fork is unsafe (macOS),
     in a daemon process, or on one core, they are drawn in turn. A worker's exception is raised here.
+    `done()` is called in this process as each figure is finished (progress).
     """
+    done = done or (lambda: None)
     global _pending
     workers = min(len(jobs), os.cpu_count() or 1)
     forkable = sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
     if workers < 2 or not forkable or multiprocessing.current_process().daemon:  # a daemon may not have children
         for draw, path in jobs:
             draw(path)
+            done()
         return
     # imported once here, not once per worker
     import matplotlib.backends.backend_agg
@@ -80,7 +83,8 @@ def draw_all(jobs: Sequence[tuple[Draw, Path]]) -> None:
     _pending = jobs
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            list(pool.map(_draw_pending, range(len(jobs))))
+            for _ in pool.map(_draw_pending, range(len(jobs))):
+                done()
     finally:
         _pending = ()
 

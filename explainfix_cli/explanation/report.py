@@ -187,7 +187,8 @@ def explain(
         pct=pct,
     )
     with _timed(seconds, "figures"), atomic_dir(out_dir, force) as tmp:
-        figures.draw_all([(draw, tmp / figure.name) for figure, draw in plan])
+        with progress.stage("drawing figures", total=len(plan)):
+            figures.draw_all([(draw, tmp / figure.name) for figure, draw in plan], done=progress.advance)
         (tmp / SPECTRA_FILE).write_text(json.dumps(result.spectra_json(), indent=2) + "\n")
         (tmp / INDEX_FILE).write_text(_index_html(result))
     return result

@@ -296,14 +296,34 @@ def prune(
         collapsed_layers=collapsed,
         constant_output=_constant(out_after),
     )
-    if out is not None and _distributed()[0] == 0:  # under torchrun, process 0 writes
-        step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
-        if preprocessing is not None:
-            preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))
-        with progress.stage("writing"):
-            save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
+    if out is not None:
+        save_pruned(model, report, out, arch=arch, history=history, seed=seed, sample_shape=sample_shape, preprocessing=preprocessing, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
+
+
+def save_pruned(
+    model: nn.Module,
+    report: PruneReport,
+    out: str | Path,
+    *,
+    arch: ArchSpec | None,
+    history: list[dict[str, Any]] | None,
+    seed: int,
+    sample_shape: tuple[int, ...],
+    preprocessing: Preprocessing | None = None,
+    force: bool = False,
+) -> None:
+    """The write stage of a prune: the model, with a `prune` step (the report, the seed and the
+    input size) added to its history, and its input preprocessing for that size. Under torchrun
+    only process 0 writes."""
+    if _distributed()[0] != 0:
+        return
+    step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
+    if preprocessing is not None:
+        preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))
+    with progress.stage("writing"):
+        save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
 
 
 def _constant(out: torch.Tensor | None) -> bool | None:

@@ -376,7 +376,7 @@ def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.Mo
         with Image.open(tmp_path / f"{n}.png") as image:
             sizes[n] = image.size
     assert sizes[3][0] == sizes[2][0] and sizes[3][1] > 1.8 * sizes[2][1]  # a second row, not a wider one
-    monkeypatch.setattr(figures, "draw_all", lambda jobs: None)  # the notes, not the drawing
+    monkeypatch.setattr(figures, "draw_all", lambda jobs, done=None: None)  # the notes, not the drawing
     result = explain(small_model(), small_data(), tmp_path / "many", attributions=1000)
     assert result.notes == ["attribution maps for the first 20 inputs, not 1000: the data holds only 20."]
     monkeypatch.setattr(report, "MAX_ATTRIBUTIONS", 3)
@@ -392,7 +392,7 @@ def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch
 
     drawn: dict[str, tuple] = {}
     monkeypatch.setattr(figures, "draw_kernel_saliency", lambda *args: drawn.setdefault("args", args))
-    monkeypatch.setattr(figures, "draw_all", lambda jobs: [draw(path) for draw, path in jobs if path.stem == "kernel_saliency"])
+    monkeypatch.setattr(figures, "draw_all", lambda jobs, done=None: [draw(path) for draw, path in jobs if path.stem == "kernel_saliency"])
     model, data = small_model(), small_data()
     result = explain(model, data, tmp_path / "r", pct=40, attributions=0)
     names, scores, zeroed, pct, total = drawn["args"][:5]
@@ -455,7 +455,7 @@ def test_cli_says_when_attributions_were_capped(tmp_path: Path, monkeypatch: pyt
 
     if not (SAMPLES / "resnet.safetensors").exists():
         pytest.skip("sample models not generated")
-    monkeypatch.setattr(figures, "draw_all", lambda jobs: None)  # the message, not the drawing
+    monkeypatch.setattr(figures, "draw_all", lambda jobs, done=None: None)  # the message, not the drawing
     args = ["explain", str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "1"]
     done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r"), "--attributions", "1000", "--json"])
     assert done.exit_code == 0, done.output

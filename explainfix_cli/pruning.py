@@ -223,45 +223,32 @@ def prune(
         raise UserError("without `data`, give the input size with `input_size` C,H,W.")
     model.eval().to(device)
     convs = require_spatial_convs(model)
-    seen: list[torch.Tensor] = []  # the saliency passes' outputs: the original model's
+
+    # §1 score (its forward passes are the original model's outputs on the data)
+    seen: list[torch.Tensor] = []
     if scores is None:
         scores = spatial_saliency(model, data, criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
     with progress.stage("measuring the original"):
-        if data is None:
-            out_before = None
-        else:
-            out_before = torch.cat(seen) if seen else reference_outputs if reference_outputs is not None else outputs(model, data, device)
-        val_before = None if val is None else outputs(model, val, device)
-
+        known = torch.cat(seen) if seen else reference_outputs
+        original_out = _Outputs.of(model, data, val, device, known)
     original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
-    example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
-    removed: ChannelRemoval
-    if granularity == "kernel":
-        with progress.stage("zeroing"):
-            masks = zero_least_salient(model, scores, pct, min_kernels_per_layer)
-            collapsed = collapsed_layers(model)
-            val_zeroed = None if val is None else outputs(model, val, device)
-    with surgery_failures():  # the original model ran on the data: from here on, failures are ours
-        if granularity == "kernel":
-            with progress.stage("removing channels"):
-                removed = remove_dead_channels(model, example, data, device, removal)
-            out_zeroed = removed.outputs_before
-        else:  # nothing is zeroed: the removal is measured against the original model
-            masks, out_zeroed, val_zeroed = {}, out_before, val_before
-            with progress.stage("removing channels"):
-                removed = remove_least_salient_channels(model, example, scores, pct)
-            collapsed = collapsed_layers(model)
-        with progress.stage("measuring the pruned model"):
-            out_removed = outputs(model, data, device) if data is not None else None
-            val_removed = None if val is None else outputs(model, val, device)
-        remaining = {name: removed.kept[name].original(w) for name, w in original.items()}
-        fill_zeroed(model, remaining, fill, torch.Generator().manual_seed(seed))
 
+    # §2 zero, §3 remove: failures after the original model ran on the data are the prune's own
+    example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
+    with surgery_failures():
+        masks, removed, zeroed_out, collapsed = _zero_and_remove(
+            model, scores, example, data, val, device, granularity=granularity, pct=pct, removal=removal,
+            min_kernels_per_layer=min_kernels_per_layer, original_out=original_out,
+        )  # fmt: skip
+        with progress.stage("measuring the pruned model"):
+            removed_out = _Outputs.of(model, data, val, device)
+        # §3 the zeroed kernels that stay, §4 fix
+        fill_zeroed(model, {name: removed.kept[name].original(w) for name, w in original.items()}, fill, torch.Generator().manual_seed(seed))
         fixed = fix_spatial_filters(model) if fix else []
         after = model_size(model, sample_shape)
-        out_after = out_removed if fill == "zero" or data is None else outputs(model, data, device)
-        val_after = val_removed if fill == "zero" or val is None else outputs(model, val, device)
+        written_out = removed_out if fill == "zero" else _Outputs.of(model, data, val, device)
+
     report = PruneReport(
         params_before=before.params,
         params_after=after.params,
@@ -273,17 +260,17 @@ def prune(
         blocked_groups=dict(sorted(removed.blocked.items())),
         macs_before=before.macs,
         macs_after=after.macs,
-        max_logit_change=_max_change(out_removed, out_zeroed),
-        predictions_changed=_predictions_changed(out_removed, out_zeroed, data),
+        max_logit_change=_max_change(removed_out.data, zeroed_out.data),
+        predictions_changed=_predictions_changed(removed_out.data, zeroed_out.data, data),
         metric=data.metric_name if data is not None else None,
-        metric_before=metric(data, out_before) if data is not None and out_before is not None else None,
-        metric_after=metric(data, out_after) if data is not None and out_after is not None else None,
+        metric_before=_metric(data, original_out.data),
+        metric_after=_metric(data, written_out.data),
         calibration_samples=None if data is None else data.num_samples,
         val_samples=None if val is None else val.num_samples,
-        val_max_logit_change=_max_change(val_removed, val_zeroed),
-        val_predictions_changed=_predictions_changed(val_removed, val_zeroed, val),
-        val_metric_before=None if val is None or val_before is None else metric(val, val_before),
-        val_metric_after=None if val is None or val_after is None else metric(val, val_after),
+        val_max_logit_change=_max_change(removed_out.val, zeroed_out.val),
+        val_predictions_changed=_predictions_changed(removed_out.val, zeroed_out.val, val),
+        val_metric_before=_metric(val, original_out.val),
+        val_metric_after=_metric(val, written_out.val),
         pct=pct,
         granularity=granularity,
         criterion=criterion,
@@ -294,12 +281,61 @@ def prune(
         out=str(out) if out is not None else None,
         min_kernels_per_layer=min_kernels_per_layer,
         collapsed_layers=collapsed,
-        constant_output=_constant(out_after),
+        constant_output=_constant(written_out.data),
     )
     if out is not None:
         save_pruned(model, report, out, arch=arch, history=history, seed=seed, sample_shape=sample_shape, preprocessing=preprocessing, force=force)
     report.seconds = round(time.perf_counter() - start, 3)
     return model, report
+
+
+@dataclass
+class _Outputs:
+    """A model's outputs at one stage of a prune: on the calibration data, and on held-out data."""
+
+    data: torch.Tensor | None = None
+    val: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, data: Dataset | None, val: Dataset | None, device: str, known: torch.Tensor | None = None) -> _Outputs:
+        """`known`: the outputs on `data` when the caller already has them (one forward pass saved)."""
+        on_data = None if data is None else known if known is not None else outputs(model, data, device)
+        return cls(on_data, None if val is None else outputs(model, val, device))
+
+
+def _zero_and_remove(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    example: torch.Tensor,
+    data: Dataset | None,
+    val: Dataset | None,
+    device: str,
+    *,
+    granularity: Granularity,
+    pct: float,
+    removal: Removal,
+    min_kernels_per_layer: int,
+    original_out: _Outputs,
+) -> tuple[dict[str, torch.Tensor], ChannelRemoval, _Outputs, list[str]]:
+    """§2-3 in place: zero the least salient kernels, then remove the channels that may go (kernel
+    granularity); or remove the least salient channels (channel granularity). Returns the zeroing
+    masks, what the removal did, the outputs it is measured against (the zeroed model's, or the
+    original's for channel granularity) and the layers left with no kernel."""
+    if granularity == "channel":
+        with progress.stage("removing channels"):
+            removed = remove_least_salient_channels(model, example, scores, pct)
+        return {}, removed, original_out, collapsed_layers(model)
+    with progress.stage("zeroing"):
+        masks = zero_least_salient(model, scores, pct, min_kernels_per_layer)
+        collapsed = collapsed_layers(model)
+        zeroed_val = None if val is None else outputs(model, val, device)
+    with progress.stage("removing channels"):
+        removed = remove_dead_channels(model, example, data, device, removal)
+    return masks, removed, _Outputs(removed.outputs_before, zeroed_val), collapsed
+
+
+def _metric(data: Dataset | None, out: torch.Tensor | None) -> float | None:
+    return None if data is None or out is None else metric(data, out)
 
 
 def save_pruned(

@@ -14,7 +14,6 @@ Files get the mode a new file gets under the user's umask; a replaced file keeps
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -114,5 +113,19 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
                 os.chmod(src, _mode_for(dst, 0o666))
                 os.replace(src, dst)
     finally:
-        if stage.exists():
-            shutil.rmtree(stage)
+        _discard(stage)
+
+
+def _discard(stage: Path) -> None:
+    """Remove what is left of our staging folder, and nothing else: its files and links are
+    unlinked (a link is removed, never followed), its folders removed only once empty. No
+    recursive delete, so not even a link placed in it can reach a folder of the user's."""
+    if not stage.is_dir() or stage.is_symlink():
+        return
+    for root, folders, files in os.walk(stage, topdown=False):  # os.walk does not follow links
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in folders:
+            entry = os.path.join(root, name)
+            os.unlink(entry) if os.path.islink(entry) else os.rmdir(entry)
+    os.rmdir(stage)

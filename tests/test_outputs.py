@@ -185,3 +185,20 @@ def test_prune_in_place_is_atomic_and_keeps_the_mode(models: Path) -> None:
     assert sum(p.numel() for p in load_model(model).parameters()) == report["params_after"] < report["params_before"]
     assert stat.S_IMODE(model.stat().st_mode) == 0o640
     assert _names(models) == ["canary.txt", "digits_val.npz", "resnet.safetensors"]
+
+
+def test_a_failed_report_never_deletes_through_a_link_in_its_staging_folder(tmp_path: Path) -> None:
+    # the staging folder is removed without a recursive delete: a link in it (to the user's
+    # folder, to a file) goes, what it points at stays
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "canary.txt").write_text("keep me")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "report", force=False) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.png").write_bytes(b"png")
+        (tmp / "to-folder").symlink_to(mine, target_is_directory=True)
+        (tmp / "sub" / "to-file").symlink_to(mine / "canary.txt")
+        raise RuntimeError("interrupted")
+    assert (mine / "canary.txt").read_text() == "keep me"
+    assert _names(tmp_path) == ["mine"]
+

@@ -270,13 +270,13 @@ def _preprocessing(data: Path | None, mean: str | None, std: str | None) -> Prep
     return explicit
 
 
-def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None) -> None:
+def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None, train: Path | None = None) -> None:
     """The checks that need no model, run before torch is imported: a typo answers at once."""
     from .formats import model_format
 
     if model is not None:
         model_format(model)
-    for flag, path in (("--data", data), ("--val", val)):
+    for flag, path in (("--data", data), ("--val", val), ("--train", train)):
         if path is not None and not path.exists():
             raise UserError(f"{flag} {path} does not exist.")
 
@@ -541,6 +541,8 @@ def prune(
     max_drop: MaxDropOpt = None,
     max_params: MaxParamsOpt = None,
     max_macs: MaxMacsOpt = None,
+    finetune_epochs: FinetuneEpochsOpt = 0,
+    train: TrainDataOpt = None,
     input_size: InputSizeOpt = None,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)
@@ -555,11 +557,14 @@ def prune(
             raise UserError(f"--pct must be in [0, 100), not {pct}.")
         if min_kernels_per_layer < 0:
             raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
+        _check_finetune_each(finetune_epochs, train, data)
+        if finetune_epochs > 0 and goal is None:
+            raise UserError("--finetune-epochs meets a target after fine-tuning (--max-drop, --max-params, --max-macs); to fine-tune a model pruned at a --pct, run `explainfix finetune` on it.")
         if saliency_file is None:
             _needs_data(criterion, data)
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
         check_target(target, force)
-        _check_paths(model, data, val)
+        _check_paths(model, data, val, train)
         o.check_batches()
         _preprocessing(data, o.mean, o.std)
         o.setup()
@@ -580,6 +585,8 @@ def prune(
             if goal is None:
                 _, report = prune_model(loaded.model, dataset, pct=50.0 if pct is None else pct, **options)
             else:
+                if train is not None and finetune_epochs > 0:
+                    options["adapt"] = _finetune_each(o, loaded, train, dataset, finetune_epochs, fix=not no_fix)
                 found = _prune_to_target(loaded.model, dataset, goal, options)
                 report = found.report
         for warning in report.warnings():
@@ -1022,6 +1029,35 @@ def extract(
 MaxDropOpt = Annotated[float | None, typer.Option("--max-drop", help="Instead of --pct: the largest pct whose metric on the data falls at most this much (e.g. 0.01).", show_default=False)]
 MaxParamsOpt = Annotated[int | None, typer.Option("--max-params", help="Instead of --pct: the smallest pct whose model has at most this many parameters.", show_default=False)]
 MaxMacsOpt = Annotated[int | None, typer.Option("--max-macs", help="Instead of --pct: the smallest pct whose model needs at most this many MACs per sample.", show_default=False)]
+FinetuneEpochsOpt = Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune every pruned model this many epochs on --train before measuring it on --data (spatial filters fixed, the unpruned model as teacher); 0: none.")]
+TrainDataOpt = Annotated[Path | None, typer.Option("--train", help="Training data for --finetune-epochs (the metric is still measured on --data).")]
+
+
+def _check_finetune_each(epochs: int, train: Path | None, data: Path | None) -> None:
+    if epochs < 0:
+        raise UserError(f"--finetune-epochs must be 0 or more, not {epochs}.")
+    if (epochs > 0) != (train is not None):
+        raise UserError("--finetune-epochs K and --train T go together: fine-tuning each pruned model needs training data.")
+    if epochs > 0 and data is None:
+        raise UserError("--finetune-epochs keeps each fine-tune's best epoch by the metric on --data: pass --data D.")
+
+
+def _finetune_each(o: Inputs, loaded: Any, train: Path, val: Dataset, epochs: int, *, fix: bool = True) -> Any:
+    """The `adapt` of `sweep` and `prune_to_target`, as `prune` → `finetune` would do it: the spatial
+    filters fixed (unless not `fix`), the rest trained `epochs` epochs on `train` with the unpruned
+    model as teacher, the best epoch by the metric on `val`; returns the fine-tune's history step."""
+    from .fixed import fix_spatial_filters
+    from .training import Recipe, finetune
+
+    training = o.load_data(train, loaded, every_batch=True)
+    teacher = copy.deepcopy(loaded.model)  # every pruned model learns from the unpruned one
+
+    def adapt(pruned: Any) -> dict[str, Any]:
+        if fix:
+            fix_spatial_filters(pruned)
+        return finetune(pruned, training, val, recipe=Recipe(epochs=epochs, seed=o.seed), teacher=teacher, device=o.device)[1].history_step()
+
+    return adapt
 
 
 def _target(pct: float | None, max_drop: float | None, max_params: int | None, max_macs: int | None) -> Any:
@@ -1049,9 +1085,15 @@ def _render_target(payload: dict[str, Any]) -> None:
     """The prune summary, then which pct the target chose and how it was found (--json lists every probe)."""
     _render_prune(payload)
     limits = ", ".join(f"--{k.replace('_', '-')} {v:,}" for k, v in payload["target"].items() if v is not None)
-    scanned = sum(p["model"] == "zeroed" for p in payload["probes"])
-    pruned = len(payload["probes"]) - scanned
-    _stdout().print(f"pct {payload['pct_chosen']:g} meets {limits}: {scanned} pcts scanned on the zeroed model, {pruned} pruned.")
+    kinds = [p["model"] for p in payload["probes"]]
+    found = f"{kinds.count('zeroed')} pcts scanned on the zeroed model, {kinds.count('pruned')} pruned"
+    if payload["finetune"] is not None:
+        tuned = payload["finetune"]
+        found += (
+            f", {kinds.count('adapted')} pruned and fine-tuned; the written model was fine-tuned {tuned['epochs']} epochs "
+            f"({payload['metric']} on the data {tuned['metric_before']:.4f} → {tuned['metric_after']:.4f})"
+        )
+    _stdout().print(f"pct {payload['pct_chosen']:g} meets {limits}{' after fine-tuning' if payload['finetune'] else ''}: {found}.")
 
 
 def _stdout_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -1077,8 +1119,8 @@ def sweep(
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact, calibrated or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
     latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 30,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
-    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune every pruned point this many epochs on --train before measuring it (the curve after training); 0: none.")] = 0,
-    train: Annotated[Path | None, typer.Option("--train", help="Training data for --finetune-epochs (the metric is still measured on --data).")] = None,
+    finetune_epochs: FinetuneEpochsOpt = 0,
+    train: TrainDataOpt = None,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
@@ -1093,30 +1135,16 @@ def sweep(
             raise UserError(f"--pcts must be comma-separated numbers, e.g. 0,50,90, not {pcts!r}.") from None
         if data is None:
             raise UserError("sweep measures the metric at each pct: pass --data D.")
-        if finetune_epochs < 0:
-            raise UserError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}.")
-        if (finetune_epochs > 0) != (train is not None):
-            raise UserError("--finetune-epochs K and --train T go together: fine-tuning each point needs training data.")
+        _check_finetune_each(finetune_epochs, train, data)
         check_folder_target(out, force)
-        _check_paths(model, data, train)
+        _check_paths(model, data, train=train)
         o.check_batches()
         o.setup()
         from .sweep import sweep as sweep_model
 
         loaded = o.load_model(model)
         dataset = o.load_data(data, loaded)
-        adapt = None
-        if finetune_epochs > 0:
-            from .fixed import fix_spatial_filters
-            from .training import Recipe, finetune
-
-            training = o.load_data(train, loaded, every_batch=True)
-            teacher = copy.deepcopy(loaded.model)  # each point learns from the unpruned model
-
-            def adapt(pruned: Any) -> None:  # as prune → finetune would: spatial filters fixed, the rest trained
-                fix_spatial_filters(pruned)
-                finetune(pruned, training, dataset, recipe=Recipe(epochs=finetune_epochs, seed=o.seed), teacher=teacher, device=o.device)
-
+        adapt = None if train is None or finetune_epochs == 0 else _finetune_each(o, loaded, train, dataset, finetune_epochs)
         with _working("sweeping"):
             result = sweep_model(
                 loaded.model, dataset, values, out_dir=out, criterion=criterion.value, granularity=granularity.value, removal=removal.value,  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -349,17 +350,19 @@ def save_pruned(
     sample_shape: tuple[int, ...],
     preprocessing: Preprocessing | None = None,
     force: bool = False,
+    then: Sequence[dict[str, Any]] = (),
 ) -> None:
     """The write stage of a prune: the model, with a `prune` step (the report, the seed and the
-    input size) added to its history, and its input preprocessing for that size. Under torchrun
-    only process 0 writes."""
+    input size) added to its history, then the steps in `then` (a fine-tune after the prune),
+    and its input preprocessing for that size. Under torchrun only process 0 writes."""
     if _distributed()[0] != 0:
         return
     step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
     if preprocessing is not None:
         preprocessing = replace(preprocessing, channels=sample_shape[0], size=(sample_shape[1], sample_shape[2]))
+    steps = [step, *then]
     with progress.stage("writing"):
-        save_model(model, out, arch=arch, history=[*(history or []), step], report=step, preprocessing=preprocessing, force=force)
+        save_model(model, out, arch=arch, history=[*(history or []), *steps], report=steps[-1], preprocessing=preprocessing, force=force)
 
 
 def _constant(out: torch.Tensor | None) -> bool | None:

@@ -45,7 +45,7 @@ from .errors import UserError
 from .measure import metric, metric_upper_bound, model_size, outputs
 from .models import model_output, spatial_convs
 from .outputs import atomic_dir, check_folder_target, check_target
-from .pruning import PruneReport, prune, zero_least_salient
+from .pruning import PruneReport, prune, save_pruned, zero_least_salient
 from .saliency import spatial_saliency
 
 GRID = list(range(100))  # the 1 % grid of pcts a target is searched on
@@ -104,23 +104,24 @@ class PruneCurve:
 
     def point(self, pct: float) -> tuple[nn.Module, Point]:
         """A copy pruned at `pct` (§2 zeroing and §3 removal, no fill, filters left as they are)
-        and its measurements, for one forward pass over the data fewer than `prune`: exact removal
-        does not change what the zeroed model computes (`prune` checks it and reports the
-        difference, float rounding), nor does calibrated removal on the data it measured, so the
-        zeroed model's outputs, which removal measures anyway, give the metric. Aggressive removal
-        and channel granularity change the outputs; they are measured after the cut."""
+        and its measurements, for one forward pass over the data where `prune` makes two (the
+        zeroed model, and the removed one to compare with it). Exact removal needs no
+        data (its constants follow from the structure) and does not change what the zeroed model
+        computes (`prune` checks it and reports the difference, float rounding), so the metric is
+        measured after the cut, on the smaller model. Calibrated removal measures the zeroed
+        model's outputs on the data anyway, and does not change them there."""
         assert self.data is not None
         model = copy.deepcopy(self.model)
         example = self.data.x[:1].to(self.device)
-        zeroed = 0
+        zeroed, removal = 0, self.options["removal"]
         if self.options["granularity"] == "kernel":
             masks = zero_least_salient(model, self.scores, pct, self.options["min_kernels_per_layer"])
             zeroed = sum(int(m.sum()) for m in masks.values())
-            removed = remove_dead_channels(model, example, self.data, self.device, self.options["removal"])
+            removed = remove_dead_channels(model, example, None if removal == "exact" else self.data, self.device, removal)
         else:
             removed = remove_least_salient_channels(model, example, self.scores, pct)
-        exact = self.options["granularity"] == "kernel" and self.options["removal"] != "aggressive" and removed.outputs_before is not None
-        out = removed.outputs_before if exact else outputs(model, self.data, self.device)
+        calibrated = self.options["granularity"] == "kernel" and removal == "calibrated"
+        out = removed.outputs_before if calibrated and removed.outputs_before is not None else outputs(model, self.data, self.device)
         size = model_size(model, self.sample_shape)
         measured = _finite(metric(self.data, out))
         return model, Point(
@@ -400,16 +401,24 @@ class TargetNotMet(Exception):
 
 @dataclass
 class TargetReport:
-    """`prune` to a target: the written model's report, the target, the pct chosen and every probe."""
+    """`prune` to a target: the written model's report, the target, the pct chosen and every probe.
+
+    With `adapt` (a fine-tune of every probe), `finetune` is the step `adapt` returned for the
+    written model (`FinetuneReport.history_step()` from the command line), and the report's
+    `metric_after` / `val_metric_after` are the adapted model's."""
 
     report: PruneReport
     target: Target
     pct_chosen: float
-    probes: list[dict[str, Any]]  # in the order they were measured; model "zeroed" (scan) or "pruned"
+    probes: list[dict[str, Any]]  # in the order measured; model "zeroed" (scan), "pruned" or "adapted"
     seconds: float
+    finetune: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.report.to_json(), "target": self.target.to_json(), "pct_chosen": self.pct_chosen, "probes": self.probes, "seconds": self.seconds}
+        return {
+            **self.report.to_json(), "target": self.target.to_json(), "pct_chosen": self.pct_chosen, "probes": self.probes,
+            "seconds": self.seconds, "finetune": self.finetune,
+        }  # fmt: skip
 
 
 def last_meeting(grid: Sequence[int], meets: Callable[[int], bool], patience: int = PATIENCE) -> int | None:
@@ -460,6 +469,7 @@ def prune_to_target(
     val: Dataset | None = None,
     preprocessing: Preprocessing | None = None,
     min_kernels_per_layer: int = 0,
+    adapt: Callable[[nn.Module], dict[str, Any] | None] | None = None,
 ) -> TargetReport:
     """`pruning.prune` at the pct that meets `target`, found on the 1 % grid of one ranking (§2).
 
@@ -477,6 +487,11 @@ def prune_to_target(
     is the largest pct at which both keep it. The chosen pct is pruned once more and written
     (with `val` and `preprocessing`, which the search does not use). Raises `TargetNotMet` when no
     pct of the grid meets the target.
+
+    `adapt(model)` (a short fine-tune, from the command line `--finetune-epochs K`) changes each
+    probe in place and returns a step for the written file's history: the target is then met
+    after adapting (`_adapted_search`). `adapt` must never lower the metric on `data` (a
+    fine-tune that validates on `data` and keeps the model as given when no epoch beats it).
     """
     start = time.perf_counter()
     if not target.given:
@@ -519,8 +534,61 @@ def prune_to_target(
         chosen = None
     if chosen is None:
         raise TargetNotMet(f"no pct meets the target: {failure}.")
+    if adapt is not None:
+        assert data is not None or target.max_drop is None
+        model_out, report, step = _adapted_search(curve, target, chosen, adapt, trail, fix=fix, val=val)
+        if out is not None:
+            save_pruned(
+                model_out, report, out, arch=arch, history=history, seed=seed, sample_shape=curve.sample_shape,
+                preprocessing=preprocessing, force=force, then=[step] if step else [],
+            )  # fmt: skip
+        report.metric_after = None if data is None else _finite(metric(data, outputs(model_out, data, device)))
+        report.val_metric_after = None if val is None else _finite(metric(val, outputs(model_out, val, device)))
+        report.out = None if out is None else str(out)
+        return TargetReport(report, target, float(report.pct), trail, round(time.perf_counter() - start, 3), finetune=step)
 
     _, report = curve.prune(chosen, fix=fix, arch=arch, history=history, out=out, force=force, val=val, preprocessing=preprocessing)
     if not (target.keeps_metric(report) and target.fits(report)):  # the same pipeline as the probe: cannot differ
         raise RuntimeError(f"the model written at pct {chosen} does not meet the target its probe met.")
     return TargetReport(report, target, float(chosen), trail, round(time.perf_counter() - start, 3))
+
+
+def _adapted_search(
+    curve: PruneCurve,
+    target: Target,
+    start: int,
+    adapt: Callable[[nn.Module], dict[str, Any] | None],
+    trail: list[dict[str, Any]],
+    *,
+    fix: bool,
+    val: Dataset | None,
+) -> tuple[nn.Module, PruneReport, dict[str, Any] | None]:
+    """The target met after `adapt`: the last pct of the grid from `start` up whose adapted model
+    meets it, and that model (pruned with `fix` and `val`, then adapted), its prune report and
+    the step `adapt` returned.
+
+    `start`, the answer without adapting, meets the target after adapting too (`adapt` never
+    lowers the metric on the data; sizes do not change), so the search is `last_meeting` on the
+    grid from `start`: bisection, then `PATIENCE` steps past the boundary, each probe a prune and
+    an adapt. A budget alone (`max_params` / `max_macs`) does not depend on adapting, and only
+    the chosen model is adapted.
+    """
+    best: dict[str, Any] = {}  # the highest pct that met so far: model, report, step
+
+    def adapted(pct: int) -> bool:
+        model, report = curve.prune(pct, fix=fix, val=val)
+        step = adapt(model)
+        data = curve.data
+        value = None if data is None else _finite(metric(data, outputs(model, data, curve.device)))
+        meets = target.drop_ok(curve.metric, value) and target.fits(report)
+        trail.append({"pct": pct, "model": "adapted", "params": report.params_after, "macs": report.macs_after, "metric": value, "meets": meets})
+        if meets and pct >= best.get("pct", -1):
+            best.update(pct=pct, model=model, report=report, step=step)
+        return meets
+
+    grid = GRID[start:]
+    if target.max_drop is not None:
+        last_meeting(grid, lambda p: p == start or adapted(p))
+    if not best and not adapted(start):  # nothing above `start` met, or a budget alone: adapt the answer itself
+        raise RuntimeError(f"the model at pct {start} does not meet the target after adapting, as it did before.")
+    return best["model"], best["report"], best["step"]

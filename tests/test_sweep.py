@@ -23,8 +23,9 @@ from helpers import SAMPLES, sample_data, sample_model
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from explainfix_cli.checkpoints import load_model
+from explainfix_cli.checkpoints import load_model, open_model
 from explainfix_cli.cli import app
+from explainfix_cli.data import load_data
 from explainfix_cli.measure import metric, outputs
 from explainfix_cli.pruning import prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
@@ -293,3 +294,46 @@ def test_sweep_fine_tunes_each_point_from_the_command_line(tmp_path: Path) -> No
     assert tuned["points"][0]["metric"] > plain["points"][0]["metric"] + 0.3
     bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c"), "--finetune-epochs", "1"])
     assert bad.exit_code == 2 and "--train" in bad.stderr
+
+
+def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> None:
+    """`prune --max-drop X --finetune-epochs K --train T`: the target met after fine-tuning. The
+    answer is at least the pct met without fine-tuning, every fine-tuned probe above it fails, and
+    the probe one pct up is what `prune --pct` then `finetune` (same seed) gives, independently.
+    One epoch on 64 training digits per probe (a dozen probes): cheap, and enough to prune more."""
+    import numpy as np
+
+    from explainfix_cli.fixed import fix_spatial_filters
+    from explainfix_cli.training import Recipe, finetune
+
+    digits = np.load(SAMPLES / "digits_train.npz")
+    train = tmp_path / "train64.npz"
+    np.savez(train, x=digits["x"][:64], y=digits["y"][:64])
+    out = tmp_path / "tuned.safetensors"
+    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.02", "--finetune-epochs", "1", "--train", str(train), "--json", "--out", str(out)))
+    chosen = int(report["pct_chosen"])
+    [unadapted] = [p["pct"] for p in report["probes"] if p["model"] == "pruned"]  # the answer without fine-tuning
+    assert chosen > unadapted  # one fine-tuning epoch (batch norm in train mode) brings back enough to prune more
+    tuned = [p for p in report["probes"] if p["model"] == "adapted"]
+    assert not any(p["meets"] for p in tuned if p["pct"] > chosen)
+    data = sample_data("resnet", batches=2)
+    opened = open_model(out)
+    written = opened.model
+    assert metric(data, outputs(written, data)) == pytest.approx(report["metric_after"], abs=1e-6)
+    assert report["metric_before"] - report["metric_after"] <= 0.02 + 1e-9
+    assert report["finetune"]["step"] == "finetune" and report["finetune"]["metric_after"] == pytest.approx(report["metric_after"], abs=1e-6)
+    assert [step["step"] for step in opened.history] == ["prune", "finetune"]
+    assert opened.history[0]["metric_after"] == report["finetune"]["metric_before"]  # the prune step: before fine-tuning
+    assert all(not conv.weight.requires_grad for conv in written.modules() if isinstance(conv, nn.Conv2d) and conv.kernel_size != (1, 1))
+    # independently: prune one pct up, fix, fine-tune one epoch with the unpruned model as teacher
+    model = sample_model("resnet").model.eval()
+    up = next(p for p in tuned if p["pct"] == chosen + 1)
+    pruned, _ = prune(copy.deepcopy(model), data, pct=chosen + 1, fix=False)
+    fix_spatial_filters(pruned)
+    finetune(pruned, load_data(train), data, recipe=Recipe(epochs=1), teacher=copy.deepcopy(model))
+    assert metric(data, outputs(pruned, data)) == pytest.approx(up["metric"], abs=1e-6)
+    assert not up["meets"]
+    for refused in (["--pct", "80"], []):  # a pct is fine-tuned by `finetune`; epochs need --train
+        extra = ["--train", str(train)] if refused else []
+        result = _invoke("prune", MODEL, *DATA, *refused, "--finetune-epochs", "1", *extra, "--out", str(tmp_path / "x.safetensors"))
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output

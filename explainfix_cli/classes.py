@@ -108,6 +108,7 @@ def gradient_times_activation(
     disjoint: bool,
     pooled: set[str] | None = None,
     centres: dict[str, torch.Tensor] | None = None,
+    weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: str = "cpu",
 ) -> GradientPass:
     """Per probe and score j, sums over score j's samples of `t[n, c] = Σ a[n,c,...] ∂s_j[n]/∂a[n,c,...]`.
@@ -117,8 +118,10 @@ def gradient_times_activation(
     labels) one backward pass serves every score; otherwise one per score. Each probe watches its
     own copy of the tensor, so a tensor read by two layers gives each its own gradient. With
     `centres` (per probe, a value per channel) `a` is measured from it: `(a - centre) · ∂s/∂a` is
-    the first-order change of the score when the channel is replaced by that value. Batch
-    norms use their running statistics (eval mode), so samples do not interact.
+    the first-order change of the score when the channel is replaced by that value. With
+    `weights(scores)` (N, J), each sample's `t` counts with that weight in the sums (the counts stay
+    plain sample counts). Batch norms use their running statistics (eval mode), so samples do not
+    interact.
     """
     model.eval()
     pooled = pooled or set()
@@ -149,18 +152,19 @@ def gradient_times_activation(
                 x = x.to(device).requires_grad_(True)  # activations need a gradient even when every weight is fixed
                 out = model_output(model, x)
                 s, member = scores(out), membership(y.to(device)).to(out.dtype)  # (N, J), (N, J)
+                weighted = member if weights is None else member * weights(s.detach())  # (N, J)
                 outs.append(out.detach().cpu())
                 counts = member.sum(0).cpu() if counts is None else counts + member.sum(0).cpu()
                 tensors = [captured[p.name] for p in probes]
                 passes = [(s * member).sum()] if disjoint else [(s[:, j] * member[:, j]).sum() for j in range(s.shape[1])]
                 for j, objective in enumerate(passes):
                     grads = torch.autograd.grad(objective, tensors, retain_graph=j < len(passes) - 1, allow_unused=True)
-                    weights = (member if disjoint else member[:, j : j + 1]).double()  # (N, J) or (N, 1)
+                    w = (weighted if disjoint else weighted[:, j : j + 1]).double()  # (N, J) or (N, 1)
                     for p, a, g in zip(probes, tensors, grads, strict=True):
                         t = _per_channel(p.module, p.side, _centred(p, a.detach(), centres) * g) if g is not None else None
                         if t is None:
                             t = torch.zeros(len(a), a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1])
-                        signed, magnitude = weights.T @ t.double(), weights.T @ t.abs().double()  # (J, C)
+                        signed, magnitude = w.T @ t.double(), w.T @ t.abs().double()  # (J, C)
                         if p.name not in sums:
                             n_scores = s.shape[1]
                             sums[p.name] = ProbeResult(
@@ -501,7 +505,7 @@ class ExtractReport:
 
     target: int
     score: str  # "margin" (logit minus the largest other) or "logit" (multi-label)
-    keep: float  # share of the class's importance kept in every coupled group
+    keep: float  # --keep: share of importance kept in every coupled group; --max-drop: share of the removable channels kept
     max_drop: float | None
     params_before: int
     params_after: int
@@ -510,7 +514,7 @@ class ExtractReport:
     channels_removed: int
     data: dict[str, BinaryScore]  # "full" and "extracted" on the data the channels were chosen on
     val: dict[str, BinaryScore] | None  # the same on held-out data
-    bisection: list[dict[str, float | None]]  # (keep, AUC drop) tried, with --max-drop
+    bisection: list[dict[str, float | None]]  # with --max-drop, each candidate cut tried: (keep, AUC drop)
     seconds: float
     out: str | None
 
@@ -520,33 +524,46 @@ class ExtractReport:
 
 @dataclass
 class ReaderImportance:
-    """Per conv and linear layer (by name), per input channel: class importance and mean input."""
+    """Per conv and linear layer (by name), per input channel: importance for the one-vs-rest score
+    and mean input."""
 
     importance: dict[str, torch.Tensor]  # (input channels,)
     means: dict[str, torch.Tensor]  # (input channels,) mean over the data and over space
 
 
-def reader_importance(model: nn.Module, data: Dataset, target: int, device: str = "cpu") -> ReaderImportance:
-    """Per conv and linear layer (by name), (input channels,) the class importance of what it reads
-    (docs/method.md §6, in magnitude per sample): over the samples of class `target`, the mean of
-    |Σ a · ∂z_target/∂a| at the layer's input; and the mean input over all samples.
+# a positive's weight is sigmoid(-s), a negative's sigmoid(s): the slope of the logistic loss of score s
+_SLOPE_SIGNS = torch.tensor([-1.0, 1.0])
 
-    Removing a channel from a coupled group makes every layer that reads it read nothing there,
-    so the summed importance over a group's readers is the first-order change of the class's
-    logit caused by the removal (per sample, in magnitude)."""
+
+def reader_importance(model: nn.Module, data: Dataset, target: int, margin: bool = True, device: str = "cpu") -> ReaderImportance:
+    """Per conv and linear layer (by name), (input channels,) the importance of what it reads for
+    the one-vs-rest score `s` of class `target` (docs/method.md §6): with `t = Σ (a - ā) ∂s/∂a` at
+    the layer's input (`ā` the mean input over the data), half the mean of `sigmoid(-s) |t|` over
+    the class's samples plus half the mean of `sigmoid(s) |t|` over the others.
+
+    `|t|` is the first-order change of the score when the channel is replaced by its mean; the
+    sigmoid is the slope of the logistic loss of `s`, so samples the score already separates by a
+    wide margin count little and those near or across the boundary count fully; the two halves
+    weigh both kinds equally, as the AUC does. Removing a channel from a coupled group changes
+    every layer that reads it, so a group's importance is the sum over its readers."""
     classes = model_output(model, data.x[:1].to(device)).shape[1]
     membership, _ = class_membership(data, classes)
     if not 0 <= target < classes:
         raise UserError(f"class {target} does not exist; the model has classes 0 to {classes - 1}.")
     probes = [Probe(n, m, "input") for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     means = input_means(model, data, probes, device)
+
+    def sides(y: torch.Tensor) -> torch.Tensor:
+        positive = membership(y)[:, target] > 0
+        return torch.stack([positive, ~positive], dim=1)  # (N, 2): the class, the rest
+
     measured = gradient_times_activation(
-        model, data, probes, lambda out: out[:, target : target + 1], lambda y: membership(y)[:, target : target + 1], True,
-        centres=means, device=device,
+        OneVsRest(model, target, margin), data, probes, lambda s: s.expand(-1, 2), sides, True,
+        centres=means, weights=lambda s: torch.sigmoid(s * _SLOPE_SIGNS.to(s)), device=device,
     )
     if int(measured.counts[0]) == 0:
         raise UserError(f"the data holds no sample of class {target}; its channels cannot be chosen.")
-    return ReaderImportance({p.name: measured.mean(p.name, magnitude=True)[0] for p in probes}, means)
+    return ReaderImportance({p.name: measured.mean(p.name, magnitude=True).sum(dim=0) / 2 for p in probes}, means)
 
 
 @torch.no_grad()
@@ -591,21 +608,113 @@ def _kept_share(importance: torch.Tensor, keep: float) -> torch.Tensor:
     return kept
 
 
-def cut_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, keep: float) -> int:
-    """Remove, in place, in every coupled group the channels outside the fewest that keep `keep` of
-    the class's importance summed over the group's readers; returns the channels removed."""
+@dataclass
+class GroupScores:
+    """One coupled group that may lose channels: per root channel, its importance (summed over the
+    group's readers) and the parameters that leave with it."""
+
+    importance: torch.Tensor  # (n,)
+    params: torch.Tensor  # (n,)
+
+
+def group_scores(model: nn.Module, example: torch.Tensor, measured: ReaderImportance) -> list[GroupScores]:
+    """Every coupled group that may lose channels, in the channel-removal engine's order."""
     from .channels import remove_chosen_channels
 
     names = {m: n for n, m in model.named_modules()}
+    groups: list[GroupScores] = []
 
-    def choose(readers: list[Any], n_root: int) -> torch.Tensor:
-        per_root = torch.zeros(n_root, dtype=torch.float64)
+    def record(readers: list[Any], params: torch.Tensor) -> None:
+        importance = torch.zeros(len(params), dtype=torch.float64)
         for r in readers:
-            per_root.index_add_(0, r.root, measured.importance[names[r.module]][r.local].double())
-        return ~_kept_share(per_root, keep)
+            importance.index_add_(0, r.root, measured.importance[names[r.module]][r.local].double())
+        groups.append(GroupScores(importance, params))
 
+    remove_chosen_channels(model, example, record)  # chooses nothing: the model stays as it is
+    return groups
+
+
+def remove_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, chosen: list[torch.Tensor]) -> int:
+    """Remove, in place, the channels `chosen` (a mask per group, in `group_scores`' order), each
+    replaced by its mean input, folded into its readers' biases; returns the channels removed."""
+    from .channels import remove_chosen_channels
+
+    names = {m: n for n, m in model.named_modules()}
+    masks = iter(chosen)
     means = {m: measured.means[n].to(m.weight.dtype) for m, n in names.items() if n in measured.means}
-    return remove_chosen_channels(model, example, choose, means).removed
+    removed = remove_chosen_channels(model, example, lambda _readers, _params: next(masks), means).removed
+    assert next(masks, None) is None, "the model's groups changed between scoring and cutting"
+    return removed
+
+
+def cut_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, keep: float) -> int:
+    """Remove, in place, in every coupled group the channels outside the fewest that keep `keep` of
+    the group's importance; returns the channels removed."""
+    chosen = [~_kept_share(g.importance, keep) for g in group_scores(model, example, measured)]
+    return remove_for_class(model, example, measured, chosen)
+
+
+GREEDY_STEP = 0.2  # the largest share of the remaining channels one candidate cut removes
+GREEDY_EVALUATIONS = 60  # candidate cuts measured at most
+
+
+@dataclass
+class GreedyCut:
+    """`greedy_cut`'s result."""
+
+    model: nn.Module
+    kept: float  # share of the removable channels (those of groups that may lose channels) kept
+    removed: int  # channels removed
+
+
+def greedy_cut(
+    model: nn.Module,
+    example: torch.Tensor,
+    score: Callable[[nn.Module], ReaderImportance],
+    drop: Callable[[nn.Module], float],
+    max_drop: float,
+    tried: list[dict[str, float | None]],
+) -> GreedyCut:
+    """`extract --max-drop` (docs/method.md §6): a copy of `model` cut in rounds, each channel
+    ranked by its importance per parameter (`score` of the model as it is now). A candidate cut
+    removes the `n` lowest-ranked channels and stays when `drop(candidate) <= max_drop`; then the
+    smaller model is scored again and `n` doubles (at most `GREEDY_STEP` of the channels left).
+    When it fails, `n` halves; when one channel alone fails, it is passed over and the next one
+    is tried. Ends after `GREEDY_EVALUATIONS` candidates or when every channel was passed over.
+    `model` is not changed; `tried` gets every candidate's share of channels kept and its drop."""
+    import copy
+
+    measured = score(model)
+    current = copy.deepcopy(model)
+    groups = group_scores(current, example, measured)
+    channels_before = sum(len(g.params) for g in groups)
+    n, skip = max(1, int(GREEDY_STEP * channels_before)), 0
+    for _ in range(GREEDY_EVALUATIONS):
+        ratio = torch.cat([g.importance / g.params.clamp_min(1) for g in groups])
+        order = torch.sort(ratio, stable=True).indices
+        if skip >= len(order):
+            break
+        mask = torch.zeros(len(order), dtype=torch.bool)
+        mask[order[skip : skip + n]] = True
+        candidate = copy.deepcopy(current)
+        removed = remove_for_class(candidate, example, measured, list(mask.split([len(g.params) for g in groups])))
+        if removed == 0:
+            skip += n  # nothing there may leave (each group keeps a channel)
+            continue
+        d = drop(candidate)
+        kept = (len(order) - removed) / channels_before
+        tried.append({"keep": round(kept, 10), "auc_drop": round(d, 10)})
+        if d <= max_drop:
+            current, skip = candidate, 0
+            measured = score(current)
+            groups = group_scores(current, example, measured)
+            n = min(2 * n, max(1, int(GREEDY_STEP * len(order))))
+        elif n > 1:
+            n //= 2
+        else:
+            skip += 1
+    left = sum(len(g.params) for g in groups)
+    return GreedyCut(current, round(left / channels_before, 10), channels_before - left)
 
 
 def extract(
@@ -622,12 +731,13 @@ def extract(
     force: bool = False,
     device: str = "cpu",
 ) -> tuple[OneVsRest, ExtractReport]:
-    """A one-vs-rest sub-model for class `target` (docs/method.md §6, Coded ResNeXt): keep, in every coupled
-    group, the channels the class needs (`reader_importance`) up to a share `keep` of its
-    importance, remove the rest with the channel-removal engine, and reduce the outputs to one
-    score. With `max_drop` instead, `keep` is the smallest share (bisection, 10 steps, assuming the
-    AUC grows with the share) whose one-vs-rest AUC on `data` is at most `max_drop` below the full
-    model's. `model` is not changed; the sub-model is written to `out` (rebuilt by `load_model`).
+    """A one-vs-rest sub-model for class `target` (docs/method.md §6, Coded ResNeXt): remove the
+    channels the class's one-vs-rest score needs least (`reader_importance`) with the
+    channel-removal engine, and reduce the outputs to that one score. With `keep`, every coupled
+    group keeps the fewest channels holding a share `keep` of its importance; with `max_drop`,
+    `greedy_cut` removes channels in rounds while the one-vs-rest AUC on `data` stays at most
+    `max_drop` below the full model's. `model` is not changed; the sub-model is written to `out`
+    (rebuilt by `load_model`).
     """
     import copy
 
@@ -645,8 +755,8 @@ def extract(
     if out is not None:
         check_target(Path(out), force)
     model.eval().to(device)
-    importance = reader_importance(model, data, target, device)
     margin = data.target_kind == "labels"
+    importance = reader_importance(model, data, target, margin, device)
     example = data.x[:1].to(device)
     shape = tuple(data.x.shape[1:])
 
@@ -661,31 +771,26 @@ def extract(
 
     full = OneVsRest(model, target, margin)
     full_score = binary_score(scores(full, data), truth(data))
-
-    def build(share: float) -> tuple[OneVsRest, int]:
-        sub = copy.deepcopy(model)
-        removed = cut_for_class(sub, example, importance, share)
-        return OneVsRest(sub, target, margin).eval(), removed
-
     tried: list[dict[str, float | None]] = []
     if max_drop is not None:
         if full_score.auc is None:
             raise UserError(f"the data holds only one kind of sample for class {target}; an AUC cannot guide the cut.")
 
-        def drop(share: float) -> float:
-            auc = binary_score(scores(build(share)[0], data), truth(data)).auc
+        def drop(m: nn.Module) -> float:
+            auc = binary_score(scores(OneVsRest(m, target, margin), data), truth(data)).auc
             assert auc is not None and full_score.auc is not None
-            tried.append({"keep": share, "auc_drop": round(full_score.auc - auc, 10)})
             return full_score.auc - auc
 
-        low, high = 0.0, 1.0
-        if drop(high) <= max_drop:
-            for _ in range(10):
-                mid = (low + high) / 2
-                low, high = (low, mid) if drop(mid) <= max_drop else (mid, high)
-        keep = high
-    assert keep is not None
-    sub, removed = build(keep)
+        def score(m: nn.Module) -> ReaderImportance:
+            return importance if m is model else reader_importance(m, data, target, margin, device)
+
+        greedy = greedy_cut(model, example, score, drop, max_drop, tried)
+        cut, keep, removed = greedy.model, greedy.kept, greedy.removed
+    else:
+        assert keep is not None
+        cut = copy.deepcopy(model)
+        removed = cut_for_class(cut, example, importance, keep)
+    sub = OneVsRest(cut, target, margin).eval()
     before, after = model_size(full, shape), model_size(sub, shape)
     report = ExtractReport(
         target=target,

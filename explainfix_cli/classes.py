@@ -61,6 +61,7 @@ class ProbeResult:
     signed: torch.Tensor  # (J, C) per score j, the sum over its samples of t[n, c]
     magnitude: torch.Tensor  # (J, C) per score j, the sum over its samples of |t[n, c]|
     pooled: torch.Tensor | None  # (N, C) spatially averaged activation, if asked for
+    centre: torch.Tensor | None = None  # (C,) with `centred`, the mean the activation was measured from
 
 
 @dataclass
@@ -82,21 +83,13 @@ def _channels_last(module: nn.Module, side: Side) -> bool:
     return isinstance(module, nn.Linear) and side == "input"
 
 
-def _per_channel(module: nn.Module, side: Side, t: torch.Tensor) -> torch.Tensor:
-    """(N, C, ...) or (N, ..., F) -> (N, C): summed over every dimension but samples and channels."""
+def _per_channel(module: nn.Module, side: Side, t: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """(N, C, ...) or (N, ..., F) -> (N, C): summed (or averaged) over every dimension but samples
+    and channels."""
+    reduce = torch.mean if mean else torch.sum
     if _channels_last(module, side):
-        return t.flatten(1, -2).sum(dim=1) if t.dim() > 2 else t
-    return t.flatten(2).sum(dim=2) if t.dim() > 2 else t
-
-
-def _centred(p: Probe, a: torch.Tensor, centres: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """`a` minus a value per channel (none: `a` itself)."""
-    if centres is None:
-        return a
-    c = centres[p.name].to(a.device, a.dtype)  # (C,)
-    if _channels_last(p.module, p.side):
-        return a - c
-    return a - c.view(1, -1, *[1] * (a.dim() - 2))
+        return reduce(t.flatten(1, -2), dim=1) if t.dim() > 2 else t
+    return reduce(t.flatten(2), dim=2) if t.dim() > 2 else t
 
 
 def gradient_times_activation(
@@ -107,7 +100,7 @@ def gradient_times_activation(
     membership: Callable[[torch.Tensor], torch.Tensor],
     disjoint: bool,
     pooled: set[str] | None = None,
-    centres: dict[str, torch.Tensor] | None = None,
+    centred: bool = False,
     weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: str = "cpu",
 ) -> GradientPass:
@@ -117,11 +110,12 @@ def gradient_times_activation(
     belong to which score (N, J). With `disjoint` (at most one score per sample, as for class
     labels) one backward pass serves every score; otherwise one per score. Each probe watches its
     own copy of the tensor, so a tensor read by two layers gives each its own gradient. With
-    `centres` (per probe, a value per channel) `a` is measured from it: `(a - centre) · ∂s/∂a` is
-    the first-order change of the score when the channel is replaced by that value. With
-    `weights(scores)` (N, J), each sample's `t` counts with that weight in the sums (the counts stay
-    plain sample counts). Batch norms use their running statistics (eval mode), so samples do not
-    interact.
+    `centred`, `a` is measured from its channel's mean over the data and over space, `ā`:
+    `(a - ā) · ∂s/∂a`, the first-order change of the score when the channel is replaced by its
+    mean. It takes no pass of its own: `Σ (a - ā) g = Σ a g - ā Σ g`, so each sample's two sums
+    are kept until `ā` is known. With `weights(scores)` (N, J), each sample's `t` counts with that
+    weight in the sums (the counts stay plain sample counts). Batch norms use their running
+    statistics (eval mode), so samples do not interact.
     """
     model.eval()
     pooled = pooled or set()
@@ -141,10 +135,13 @@ def gradient_times_activation(
 
         return p.module.register_forward_pre_hook(in_hook)
 
-    sums: dict[str, ProbeResult] = {}
-    pooled_parts: dict[str, list[torch.Tensor]] = {p.name: [] for p in probes if p.name in pooled}
+    keep_pooled = {p.name for p in probes if p.name in pooled or centred}
+    pooled_parts: dict[str, list[torch.Tensor]] = {name: [] for name in keep_pooled}
+    # per probe and pass: (rows of the scores, (N, J') weights, (N, C) Σ a g, (N, C) Σ g or None)
+    parts: dict[str, list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {p.name: [] for p in probes}
     counts: torch.Tensor | None = None
     outs = []
+    n_scores = 0
     hooks = [watch(p) for p in probes]
     try:
         with torch.enable_grad():
@@ -152,6 +149,7 @@ def gradient_times_activation(
                 x = x.to(device).requires_grad_(True)  # activations need a gradient even when every weight is fixed
                 out = model_output(model, x)
                 s, member = scores(out), membership(y.to(device)).to(out.dtype)  # (N, J), (N, J)
+                n_scores = s.shape[1]
                 weighted = member if weights is None else member * weights(s.detach())  # (N, J)
                 outs.append(out.detach().cpu())
                 counts = member.sum(0).cpu() if counts is None else counts + member.sum(0).cpu()
@@ -159,36 +157,41 @@ def gradient_times_activation(
                 passes = [(s * member).sum()] if disjoint else [(s[:, j] * member[:, j]).sum() for j in range(s.shape[1])]
                 for j, objective in enumerate(passes):
                     grads = torch.autograd.grad(objective, tensors, retain_graph=j < len(passes) - 1, allow_unused=True)
-                    w = (weighted if disjoint else weighted[:, j : j + 1]).double()  # (N, J) or (N, 1)
+                    w = (weighted if disjoint else weighted[:, j : j + 1]).double().cpu()  # (N, J) or (N, 1)
+                    rows = slice(None) if disjoint else slice(j, j + 1)
                     for p, a, g in zip(probes, tensors, grads, strict=True):
-                        t = _per_channel(p.module, p.side, _centred(p, a.detach(), centres) * g) if g is not None else None
-                        if t is None:
-                            t = torch.zeros(len(a), a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1])
-                        signed, magnitude = w.T @ t.double(), w.T @ t.abs().double()  # (J, C)
-                        if p.name not in sums:
-                            n_scores = s.shape[1]
-                            sums[p.name] = ProbeResult(
-                                torch.zeros(n_scores, t.shape[1], dtype=torch.float64),
-                                torch.zeros(n_scores, t.shape[1], dtype=torch.float64),
-                                None,
-                            )
-                        rows = slice(None) if disjoint else slice(j, j + 1)
-                        sums[p.name].signed[rows] += signed.cpu()
-                        sums[p.name].magnitude[rows] += magnitude.cpu()
+                        if g is None:
+                            width = a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1]
+                            t, q = torch.zeros(len(a), width, dtype=torch.float64), None
+                        else:
+                            t = _per_channel(p.module, p.side, a.detach() * g).double().cpu()
+                            q = _per_channel(p.module, p.side, g).double().cpu() if centred else None
+                        parts[p.name].append((rows, w, t, q))
                 for p in probes:
                     if p.name in pooled_parts:
-                        a = captured[p.name].detach()
-                        mean = a.flatten(1, -2).mean(dim=1) if _channels_last(p.module, p.side) and a.dim() > 2 else (
-                            a.flatten(2).mean(dim=2) if a.dim() > 2 else a
-                        )  # (N, C)
-                        pooled_parts[p.name].append(mean.cpu())
+                        pooled_parts[p.name].append(_per_channel(p.module, p.side, captured[p.name].detach(), mean=True).cpu())
                 captured.clear()
     finally:
         for h in hooks:
             h.remove()
     assert counts is not None
-    for name, parts in pooled_parts.items():
-        sums[name].pooled = torch.cat(parts).double()  # (N, C)
+    sums: dict[str, ProbeResult] = {}
+    for p in probes:
+        every = torch.cat(pooled_parts[p.name]).double() if p.name in pooled_parts else None  # (N, C)
+        centre = every.mean(dim=0) if centred and every is not None else None  # (C,)
+        width = parts[p.name][0][2].shape[1]
+        result = ProbeResult(
+            torch.zeros(n_scores, width, dtype=torch.float64),
+            torch.zeros(n_scores, width, dtype=torch.float64),
+            every if p.name in pooled else None,
+            centre,
+        )
+        for rows, w, t, q in parts[p.name]:
+            if centre is not None and q is not None:
+                t = t - centre * q
+            result.signed[rows] += w.T @ t
+            result.magnitude[rows] += w.T @ t.abs()
+        sums[p.name] = result
     return GradientPass(sums, counts.double(), torch.cat(outs))
 
 
@@ -551,7 +554,6 @@ def reader_importance(model: nn.Module, data: Dataset, target: int, margin: bool
     if not 0 <= target < classes:
         raise UserError(f"class {target} does not exist; the model has classes 0 to {classes - 1}.")
     probes = [Probe(n, m, "input") for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    means = input_means(model, data, probes, device)
 
     def sides(y: torch.Tensor) -> torch.Tensor:
         positive = membership(y)[:, target] > 0
@@ -559,40 +561,15 @@ def reader_importance(model: nn.Module, data: Dataset, target: int, margin: bool
 
     measured = gradient_times_activation(
         OneVsRest(model, target, margin), data, probes, lambda s: s.expand(-1, 2), sides, True,
-        centres=means, weights=lambda s: torch.sigmoid(s * _SLOPE_SIGNS.to(s)), device=device,
+        centred=True, weights=lambda s: torch.sigmoid(s * _SLOPE_SIGNS.to(s)), device=device,
     )
     if int(measured.counts[0]) == 0:
         raise UserError(f"the data holds no sample of class {target}; its channels cannot be chosen.")
-    return ReaderImportance({p.name: measured.mean(p.name, magnitude=True).sum(dim=0) / 2 for p in probes}, means)
-
-
-@torch.no_grad()
-def input_means(model: nn.Module, data: Dataset, probes: list[Probe], device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Per input probe, (C,) the mean of each input channel (feature) over the data and over space."""
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-
-    def hook(p: Probe) -> Callable[..., None]:
-        def record(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0]
-            per_sample = x.flatten(1, -2).mean(dim=1) if _channels_last(p.module, "input") and x.dim() > 2 else (
-                x.flatten(2).mean(dim=2) if x.dim() > 2 else x
-            )  # (N, C)
-            total = per_sample.double().sum(dim=0).cpu()
-            sums[p.name] = sums[p.name] + total if p.name in sums else total
-
-        return record
-
-    hooks = [p.module.register_forward_pre_hook(hook(p)) for p in probes]
-    try:
-        model.eval()
-        for x, _ in data:
-            model_output(model, x.to(device))
-            count += len(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: s / count for name, s in sums.items()}
+    means = {p.name: measured.probes[p.name].centre for p in probes}
+    return ReaderImportance(
+        {p.name: measured.mean(p.name, magnitude=True).sum(dim=0) / 2 for p in probes},
+        {name: m for name, m in means.items() if m is not None},
+    )
 
 
 def _kept_share(importance: torch.Tensor, keep: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 samples, a one-vs-rest sub-model with at least 60 % fewer parameters whose held-out AUC stays
 within 0.02 of the full model's (docs/method.md §6).
 
-Channels are chosen, and `--max-drop` bisects the share kept, on digits_train.npz (the data the
+Channels are chosen, and `--max-drop` guides the greedy cut, on digits_train.npz (the data the
 samples were trained on); the AUC and accuracy are measured on digits_val.npz, held out.
 
     .venv/bin/python benchmarks/extract_classes.py [--max-drop 0.005] [--models resnet densenet]

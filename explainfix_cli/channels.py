@@ -528,16 +528,40 @@ def remove_least_salient_channels(
     return result
 
 
+def channel_params(group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
+    """(n,) per root channel of a group, the parameters that leave with it: its row of every
+    convolution or linear layer writing it, its column of every one reading it (all groups of a
+    grouped convolution counted), its entries in batch norms."""
+    params = torch.zeros(len(group.items[0].idxs), dtype=torch.float64)
+    for item in group.items:
+        m = item.dep.target.module
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            writes = DG.is_out_channel_pruning_fn(item.dep.handler)
+            if _is_depthwise(m) and not writes:
+                continue  # a depthwise conv's channel is one filter, counted where it is written
+            width = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            if not writes:
+                width = m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.in_features
+            per = (m.weight.numel() + (m.bias.numel() if writes and m.bias is not None else 0)) / width
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            per = 2.0 if m.affine else 0.0
+        else:
+            continue
+        params.index_add_(0, torch.tensor(item.root_idxs), torch.full((len(item.idxs),), float(per), dtype=torch.float64))
+    return params
+
+
 def remove_chosen_channels(
     model: nn.Module,
     example: torch.Tensor,
-    choose: Callable[[list[_Reader], int], torch.Tensor | None],
+    choose: Callable[[list[_Reader], torch.Tensor], torch.Tensor | None],
     means: dict[nn.Module, torch.Tensor] | None = None,
 ) -> ChannelRemoval:
     """Remove, in place, the channels a caller chooses: in every coupled group that may lose
-    channels, `choose(readers, n)` gets the group's terminal readers (module, local input indices,
-    their root channels) and its number of root channels n, and returns a (n,) mask of channels
-    to remove, or None. The
+    channels, `choose(readers, params)` gets the group's terminal readers (module, local input
+    indices, their root channels) and, per root channel, the parameters that leave with it
+    (`channel_params`, n root channels), and returns a (n,) mask of channels to remove, or None.
+    Groups come in the same order for the same model. The
     cut is made representable as in `remove_least_salient_channels`; the output changes. With
     `means` (per reader, a value per input channel, e.g. its mean over data), a removed channel is
     replaced by that constant, folded into its readers' biases (exact where the channel is constant
@@ -546,7 +570,7 @@ def remove_chosen_channels(
     graph = _trace(model, example, result)
     plan: list[Cut] = []
     for candidate in _candidates(graph, "aggressive", result) if graph is not None else []:
-        chosen = choose(candidate.readers, len(candidate.group.items[0].idxs))
+        chosen = choose(candidate.readers, channel_params(candidate.group, graph.DG))
         if chosen is None:
             continue
         removable = _representable(chosen, candidate, graph.DG)

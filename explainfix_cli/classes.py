@@ -61,6 +61,7 @@ class ProbeResult:
     signed: torch.Tensor  # (J, C) per score j, the sum over its samples of t[n, c]
     magnitude: torch.Tensor  # (J, C) per score j, the sum over its samples of |t[n, c]|
     pooled: torch.Tensor | None  # (N, C) spatially averaged activation, if asked for
+    centre: torch.Tensor | None = None  # (C,) with `centred`, the mean the activation was measured from
 
 
 @dataclass
@@ -82,21 +83,13 @@ def _channels_last(module: nn.Module, side: Side) -> bool:
     return isinstance(module, nn.Linear) and side == "input"
 
 
-def _per_channel(module: nn.Module, side: Side, t: torch.Tensor) -> torch.Tensor:
-    """(N, C, ...) or (N, ..., F) -> (N, C): summed over every dimension but samples and channels."""
+def _per_channel(module: nn.Module, side: Side, t: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """(N, C, ...) or (N, ..., F) -> (N, C): summed (or averaged) over every dimension but samples
+    and channels."""
+    reduce = torch.mean if mean else torch.sum
     if _channels_last(module, side):
-        return t.flatten(1, -2).sum(dim=1) if t.dim() > 2 else t
-    return t.flatten(2).sum(dim=2) if t.dim() > 2 else t
-
-
-def _centred(p: Probe, a: torch.Tensor, centres: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """`a` minus a value per channel (none: `a` itself)."""
-    if centres is None:
-        return a
-    c = centres[p.name].to(a.device, a.dtype)  # (C,)
-    if _channels_last(p.module, p.side):
-        return a - c
-    return a - c.view(1, -1, *[1] * (a.dim() - 2))
+        return reduce(t.flatten(1, -2), dim=1) if t.dim() > 2 else t
+    return reduce(t.flatten(2), dim=2) if t.dim() > 2 else t
 
 
 def gradient_times_activation(
@@ -107,7 +100,8 @@ def gradient_times_activation(
     membership: Callable[[torch.Tensor], torch.Tensor],
     disjoint: bool,
     pooled: set[str] | None = None,
-    centres: dict[str, torch.Tensor] | None = None,
+    centred: bool = False,
+    weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: str = "cpu",
 ) -> GradientPass:
     """Per probe and score j, sums over score j's samples of `t[n, c] = Σ a[n,c,...] ∂s_j[n]/∂a[n,c,...]`.
@@ -116,9 +110,12 @@ def gradient_times_activation(
     belong to which score (N, J). With `disjoint` (at most one score per sample, as for class
     labels) one backward pass serves every score; otherwise one per score. Each probe watches its
     own copy of the tensor, so a tensor read by two layers gives each its own gradient. With
-    `centres` (per probe, a value per channel) `a` is measured from it: `(a - centre) · ∂s/∂a` is
-    the first-order change of the score when the channel is replaced by that value. Batch
-    norms use their running statistics (eval mode), so samples do not interact.
+    `centred`, `a` is measured from its channel's mean over the data and over space, `ā`:
+    `(a - ā) · ∂s/∂a`, the first-order change of the score when the channel is replaced by its
+    mean. It takes no pass of its own: `Σ (a - ā) g = Σ a g - ā Σ g`, so each sample's two sums
+    are kept until `ā` is known. With `weights(scores)` (N, J), each sample's `t` counts with that
+    weight in the sums (the counts stay plain sample counts). Batch norms use their running
+    statistics (eval mode), so samples do not interact.
     """
     model.eval()
     pooled = pooled or set()
@@ -138,10 +135,13 @@ def gradient_times_activation(
 
         return p.module.register_forward_pre_hook(in_hook)
 
-    sums: dict[str, ProbeResult] = {}
-    pooled_parts: dict[str, list[torch.Tensor]] = {p.name: [] for p in probes if p.name in pooled}
+    keep_pooled = {p.name for p in probes if p.name in pooled or centred}
+    pooled_parts: dict[str, list[torch.Tensor]] = {name: [] for name in keep_pooled}
+    # per probe and pass: (rows of the scores, (N, J') weights, (N, C) Σ a g, (N, C) Σ g or None)
+    parts: dict[str, list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {p.name: [] for p in probes}
     counts: torch.Tensor | None = None
     outs = []
+    n_scores = 0
     hooks = [watch(p) for p in probes]
     try:
         with torch.enable_grad():
@@ -149,42 +149,49 @@ def gradient_times_activation(
                 x = x.to(device).requires_grad_(True)  # activations need a gradient even when every weight is fixed
                 out = model_output(model, x)
                 s, member = scores(out), membership(y.to(device)).to(out.dtype)  # (N, J), (N, J)
+                n_scores = s.shape[1]
+                weighted = member if weights is None else member * weights(s.detach())  # (N, J)
                 outs.append(out.detach().cpu())
                 counts = member.sum(0).cpu() if counts is None else counts + member.sum(0).cpu()
                 tensors = [captured[p.name] for p in probes]
                 passes = [(s * member).sum()] if disjoint else [(s[:, j] * member[:, j]).sum() for j in range(s.shape[1])]
                 for j, objective in enumerate(passes):
                     grads = torch.autograd.grad(objective, tensors, retain_graph=j < len(passes) - 1, allow_unused=True)
-                    weights = (member if disjoint else member[:, j : j + 1]).double()  # (N, J) or (N, 1)
+                    w = (weighted if disjoint else weighted[:, j : j + 1]).double().cpu()  # (N, J) or (N, 1)
+                    rows = slice(None) if disjoint else slice(j, j + 1)
                     for p, a, g in zip(probes, tensors, grads, strict=True):
-                        t = _per_channel(p.module, p.side, _centred(p, a.detach(), centres) * g) if g is not None else None
-                        if t is None:
-                            t = torch.zeros(len(a), a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1])
-                        signed, magnitude = weights.T @ t.double(), weights.T @ t.abs().double()  # (J, C)
-                        if p.name not in sums:
-                            n_scores = s.shape[1]
-                            sums[p.name] = ProbeResult(
-                                torch.zeros(n_scores, t.shape[1], dtype=torch.float64),
-                                torch.zeros(n_scores, t.shape[1], dtype=torch.float64),
-                                None,
-                            )
-                        rows = slice(None) if disjoint else slice(j, j + 1)
-                        sums[p.name].signed[rows] += signed.cpu()
-                        sums[p.name].magnitude[rows] += magnitude.cpu()
+                        if g is None:
+                            width = a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1]
+                            t, q = torch.zeros(len(a), width, dtype=torch.float64), None
+                        else:
+                            t = _per_channel(p.module, p.side, a.detach() * g).double().cpu()
+                            q = _per_channel(p.module, p.side, g).double().cpu() if centred else None
+                        parts[p.name].append((rows, w, t, q))
                 for p in probes:
                     if p.name in pooled_parts:
-                        a = captured[p.name].detach()
-                        mean = a.flatten(1, -2).mean(dim=1) if _channels_last(p.module, p.side) and a.dim() > 2 else (
-                            a.flatten(2).mean(dim=2) if a.dim() > 2 else a
-                        )  # (N, C)
-                        pooled_parts[p.name].append(mean.cpu())
+                        pooled_parts[p.name].append(_per_channel(p.module, p.side, captured[p.name].detach(), mean=True).cpu())
                 captured.clear()
     finally:
         for h in hooks:
             h.remove()
     assert counts is not None
-    for name, parts in pooled_parts.items():
-        sums[name].pooled = torch.cat(parts).double()  # (N, C)
+    sums: dict[str, ProbeResult] = {}
+    for p in probes:
+        every = torch.cat(pooled_parts[p.name]).double() if p.name in pooled_parts else None  # (N, C)
+        centre = every.mean(dim=0) if centred and every is not None else None  # (C,)
+        width = parts[p.name][0][2].shape[1]
+        result = ProbeResult(
+            torch.zeros(n_scores, width, dtype=torch.float64),
+            torch.zeros(n_scores, width, dtype=torch.float64),
+            every if p.name in pooled else None,
+            centre,
+        )
+        for rows, w, t, q in parts[p.name]:
+            if centre is not None and q is not None:
+                t = t - centre * q
+            result.signed[rows] += w.T @ t
+            result.magnitude[rows] += w.T @ t.abs()
+        sums[p.name] = result
     return GradientPass(sums, counts.double(), torch.cat(outs))
 
 
@@ -501,7 +508,7 @@ class ExtractReport:
 
     target: int
     score: str  # "margin" (logit minus the largest other) or "logit" (multi-label)
-    keep: float  # share of the class's importance kept in every coupled group
+    keep: float  # --keep: share of importance kept in every coupled group; --max-drop: share of the removable channels kept
     max_drop: float | None
     params_before: int
     params_after: int
@@ -510,7 +517,7 @@ class ExtractReport:
     channels_removed: int
     data: dict[str, BinaryScore]  # "full" and "extracted" on the data the channels were chosen on
     val: dict[str, BinaryScore] | None  # the same on held-out data
-    bisection: list[dict[str, float | None]]  # (keep, AUC drop) tried, with --max-drop
+    bisection: list[dict[str, float | None]]  # with --max-drop, each candidate cut tried: (keep, AUC drop)
     seconds: float
     out: str | None
 
@@ -520,62 +527,49 @@ class ExtractReport:
 
 @dataclass
 class ReaderImportance:
-    """Per conv and linear layer (by name), per input channel: class importance and mean input."""
+    """Per conv and linear layer (by name), per input channel: importance for the one-vs-rest score
+    and mean input."""
 
     importance: dict[str, torch.Tensor]  # (input channels,)
     means: dict[str, torch.Tensor]  # (input channels,) mean over the data and over space
 
 
-def reader_importance(model: nn.Module, data: Dataset, target: int, device: str = "cpu") -> ReaderImportance:
-    """Per conv and linear layer (by name), (input channels,) the class importance of what it reads
-    (docs/method.md §6, in magnitude per sample): over the samples of class `target`, the mean of
-    |Σ a · ∂z_target/∂a| at the layer's input; and the mean input over all samples.
+# a positive's weight is sigmoid(-s), a negative's sigmoid(s): the slope of the logistic loss of score s
+_SLOPE_SIGNS = torch.tensor([-1.0, 1.0])
 
-    Removing a channel from a coupled group makes every layer that reads it read nothing there,
-    so the summed importance over a group's readers is the first-order change of the class's
-    logit caused by the removal (per sample, in magnitude)."""
+
+def reader_importance(model: nn.Module, data: Dataset, target: int, margin: bool = True, device: str = "cpu") -> ReaderImportance:
+    """Per conv and linear layer (by name), (input channels,) the importance of what it reads for
+    the one-vs-rest score `s` of class `target` (docs/method.md §6): with `t = Σ (a - ā) ∂s/∂a` at
+    the layer's input (`ā` the mean input over the data), half the mean of `sigmoid(-s) |t|` over
+    the class's samples plus half the mean of `sigmoid(s) |t|` over the others.
+
+    `|t|` is the first-order change of the score when the channel is replaced by its mean; the
+    sigmoid is the slope of the logistic loss of `s`, so samples the score already separates by a
+    wide margin count little and those near or across the boundary count fully; the two halves
+    weigh both kinds equally, as the AUC does. Removing a channel from a coupled group changes
+    every layer that reads it, so a group's importance is the sum over its readers."""
     classes = model_output(model, data.x[:1].to(device)).shape[1]
     membership, _ = class_membership(data, classes)
     if not 0 <= target < classes:
         raise UserError(f"class {target} does not exist; the model has classes 0 to {classes - 1}.")
     probes = [Probe(n, m, "input") for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    means = input_means(model, data, probes, device)
+
+    def sides(y: torch.Tensor) -> torch.Tensor:
+        positive = membership(y)[:, target] > 0
+        return torch.stack([positive, ~positive], dim=1)  # (N, 2): the class, the rest
+
     measured = gradient_times_activation(
-        model, data, probes, lambda out: out[:, target : target + 1], lambda y: membership(y)[:, target : target + 1], True,
-        centres=means, device=device,
+        OneVsRest(model, target, margin), data, probes, lambda s: s.expand(-1, 2), sides, True,
+        centred=True, weights=lambda s: torch.sigmoid(s * _SLOPE_SIGNS.to(s)), device=device,
     )
     if int(measured.counts[0]) == 0:
         raise UserError(f"the data holds no sample of class {target}; its channels cannot be chosen.")
-    return ReaderImportance({p.name: measured.mean(p.name, magnitude=True)[0] for p in probes}, means)
-
-
-@torch.no_grad()
-def input_means(model: nn.Module, data: Dataset, probes: list[Probe], device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Per input probe, (C,) the mean of each input channel (feature) over the data and over space."""
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-
-    def hook(p: Probe) -> Callable[..., None]:
-        def record(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0]
-            per_sample = x.flatten(1, -2).mean(dim=1) if _channels_last(p.module, "input") and x.dim() > 2 else (
-                x.flatten(2).mean(dim=2) if x.dim() > 2 else x
-            )  # (N, C)
-            total = per_sample.double().sum(dim=0).cpu()
-            sums[p.name] = sums[p.name] + total if p.name in sums else total
-
-        return record
-
-    hooks = [p.module.register_forward_pre_hook(hook(p)) for p in probes]
-    try:
-        model.eval()
-        for x, _ in data:
-            model_output(model, x.to(device))
-            count += len(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: s / count for name, s in sums.items()}
+    means = {p.name: measured.probes[p.name].centre for p in probes}
+    return ReaderImportance(
+        {p.name: measured.mean(p.name, magnitude=True).sum(dim=0) / 2 for p in probes},
+        {name: m for name, m in means.items() if m is not None},
+    )
 
 
 def _kept_share(importance: torch.Tensor, keep: float) -> torch.Tensor:
@@ -591,21 +585,113 @@ def _kept_share(importance: torch.Tensor, keep: float) -> torch.Tensor:
     return kept
 
 
-def cut_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, keep: float) -> int:
-    """Remove, in place, in every coupled group the channels outside the fewest that keep `keep` of
-    the class's importance summed over the group's readers; returns the channels removed."""
+@dataclass
+class GroupScores:
+    """One coupled group that may lose channels: per root channel, its importance (summed over the
+    group's readers) and the parameters that leave with it."""
+
+    importance: torch.Tensor  # (n,)
+    params: torch.Tensor  # (n,)
+
+
+def group_scores(model: nn.Module, example: torch.Tensor, measured: ReaderImportance) -> list[GroupScores]:
+    """Every coupled group that may lose channels, in the channel-removal engine's order."""
     from .channels import remove_chosen_channels
 
     names = {m: n for n, m in model.named_modules()}
+    groups: list[GroupScores] = []
 
-    def choose(readers: list[Any], n_root: int) -> torch.Tensor:
-        per_root = torch.zeros(n_root, dtype=torch.float64)
+    def record(readers: list[Any], params: torch.Tensor) -> None:
+        importance = torch.zeros(len(params), dtype=torch.float64)
         for r in readers:
-            per_root.index_add_(0, r.root, measured.importance[names[r.module]][r.local].double())
-        return ~_kept_share(per_root, keep)
+            importance.index_add_(0, r.root, measured.importance[names[r.module]][r.local].double())
+        groups.append(GroupScores(importance, params))
 
+    remove_chosen_channels(model, example, record)  # chooses nothing: the model stays as it is
+    return groups
+
+
+def remove_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, chosen: list[torch.Tensor]) -> int:
+    """Remove, in place, the channels `chosen` (a mask per group, in `group_scores`' order), each
+    replaced by its mean input, folded into its readers' biases; returns the channels removed."""
+    from .channels import remove_chosen_channels
+
+    names = {m: n for n, m in model.named_modules()}
+    masks = iter(chosen)
     means = {m: measured.means[n].to(m.weight.dtype) for m, n in names.items() if n in measured.means}
-    return remove_chosen_channels(model, example, choose, means).removed
+    removed = remove_chosen_channels(model, example, lambda _readers, _params: next(masks), means).removed
+    assert next(masks, None) is None, "the model's groups changed between scoring and cutting"
+    return removed
+
+
+def cut_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, keep: float) -> int:
+    """Remove, in place, in every coupled group the channels outside the fewest that keep `keep` of
+    the group's importance; returns the channels removed."""
+    chosen = [~_kept_share(g.importance, keep) for g in group_scores(model, example, measured)]
+    return remove_for_class(model, example, measured, chosen)
+
+
+GREEDY_STEP = 0.2  # the largest share of the remaining channels one candidate cut removes
+GREEDY_EVALUATIONS = 60  # candidate cuts measured at most
+
+
+@dataclass
+class GreedyCut:
+    """`greedy_cut`'s result."""
+
+    model: nn.Module
+    kept: float  # share of the removable channels (those of groups that may lose channels) kept
+    removed: int  # channels removed
+
+
+def greedy_cut(
+    model: nn.Module,
+    example: torch.Tensor,
+    score: Callable[[nn.Module], ReaderImportance],
+    drop: Callable[[nn.Module], float],
+    max_drop: float,
+    tried: list[dict[str, float | None]],
+) -> GreedyCut:
+    """`extract --max-drop` (docs/method.md §6): a copy of `model` cut in rounds, each channel
+    ranked by its importance per parameter (`score` of the model as it is now). A candidate cut
+    removes the `n` lowest-ranked channels and stays when `drop(candidate) <= max_drop`; then the
+    smaller model is scored again and `n` doubles (at most `GREEDY_STEP` of the channels left).
+    When it fails, `n` halves; when one channel alone fails, it is passed over and the next one
+    is tried. Ends after `GREEDY_EVALUATIONS` candidates or when every channel was passed over.
+    `model` is not changed; `tried` gets every candidate's share of channels kept and its drop."""
+    import copy
+
+    measured = score(model)
+    current = copy.deepcopy(model)
+    groups = group_scores(current, example, measured)
+    channels_before = sum(len(g.params) for g in groups)
+    n, skip = max(1, int(GREEDY_STEP * channels_before)), 0
+    for _ in range(GREEDY_EVALUATIONS):
+        ratio = torch.cat([g.importance / g.params.clamp_min(1) for g in groups])
+        order = torch.sort(ratio, stable=True).indices
+        if skip >= len(order):
+            break
+        mask = torch.zeros(len(order), dtype=torch.bool)
+        mask[order[skip : skip + n]] = True
+        candidate = copy.deepcopy(current)
+        removed = remove_for_class(candidate, example, measured, list(mask.split([len(g.params) for g in groups])))
+        if removed == 0:
+            skip += n  # nothing there may leave (each group keeps a channel)
+            continue
+        d = drop(candidate)
+        kept = (len(order) - removed) / channels_before
+        tried.append({"keep": round(kept, 10), "auc_drop": round(d, 10)})
+        if d <= max_drop:
+            current, skip = candidate, 0
+            measured = score(current)
+            groups = group_scores(current, example, measured)
+            n = min(2 * n, max(1, int(GREEDY_STEP * len(order))))
+        elif n > 1:
+            n //= 2
+        else:
+            skip += 1
+    left = sum(len(g.params) for g in groups)
+    return GreedyCut(current, round(left / channels_before, 10), channels_before - left)
 
 
 def extract(
@@ -622,12 +708,13 @@ def extract(
     force: bool = False,
     device: str = "cpu",
 ) -> tuple[OneVsRest, ExtractReport]:
-    """A one-vs-rest sub-model for class `target` (docs/method.md §6, Coded ResNeXt): keep, in every coupled
-    group, the channels the class needs (`reader_importance`) up to a share `keep` of its
-    importance, remove the rest with the channel-removal engine, and reduce the outputs to one
-    score. With `max_drop` instead, `keep` is the smallest share (bisection, 10 steps, assuming the
-    AUC grows with the share) whose one-vs-rest AUC on `data` is at most `max_drop` below the full
-    model's. `model` is not changed; the sub-model is written to `out` (rebuilt by `load_model`).
+    """A one-vs-rest sub-model for class `target` (docs/method.md §6, Coded ResNeXt): remove the
+    channels the class's one-vs-rest score needs least (`reader_importance`) with the
+    channel-removal engine, and reduce the outputs to that one score. With `keep`, every coupled
+    group keeps the fewest channels holding a share `keep` of its importance; with `max_drop`,
+    `greedy_cut` removes channels in rounds while the one-vs-rest AUC on `data` stays at most
+    `max_drop` below the full model's. `model` is not changed; the sub-model is written to `out`
+    (rebuilt by `load_model`).
     """
     import copy
 
@@ -645,8 +732,8 @@ def extract(
     if out is not None:
         check_target(Path(out), force)
     model.eval().to(device)
-    importance = reader_importance(model, data, target, device)
     margin = data.target_kind == "labels"
+    importance = reader_importance(model, data, target, margin, device)
     example = data.x[:1].to(device)
     shape = tuple(data.x.shape[1:])
 
@@ -661,31 +748,26 @@ def extract(
 
     full = OneVsRest(model, target, margin)
     full_score = binary_score(scores(full, data), truth(data))
-
-    def build(share: float) -> tuple[OneVsRest, int]:
-        sub = copy.deepcopy(model)
-        removed = cut_for_class(sub, example, importance, share)
-        return OneVsRest(sub, target, margin).eval(), removed
-
     tried: list[dict[str, float | None]] = []
     if max_drop is not None:
         if full_score.auc is None:
             raise UserError(f"the data holds only one kind of sample for class {target}; an AUC cannot guide the cut.")
 
-        def drop(share: float) -> float:
-            auc = binary_score(scores(build(share)[0], data), truth(data)).auc
+        def drop(m: nn.Module) -> float:
+            auc = binary_score(scores(OneVsRest(m, target, margin), data), truth(data)).auc
             assert auc is not None and full_score.auc is not None
-            tried.append({"keep": share, "auc_drop": round(full_score.auc - auc, 10)})
             return full_score.auc - auc
 
-        low, high = 0.0, 1.0
-        if drop(high) <= max_drop:
-            for _ in range(10):
-                mid = (low + high) / 2
-                low, high = (low, mid) if drop(mid) <= max_drop else (mid, high)
-        keep = high
-    assert keep is not None
-    sub, removed = build(keep)
+        def score(m: nn.Module) -> ReaderImportance:
+            return importance if m is model else reader_importance(m, data, target, margin, device)
+
+        greedy = greedy_cut(model, example, score, drop, max_drop, tried)
+        cut, keep, removed = greedy.model, greedy.kept, greedy.removed
+    else:
+        assert keep is not None
+        cut = copy.deepcopy(model)
+        removed = cut_for_class(cut, example, importance, keep)
+    sub = OneVsRest(cut, target, margin).eval()
     before, after = model_size(full, shape), model_size(sub, shape)
     report = ExtractReport(
         target=target,

@@ -977,8 +977,8 @@ def extract(
     target: Annotated[int, typer.Option("--class", help="The class to keep (its index in the model's outputs).")],
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-classK.safetensors beside the input).")] = None,
-    keep: Annotated[float | None, typer.Option("--keep", help="Share of the class's importance kept in every coupled channel group, in [0, 1].")] = None,
-    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of --keep: the largest one-vs-rest AUC drop allowed on --data (bisection on the share).")] = None,
+    keep: Annotated[float | None, typer.Option("--keep", help="Share of the one-vs-rest importance kept in every coupled channel group, in [0, 1].")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of --keep: the largest one-vs-rest AUC drop allowed on --data (greedy cut, re-scored after each step).")] = None,
     val: Annotated[Path | None, typer.Option("--val", help="Held-out data to report the sub-model's AUC and accuracy on.")] = None,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)

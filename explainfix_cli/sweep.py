@@ -121,7 +121,12 @@ class PruneCurve:
         else:
             removed = remove_least_salient_channels(model, example, self.scores, pct)
         calibrated = self.options["granularity"] == "kernel" and removal == "calibrated"
-        out = removed.outputs_before if calibrated and removed.outputs_before is not None else outputs(model, self.data, self.device)
+        if zeroed == 0 and removed.removed == 0 and self.reference is not None:  # nothing changed (pct 0): the model's own outputs
+            out = self.reference
+        elif calibrated and removed.outputs_before is not None:
+            out = removed.outputs_before
+        else:
+            out = outputs(model, self.data, self.device)
         size = model_size(model, self.sample_shape)
         measured = _finite(metric(self.data, out))
         return model, Point(
@@ -261,9 +266,12 @@ def sweep(
         nonzero_spatial_kernels=curve.size.spatial_kernels - curve.size.zero_kernels, zeroed_kernels=0, channels_removed=0,
         metric=curve.metric, metric_drop=0.0 if curve.metric is not None else None,
     )  # fmt: skip
-    if latency_repeats:
-        for point, ms in zip([baseline, *points], median_latency_ms(models, data.x[:1].to(device), latency_repeats), strict=True):
-            point.latency_ms = round(ms, 4)
+    if latency_repeats:  # a point where nothing changed (pct 0) is the unpruned model: timed once
+        changed = [i for i, p in enumerate(points, start=1) if p.zeroed_kernels or p.channels_removed]
+        timed = median_latency_ms([models[0], *(models[i] for i in changed)], data.x[:1].to(device), latency_repeats)
+        latency = dict(zip([0, *changed], timed, strict=True))
+        for i, point in enumerate([baseline, *points]):
+            point.latency_ms = round(latency.get(i, latency[0]), 4)
     seconds["latency"] = time.perf_counter() - start - seconds["saliency"] - seconds["points"]
 
     settings = {
@@ -291,11 +299,13 @@ def median_latency_ms(models: Sequence[nn.Module], x: torch.Tensor, repeats: int
     channels-last) as well.
     """
     times: list[list[float]] = [[] for _ in models]
+    for model in models:
+        model.eval()
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for model, spent in zip(models, times, strict=True):
                 tic = time.perf_counter()
-                model.eval()(x)
+                model(x)
                 if i >= warmup:
                     spent.append((time.perf_counter() - tic) * 1e3)
     return [statistics.median(t) for t in times]

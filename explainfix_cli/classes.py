@@ -532,6 +532,7 @@ class ReaderImportance:
 
     importance: dict[str, torch.Tensor]  # (input channels,)
     means: dict[str, torch.Tensor]  # (input channels,) mean over the data and over space
+    scores: torch.Tensor  # (N,) the one-vs-rest score of every sample, from the same pass
 
 
 # a positive's weight is sigmoid(-s), a negative's sigmoid(s): the slope of the logistic loss of score s
@@ -569,6 +570,7 @@ def reader_importance(model: nn.Module, data: Dataset, target: int, margin: bool
     return ReaderImportance(
         {p.name: measured.mean(p.name, magnitude=True).sum(dim=0) / 2 for p in probes},
         {name: m for name, m in means.items() if m is not None},
+        measured.outputs[:, 0],
     )
 
 
@@ -747,14 +749,15 @@ def extract(
         return outputs(m, d, device)[:, 0]  # (N,)
 
     full = OneVsRest(model, target, margin)
-    full_score = binary_score(scores(full, data), truth(data))
+    truth_data = truth(data)
+    full_score = binary_score(importance.scores, truth_data)  # the importance pass ran the full model on the data
     tried: list[dict[str, float | None]] = []
     if max_drop is not None:
         if full_score.auc is None:
             raise UserError(f"the data holds only one kind of sample for class {target}; an AUC cannot guide the cut.")
 
         def drop(m: nn.Module) -> float:
-            auc = binary_score(scores(OneVsRest(m, target, margin), data), truth(data)).auc
+            auc = binary_score(scores(OneVsRest(m, target, margin), data), truth_data).auc
             assert auc is not None and full_score.auc is not None
             return full_score.auc - auc
 
@@ -779,7 +782,7 @@ def extract(
         macs_before=before.macs,
         macs_after=after.macs,
         channels_removed=removed,
-        data={"full": full_score, "extracted": binary_score(scores(sub, data), truth(data))},
+        data={"full": full_score, "extracted": binary_score(scores(sub, data), truth_data)},
         val=None
         if val is None
         else {"full": binary_score(scores(full, val), truth(val)), "extracted": binary_score(scores(sub, val), truth(val))},

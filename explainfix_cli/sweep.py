@@ -545,14 +545,13 @@ def prune_to_target(
     if chosen is None:
         raise TargetNotMet(f"no pct meets the target: {failure}.")
     if adapt is not None:
-        assert data is not None or target.max_drop is None
-        model_out, report, step = _adapted_search(curve, target, chosen, adapt, trail, fix=fix, val=val)
+        model_out, report, step, adapted_metric = _adapted_search(curve, target, chosen, adapt, trail, fix=fix, val=val)
         if out is not None:
             save_pruned(
                 model_out, report, out, arch=arch, history=history, seed=seed, sample_shape=curve.sample_shape,
                 preprocessing=preprocessing, force=force, then=[step] if step else [],
             )  # fmt: skip
-        report.metric_after = None if data is None else _finite(metric(data, outputs(model_out, data, device)))
+        report.metric_after = adapted_metric  # the prune step written above keeps the metric before adapting
         report.val_metric_after = None if val is None else _finite(metric(val, outputs(model_out, val, device)))
         report.out = None if out is None else str(out)
         return TargetReport(report, target, float(report.pct), trail, round(time.perf_counter() - start, 3), finetune=step)
@@ -572,10 +571,10 @@ def _adapted_search(
     *,
     fix: bool,
     val: Dataset | None,
-) -> tuple[nn.Module, PruneReport, dict[str, Any] | None]:
+) -> tuple[nn.Module, PruneReport, dict[str, Any] | None, float | None]:
     """The target met after `adapt`: the last pct of the grid from `start` up whose adapted model
-    meets it, and that model (pruned with `fix` and `val`, then adapted), its prune report and
-    the step `adapt` returned.
+    meets it, and that model (pruned with `fix` and `val`, then adapted), its prune report, the
+    step `adapt` returned and its metric on the data.
 
     `start`, the answer without adapting, meets the target after adapting too (`adapt` never
     lowers the metric on the data; sizes do not change), so the search is `last_meeting` on the
@@ -583,7 +582,7 @@ def _adapted_search(
     an adapt. A budget alone (`max_params` / `max_macs`) does not depend on adapting, and only
     the chosen model is adapted.
     """
-    best: dict[str, Any] = {}  # the highest pct that met so far: model, report, step
+    best: dict[str, Any] = {}  # the highest pct that met so far: model, report, step, metric
 
     def adapted(pct: int) -> bool:
         model, report = curve.prune(pct, fix=fix, val=val)
@@ -593,7 +592,7 @@ def _adapted_search(
         meets = target.drop_ok(curve.metric, value) and target.fits(report)
         trail.append({"pct": pct, "model": "adapted", "params": report.params_after, "macs": report.macs_after, "metric": value, "meets": meets})
         if meets and pct >= best.get("pct", -1):
-            best.update(pct=pct, model=model, report=report, step=step)
+            best.update(pct=pct, model=model, report=report, step=step, metric=value)
         return meets
 
     grid = GRID[start:]
@@ -601,4 +600,4 @@ def _adapted_search(
         last_meeting(grid, lambda p: p == start or adapted(p))
     if not best and not adapted(start):  # nothing above `start` met, or a budget alone: adapt the answer itself
         raise RuntimeError(f"the model at pct {start} does not meet the target after adapting, as it did before.")
-    return best["model"], best["report"], best["step"]
+    return best["model"], best["report"], best["step"], best["metric"]

@@ -266,12 +266,11 @@ def sweep(
         nonzero_spatial_kernels=curve.size.spatial_kernels - curve.size.zero_kernels, zeroed_kernels=0, channels_removed=0,
         metric=curve.metric, metric_drop=0.0 if curve.metric is not None else None,
     )  # fmt: skip
-    if latency_repeats:  # a point where nothing changed (pct 0) is the unpruned model: timed once
-        changed = [i for i, p in enumerate(points, start=1) if p.zeroed_kernels or p.channels_removed]
-        timed = median_latency_ms([models[0], *(models[i] for i in changed)], data.x[:1].to(device), latency_repeats)
-        latency = dict(zip([0, *changed], timed, strict=True))
-        for i, point in enumerate([baseline, *points]):
-            point.latency_ms = round(latency.get(i, latency[0]), 4)
+    if latency_repeats:  # timed once per architecture: zeroed kernels are still multiplied (pct 0 and 50 often share one)
+        first = {_shapes(m): i for i, m in reversed(list(enumerate(models)))}
+        timed = dict(zip(first.values(), median_latency_ms([models[i] for i in first.values()], data.x[:1].to(device), latency_repeats), strict=True))
+        for model, point in zip(models, [baseline, *points], strict=True):
+            point.latency_ms = round(timed[first[_shapes(model)]], 4)
     seconds["latency"] = time.perf_counter() - start - seconds["saliency"] - seconds["points"]
 
     settings = {
@@ -284,6 +283,11 @@ def sweep(
     seconds["files"] = time.perf_counter() - start - sum(seconds.values())
     result.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return result
+
+
+def _shapes(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The architecture as far as a dense forward's cost goes: every tensor's name and shape."""
+    return tuple((name, tuple(t.shape)) for name, t in [*model.named_parameters(), *model.named_buffers()])
 
 
 def _finite(value: float | None) -> float | None:
@@ -348,8 +352,9 @@ def draw_tradeoff(
     panels = [(params, "parameters")] + ([(latency_ms, "latency at batch 1 (ms, median)")] if latency_ms is not None else [])
     # fixed margins: a constrained layout would draw the figure twice, half the cost of a sweep's files
     fig = Figure(figsize=(5.2 * len(panels), 4.2))
-    fig.subplots_adjust(left=0.14 / len(panels), right=1 - 0.04 / len(panels), bottom=0.13, top=0.86, wspace=0.25)
-    for ax, (x, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+    fig.subplots_adjust(left=0.14 / len(panels), right=1 - 0.04 / len(panels), bottom=0.13, top=0.86, wspace=0.08)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]  # one metric axis, labelled once
+    for ax, (x, label) in zip(axes, panels, strict=True):
         ax.axhline(metric[0], color="tab:red", linewidth=0.8, linestyle=":")
         ax.plot(x[1:], metric[1:], "o-", color="tab:blue", label="pruned, at pct")
         labels: dict[tuple[float, float], list[str]] = {}  # points at one place share a label
@@ -359,13 +364,13 @@ def draw_tradeoff(
             ax.annotate(f"{', '.join(names)}%", (xi, yi), textcoords="offset points", xytext=(5, -11 if i % 2 else 5), fontsize=8)
         ax.plot(x[:1], metric[:1], "*", color="tab:red", markersize=14, label="unpruned")
         ax.set_xlabel(label)
-        ax.set_ylabel(metric_name)
         ax.grid(alpha=0.3)
-        ax.margins(x=0.12)  # room for the labels of the outermost points
+        ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
         ax.xaxis.set_major_locator(MaxNLocator(5))  # six-digit parameter counts side by side would collide
         if x is params:
             ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel(metric_name)
+    axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{metric_name} against {'size and speed' if len(panels) > 1 else 'size'}\none point per pct of kernels zeroed", fontsize=11)
     _save(fig, path)
 

@@ -154,11 +154,15 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pyt
 
 
 def test_table_on_stdout_and_latency_in_the_figure(tmp_path: Path) -> None:
-    result = _invoke("sweep", MODEL, *DATA, "--batches", "1", "--pcts", "80", "--latency-repeats", "2", "--out", str(tmp_path / "s"))
+    result = _invoke("sweep", MODEL, *DATA, "--batches", "1", "--pcts", "50,80", "--latency-repeats", "2", "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output
     assert "unpruned" in result.stdout and "80" in result.stdout and "latency ms" in result.stdout
     written = json.loads((tmp_path / "s" / "sweep.json").read_text())
-    assert all(p["latency_ms"] > 0 for p in [written["baseline"], *written["points"]])
+    base, half, most = written["baseline"], *written["points"]
+    assert all(p["latency_ms"] > 0 for p in (base, half, most))
+    # at 50 % kernels are zeroed but no channel leaves: the unpruned architecture, timed once for both
+    assert half["params"] == base["params"] and half["zeroed_kernels"] > 0 and half["latency_ms"] == base["latency_ms"]
+    assert most["params"] < base["params"] and most["latency_ms"] != base["latency_ms"]
     assert written["settings"]["latency"]["repeats"] == 2
     assert _png_size(tmp_path / "s" / "sweep.png")[0] == 1560  # two panels: parameters, latency
 

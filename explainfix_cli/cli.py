@@ -136,18 +136,25 @@ def _in_flags(message: str) -> str:
     return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in LIBRARY_PARAMETERS else m.group(0), message)
 
 
+_FAILED = False  # set when a command body fails: under torchrun the process then leaves without a barrier
+
+
 def _run(debug: bool, fn: Callable[[], T]) -> T:
     """Run a command body: bad input → one sentence and exit 2; a failure → exit 1."""
+    global _FAILED
     try:
         return fn()
     except UserError as e:
+        _FAILED = True
         if debug:
             raise
         print(f"explainfix: error: {_in_flags(str(e))}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
+        _FAILED = True
         raise typer.Exit(130) from None
     except Exception as e:
+        _FAILED = True
         if debug:
             raise
         print(f"explainfix: failed: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
@@ -816,6 +823,8 @@ def _distributed_setup(device: str) -> int:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
         def leave() -> None:  # together: a process that tears gloo down while a peer still talks aborts
+            if _FAILED:  # peers may wait in a collective this process never reaches: leave, and torchrun stops them
+                return
             dist.barrier()
             dist.destroy_process_group()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import json
 import math
@@ -445,8 +446,10 @@ def last_meeting(grid: Sequence[int], meets: Callable[[int], bool], patience: in
     back), so the scan goes on past the boundary until `patience` points in a row fail, and
     returns the last point that met. The answer was evaluated and meets; it is the last such point
     of the grid unless the condition comes back after `patience` failures in a row
-    (benchmarks/target_search.py compares with a full scan).
+    (benchmarks/target_search.py compares with a full scan). Each point is evaluated at most once
+    (the scan past the boundary can reach a point the bisection already tried).
     """
+    meets = functools.cache(meets)
     if not meets(grid[0]):
         return None
     if meets(grid[-1]):

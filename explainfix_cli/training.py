@@ -266,6 +266,8 @@ def _train(
             schedule.step()
             total, seen = total + float(loss.detach().sum()), seen + len(shard)
         seconds = time.perf_counter() - t0
+        if world > 1:  # running statistics were updated on each process's shard: take process 0's, as DDP's next forward would
+            _broadcast_buffers(model)
         t1 = time.perf_counter()
         value = _validate(model, val, device)
         record = EpochRecord(epoch, _mean_loss(total, seen, world), value, round(seconds, 4), round(time.perf_counter() - t1, 4))
@@ -290,6 +292,16 @@ def _train(
         recipe=recipe.to_json(),
         history=history,
     )
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Process 0's buffers (batch-norm running statistics) everywhere, so every process validates,
+    chooses the best epoch of, and ends with the same model; a search that fine-tunes its probes
+    (`sweep.prune_to_target`) then takes the same path in every process."""
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def _class_gates(model: nn.Module, example: torch.Tensor, kind: str, world: int) -> ClassGates:

@@ -215,6 +215,14 @@ def test_bisection_finds_every_boundary_of_a_monotone_condition(boundary: int) -
 
     assert last_meeting(grid, meets) == boundary
     assert len(calls) <= 2 + math.ceil(math.log2(100)) + 5  # ends, bisection, look-ahead
+    assert len(calls) == len(set(calls))  # no point twice: a probe can be a fine-tune
+
+
+def test_the_look_ahead_does_not_probe_again_what_the_bisection_tried() -> None:
+    # 0..99, meets up to 62: bisection tries 49, 74, 61, 67, 64, 62, 63; the look-ahead 64..68 reuses 64 and 67
+    calls: list[int] = []
+    assert last_meeting(list(range(100)), lambda p: calls.append(p) is None and p <= 62) == 62
+    assert sorted(calls) == sorted(set(calls)) and {64, 67} <= set(calls)
 
 
 def test_look_ahead_finds_a_condition_that_comes_back() -> None:

@@ -199,6 +199,28 @@ def test_torchrun_finetune_epoch_matches_single_process(pruned: Path, tmp_path: 
     assert not any(p.is_file() for p in tmp_path.glob(".two*"))  # no temporary file of another process left
 
 
+def _worker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "distributed_worker.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_processes_end_with_the_same_model_under_batch_statistics(tmp_path: Path) -> None:
+    # each process updates its running statistics on its own shard; process 0's are taken after
+    # every epoch, so all validate alike, keep the same epoch, and a search over fine-tuned probes
+    # (`prune --max-drop --finetune-epochs` under torchrun) takes one path in all of them
+    proc = _worker("same-model", str(tmp_path / "all.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = json.loads((tmp_path / "all.json").read_text())
+    assert first["metrics"] == second["metrics"] and first["best_epoch"] == second["best_epoch"]
+    assert first["state"] == second["state"]
+    assert len(first["metrics"]) == 2
+
+
+def test_torchrun_a_process_that_fails_ends_the_job_instead_of_hanging() -> None:
+    proc = _worker("one-fails", timeout=90)  # before: process 1 waited in a barrier at exit, process 0 in its own
+    assert proc.returncode != 0 and "explainfix: failed: RuntimeError: process 1 gave up" in proc.stderr
+
+
 def test_class_gates_train_a_model_that_keeps_its_architecture(tmp_path: Path) -> None:
     # docs/method.md §6: three epochs = one standard, two gated; the gates shape training, then go
     from typer.testing import CliRunner

@@ -1,0 +1,56 @@
+"""Run by tests/test_training.py under `torchrun --nproc_per_node 2`; not a test module itself.
+
+    torchrun ... tests/distributed_worker.py same-model OUT.json   # finetune, batch norm in train mode
+    torchrun ... tests/distributed_worker.py one-fails              # process 1 fails, process 0 waits on it
+
+`same-model`: every process fine-tunes the pruned ResNet sample two epochs with batch statistics
+(each process's running statistics see only its shard), then process 0 writes every process's
+validation history and a checksum of its final weights and buffers, gathered from all.
+`one-fails`: the failure must end the job (torchrun stops process 0), not hang it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from explainfix_cli import cli
+from explainfix_cli.checkpoints import open_model
+from explainfix_cli.data import load_data
+from explainfix_cli.pruning import prune
+from explainfix_cli.training import Recipe, finetune
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def same_model(out: Path) -> None:
+    rank = cli._distributed_setup("cpu")
+    train = load_data(SAMPLES / "digits_train.npz", batch_size=32, batches=4)
+    val = load_data(SAMPLES / "digits_val.npz", batch_size=64, batches=2)
+    model = open_model(SAMPLES / "resnet.safetensors").model
+    prune(model, val, pct=90)
+    model, report = finetune(model, train, val, recipe=Recipe(epochs=2))
+    state = [t.double().sum().item() for t in model.state_dict().values() if t.is_floating_point()]
+    mine = {"metrics": [r.metric for r in report.history], "best_epoch": report.best_epoch, "state": state}
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        out.write_text(json.dumps(everyone))
+
+
+def one_fails() -> None:
+    def body() -> None:
+        if cli._distributed_setup("cpu") == 1:
+            raise RuntimeError("process 1 gave up")
+        dist.barrier()  # process 0 waits for a peer that never comes
+
+    cli._run(False, body)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    same_model(Path(sys.argv[2])) if sys.argv[1] == "same-model" else one_fails()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,6 @@ class Recipe:
     class_gates: bool = False  # docs/method.md §6: CSG training, one standard epoch then two gated
     gate_sparsity: float = 4.0  # weight of the gate's L1 norm on gated steps (measured on the ResNet sample)
     gate_lr: float = 0.5  # the gate's own plain gradient step
-    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept (0: off)
-    shift: int = 0  # random shifts of up to this many pixels of each training image (and mask)
-    label_smoothing: float = 0.0  # class labels only
-    norm_lr: float = 1.0  # learning rate of normalisation layers' parameters, as a multiple of lr
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,10 +93,10 @@ class FinetuneReport:
         return {"step": "finetune", **step}
 
 
-def task_loss(out: torch.Tensor, y: torch.Tensor, kind: TargetKind, label_smoothing: float = 0.0) -> torch.Tensor:
+def task_loss(out: torch.Tensor, y: torch.Tensor, kind: TargetKind) -> torch.Tensor:
     """Per-sample loss (N,) by target kind: cross-entropy, BCE, or BCE + soft Dice for masks."""
     if kind == "labels":
-        return F.cross_entropy(out, y, reduction="none", label_smoothing=label_smoothing)  # (N,)
+        return F.cross_entropy(out, y, reduction="none")  # (N,)
     bce = F.binary_cross_entropy_with_logits(out, y, reduction="none").flatten(1).mean(dim=1)  # (N,)
     if kind == "multilabel":
         return bce
@@ -225,17 +221,11 @@ def _train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model)
-    if recipe.norm_lr != 1.0:
-        norms = {id(p) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) for p in m.parameters()}
-        groups: Any = [{"params": [p for p in params if id(p) not in norms]}, {"params": [p for p in params if id(p) in norms], "lr": recipe.lr * recipe.norm_lr}]
-        optimizer = _optimizer(groups, recipe)
-    else:
-        optimizer = _optimizer(params, recipe)
+    optimizer = _optimizer(params, recipe)
     gates = _class_gates(model, x_all[:1].to(device), kind, world) if recipe.class_gates else None
     steps = max(1, recipe.epochs * math.ceil(len(x_all) / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
-    ema = WeightAverage(model, recipe.ema) if recipe.ema > 0 else None
     before = _validate(model, val, device)
     best, best_epoch = before, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -255,14 +245,10 @@ def _train(
                 continue
             # each process a contiguous shard; its loss is its share of the global minibatch's mean
             shard = batch.tensor_split(world)[rank]
-            x, y = x_all[shard], y_all[shard]
-            if recipe.shift > 0:  # one draw for the global minibatch, so every process shifts alike
-                offsets = torch.randint(-recipe.shift, recipe.shift + 1, (len(batch), 2), generator=generator)
-                x, y = shift_images(x, y, offsets.tensor_split(world)[rank], kind == "mask")
-            x, y = x.to(device), y.to(device)
+            x, y = x_all[shard].to(device), y_all[shard].to(device)
             with gates.applied(model, y) if gated and gates is not None else nullcontext():
                 out = model_output(net, x)
-            loss = task_loss(out, y, kind, recipe.label_smoothing)  # (n,)
+            loss = task_loss(out, y, kind)  # (n,)
             if teacher is not None:
                 with torch.no_grad():
                     soft = model_output(teacher, x)
@@ -278,21 +264,17 @@ def _train(
             if gated and gates is not None:
                 gates.step(recipe.gate_lr)
             schedule.step()
-            if ema is not None:
-                ema.update()
             total, seen = total + float(loss.detach().sum()), seen + len(shard)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        with ema.swapped_in() if ema is not None else nullcontext():
-            value = _validate(model, val, device)
-            if _better(value, best):
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        value = _validate(model, val, device)
         record = EpochRecord(epoch, _mean_loss(total, seen, world), value, round(seconds, 4), round(time.perf_counter() - t1, 4))
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
         if _better(value, best):
             best, best_epoch = value, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     return FinetuneReport(
         metric=val.metric_name,
@@ -308,57 +290,6 @@ def _train(
         recipe=recipe.to_json(),
         history=history,
     )
-
-
-class WeightAverage:
-    """An exponential moving average of a model's trainable parameters and floating buffers (batch-norm
-    statistics), updated after every optimiser step: `avg ← d·avg + (1 - d)·w` with
-    `d = min(decay, (1 + t) / (10 + t))` at update `t = 0, 1, …`, so that early averages follow the
-    weights closely (docs/method.md §4). `swapped_in()` puts the average into the model for a while."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay, self.updates = decay, 0
-        self.tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.tensors.update({n: b for n, b in model.named_buffers() if b.is_floating_point()})
-        self.average = {n: t.detach().clone() for n, t in self.tensors.items()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, t in self.tensors.items():
-            self.average[name].mul_(d).add_(t.detach(), alpha=1 - d)
-        self.updates += 1
-
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        kept = {n: t.detach().clone() for n, t in self.tensors.items()}
-        with torch.no_grad():
-            for n, t in self.tensors.items():
-                t.copy_(self.average[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, t in self.tensors.items():
-                    t.copy_(kept[n])
-
-
-def shift_images(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move image `k` of `x` (N, C, H, W) by `offsets[k] = (dy, dx)` pixels, and mask `k` of `y`
-    alike when `mask`; the border that comes in repeats the edge pixels (docs/method.md §4)."""
-    s = int(offsets.abs().max()) if len(offsets) else 0
-    if s == 0:
-        return x, y
-    h, w = x.shape[-2:]
-    padded_x = F.pad(x, (s, s, s, s), mode="replicate")
-    padded_y = F.pad(y, (s, s, s, s), mode="replicate") if mask else y
-    xs, ys = torch.empty_like(x), torch.empty_like(y) if mask else y
-    for k, (dy, dx) in enumerate(offsets.tolist()):
-        top, left = s - dy, s - dx  # content moves down by dy and right by dx
-        xs[k] = padded_x[k, :, top : top + h, left : left + w]
-        if mask:
-            ys[k] = padded_y[k, :, top : top + h, left : left + w]
-    return xs, ys
 
 
 def _class_gates(model: nn.Module, example: torch.Tensor, kind: str, world: int) -> ClassGates:

@@ -879,6 +879,7 @@ def finetune(
     train: Annotated[TrainOpt, typer.Option("--train", help="unfixed: train only what is not fixed; all: unfreeze the spatial filters too.")] = TrainOpt.unfixed,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs to train.")] = 20,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule to zero).")] = 1e-2,
+    norm_lr_scale: Annotated[float, typer.Option("--norm-lr-scale", help="Normalisation layers' scales and shifts learn at this multiple of --lr (1: the same rate).")] = 10.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.")] = 0.0,
     optimizer: Annotated[OptimizerOpt, typer.Option("--optimizer", help="adam, adamw or sgd (Nesterov momentum 0.9).")] = OptimizerOpt.adam,
     batch_norm: Annotated[BatchNormOpt, typer.Option("--batch-norm", help="train: batch statistics, running ones re-estimated; frozen: running statistics kept.")] = BatchNormOpt.train,
@@ -899,8 +900,8 @@ def finetune(
         check_target(out, force)
         if not 0 <= distill_weight <= 1:
             raise UserError(f"--distill-weight must be in [0, 1], not {distill_weight}.")
-        if epochs < 0 or lr <= 0 or temperature <= 0:
-            raise UserError("--epochs must be >= 0, and --lr and --temperature positive.")
+        if epochs < 0 or lr <= 0 or norm_lr_scale <= 0 or temperature <= 0:
+            raise UserError("--epochs must be >= 0, and --lr, --norm-lr-scale and --temperature positive.")
         _preprocessing(data, o.mean, o.std)
         o.setup()
         rank = _distributed_setup(o.device)
@@ -909,7 +910,7 @@ def finetune(
         train_data = o.load_data(data, loaded)
         val_data = o.load_data(val, loaded, every_batch=True)
         recipe = Recipe(
-            epochs=epochs, lr=lr, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
+            epochs=epochs, lr=lr, norm_lr_scale=norm_lr_scale, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
             distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=o.seed,
             class_gates=class_gates,
         )

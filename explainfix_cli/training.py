@@ -38,6 +38,7 @@ class Recipe:
 
     epochs: int = 20
     lr: float = 1e-2
+    norm_lr_scale: float = 10.0  # normalisation layers' scales and shifts learn at this multiple of lr (docs/method.md §4)
     weight_decay: float = 0.0
     optimizer: OptimizerName = "adam"
     train: Trainable = "unfixed"  # "all" unfreezes the fixed spatial filters too
@@ -133,13 +134,29 @@ def _check_fits(model: nn.Module, train: Dataset, val: Dataset, teacher: nn.Modu
             raise UserError(f"the teacher's outputs have shape {tuple(model_output(teacher, x).shape[1:])} but the model's {tuple(out.shape[1:])}; they must match.")
 
 
-def _optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def parameter_groups(model: nn.Module, params: list[nn.Parameter], recipe: Recipe) -> list[dict[str, Any]]:
+    """The trainable `params` in two groups: normalisation layers' scales and shifts at
+    `recipe.lr * recipe.norm_lr_scale`, everything else at `recipe.lr` (docs/method.md §4: an
+    optimiser step moves a parameter by about the rate, and a scale is of order 1 where a
+    convolution weight is of order 1/sqrt(fan_in))."""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORMALISATIONS) for p in m.parameters(recurse=False)}
+    groups = [
+        {"params": [p for p in params if id(p) not in norms], "lr": recipe.lr},
+        {"params": [p for p in params if id(p) in norms], "lr": recipe.lr * recipe.norm_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(groups: list[dict[str, Any]], recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.Adam(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; choose adam, adamw or sgd.")
 
 
@@ -221,7 +238,7 @@ def _train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model)
-    optimizer = _optimizer(params, recipe)
+    optimizer = _optimizer(parameter_groups(model, params, recipe), recipe)
     gates = _class_gates(model, x_all[:1].to(device), kind, world) if recipe.class_gates else None
     steps = max(1, recipe.epochs * math.ceil(len(x_all) / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)

@@ -141,9 +141,32 @@ def test_max_minutes_stops_after_the_first_epoch(pruned: Path, tmp_path: Path) -
 def test_cli_defaults_are_the_recipe() -> None:
     defaults = {name: p.default for name, p in inspect.signature(cli.finetune).parameters.items()}
     recipe = Recipe()
-    for name in ("epochs", "lr", "weight_decay", "distill_weight", "temperature"):
+    for name in ("epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature"):
         assert defaults[name] == getattr(recipe, name)
     assert (defaults["optimizer"].value, defaults["batch_norm"].value, defaults["train"].value) == (recipe.optimizer, recipe.batch_norm, recipe.train)
+
+
+def test_normalisation_parameters_learn_at_their_own_rate() -> None:
+    # Adam's first step moves every parameter with a gradient by lr * g / (|g| + eps), i.e. by lr:
+    # a conv or linear weight by 1e-2, a batch norm's scale and shift by 10 x 1e-2 (the default scale)
+    from explainfix_cli.training import _optimizer, parameter_groups
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    model[0].weight.requires_grad_(False)  # fixed, as a spatial filter: in no group
+    recipe = Recipe(lr=1e-2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, params, recipe)
+    assert [len(g["params"]) for g in groups] == [2, 2] and [g["lr"] for g in groups] == [1e-2, pytest.approx(1e-1)]
+    optimizer = _optimizer(groups, recipe)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task_loss(model(torch.randn(8, 1, 2, 2)), torch.tensor([0, 1] * 4), "labels").mean().backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        step = (p.detach() - before[name]).abs()  # every entry has a gradient here
+        expected = 0.0 if name == "0.weight" else 0.1 if name.startswith("1.") else 0.01
+        assert torch.allclose(step, torch.full_like(step, expected), rtol=1e-3), name
+    assert parameter_groups(model, params, Recipe(norm_lr_scale=1.0))[1]["lr"] == 1e-2
 
 
 def test_finetune_bad_input_exit_2(tmp_path: Path) -> None:

@@ -879,7 +879,7 @@ def finetune(
     train: Annotated[TrainOpt, typer.Option("--train", help="unfixed: train only what is not fixed; all: unfreeze the spatial filters too.")] = TrainOpt.unfixed,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs to train.")] = 20,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule to zero).")] = 1e-2,
-    norm_lr_scale: Annotated[float, typer.Option("--norm-lr-scale", help="Normalisation layers' scales and shifts learn at this multiple of --lr (1: the same rate).")] = 10.0,
+    norm_lr_scale: Annotated[float, typer.Option("--norm-lr-scale", help="Normalisation layers' scales and shifts learn at this multiple of --lr; 10 helps a model left with little but batch norms to learn (README).")] = 1.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay.")] = 0.0,
     optimizer: Annotated[OptimizerOpt, typer.Option("--optimizer", help="adam, adamw or sgd (Nesterov momentum 0.9).")] = OptimizerOpt.adam,
     batch_norm: Annotated[BatchNormOpt, typer.Option("--batch-norm", help="train: batch statistics, running ones re-estimated; frozen: running statistics kept.")] = BatchNormOpt.train,

@@ -38,7 +38,7 @@ class Recipe:
 
     epochs: int = 20
     lr: float = 1e-2
-    norm_lr_scale: float = 10.0  # normalisation layers' scales and shifts learn at this multiple of lr (docs/method.md §4)
+    norm_lr_scale: float = 1.0  # normalisation layers' scales and shifts learn at this multiple of lr (docs/method.md §4)
     weight_decay: float = 0.0
     optimizer: OptimizerName = "adam"
     train: Trainable = "unfixed"  # "all" unfreezes the fixed spatial filters too

@@ -148,13 +148,13 @@ def test_cli_defaults_are_the_recipe() -> None:
 
 def test_normalisation_parameters_learn_at_their_own_rate() -> None:
     # Adam's first step moves every parameter with a gradient by lr * g / (|g| + eps), i.e. by lr:
-    # a conv or linear weight by 1e-2, a batch norm's scale and shift by 10 x 1e-2 (the default scale)
+    # a conv or linear weight by 1e-2, a batch norm's scale and shift by 10 x 1e-2
     from explainfix_cli.training import _optimizer, parameter_groups
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
     model[0].weight.requires_grad_(False)  # fixed, as a spatial filter: in no group
-    recipe = Recipe(lr=1e-2)
+    recipe = Recipe(lr=1e-2, norm_lr_scale=10.0)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = parameter_groups(model, params, recipe)
     assert [len(g["params"]) for g in groups] == [2, 2] and [g["lr"] for g in groups] == [1e-2, pytest.approx(1e-1)]
@@ -166,7 +166,7 @@ def test_normalisation_parameters_learn_at_their_own_rate() -> None:
         step = (p.detach() - before[name]).abs()  # every entry has a gradient here
         expected = 0.0 if name == "0.weight" else 0.1 if name.startswith("1.") else 0.01
         assert torch.allclose(step, torch.full_like(step, expected), rtol=1e-3), name
-    assert parameter_groups(model, params, Recipe(norm_lr_scale=1.0))[1]["lr"] == 1e-2
+    assert parameter_groups(model, params, Recipe())[1]["lr"] == 1e-2  # the default: one rate
 
 
 def test_finetune_bad_input_exit_2(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ each kept, since other processes share the machine): learned, fixed (dct2, unpru
 pruned at 90 %. Markdown tables go to stdout, progress to stderr.
 
 `--seeds 0,1,2` trains every row once per recipe seed (the spread between seeds is about a point on
-the 360 held-out digits, so one seed decides nothing); `--recipe '{"lr": 0.1}'` overrides fields of
+the 360 held-out digits, so one seed decides nothing; `--seed-init` lets the seed draw the fresh
+network and its fixed filters too); `--recipe '{"lr": 0.1}'` overrides fields of
 the default `Recipe`; `--no-teacher` skips the rows fine-tuned with the unpruned model as teacher.
 """
 
@@ -103,8 +104,8 @@ def row(bench: Bench, setting: str, model: nn.Module, value: float, seconds: flo
     return r
 
 
-def fresh(bench: Bench) -> nn.Module:
-    torch.manual_seed(0)
+def fresh(bench: Bench, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return create_model(bench.factory, **dict(bench.kwargs))
 
 
@@ -117,6 +118,7 @@ def train(model: nn.Module, data: tuple[Dataset, Dataset], recipe: Recipe, teach
 def run(
     bench: Bench, recipe: Recipe, pcts: list[float], speed_rounds: int, scratch: bool = True, speed_only: bool = False, hard: bool = False,
     teachers: bool = True,  # also the pruned rows with the unpruned model as teacher
+    init_seed: int = 0,  # of the fresh network and of the fixed filters (from-scratch rows)
 ) -> tuple[list[Row], dict[str, float]]:
     train_data = load_data(SAMPLES / f"{bench.data}_train.npz", batch_size=bench.batch_size)
     val = load_data(SAMPLES / f"{bench.data}_val.npz", batch_size=256)
@@ -131,11 +133,11 @@ def run(
         rows.append(row(bench, "trained sample (bundled)", trained, metric(val, outputs(trained, val))))
     speed_models: dict[str, nn.Module | None] = {}
     if (scratch and not speed_only) or trained is None:
-        learned, value, seconds, best = train(fresh(bench), data, recipe)
+        learned, value, seconds, best = train(fresh(bench, init_seed), data, recipe)
         rows.append(row(bench, "learned, from scratch", learned, value, seconds, best))
         speed_models["learned"] = learned
         for init in ("dct2", "ghaar", "random"):
-            model, _ = fix(fresh(bench), init, seed=0)
+            model, _ = fix(fresh(bench, init_seed), init, seed=init_seed)
             model, value, seconds, best = train(model, data, recipe)
             speed_models.setdefault("fixed", model)
             rows.append(row(bench, f"fixed {init}, from scratch", model, value, seconds, best))
@@ -198,6 +200,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated recipe seeds: every trained row once per seed")
     parser.add_argument("--recipe", default="{}", help='JSON overrides of the default recipe, e.g. \'{"lr": 0.1}\'')
     parser.add_argument("--no-teacher", action="store_true", help="skip the pruned rows with the unpruned model as teacher")
+    parser.add_argument("--seed-init", action="store_true", help="each seed also draws the fresh network and its fixed filters (from-scratch rows)")
     args = parser.parse_args()
     recipe = Recipe(epochs=args.epochs, **json.loads(args.recipe))
     started = time.perf_counter()
@@ -209,7 +212,10 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.models.split(","):
             bench = BENCHES[name] if "," not in args.seeds else dataclasses.replace(BENCHES[name], name=f"{name} (seed {seed})")
-            r, speeds[name] = run(bench, dataclasses.replace(recipe, seed=seed), pcts, args.speed_rounds, not args.no_scratch, args.speed_only, args.shifted, not args.no_teacher)
+            r, speeds[name] = run(
+                bench, dataclasses.replace(recipe, seed=seed), pcts, args.speed_rounds, not args.no_scratch, args.speed_only, args.shifted,
+                not args.no_teacher, seed if args.seed_init else 0,
+            )  # fmt: skip
             rows += r
     print("\n| model | s/epoch learned | s/epoch fixed | s/epoch fixed, pruned 90 % | pruned 90 % vs learned | fixed vs learned |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

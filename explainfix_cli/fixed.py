@@ -192,4 +192,4 @@ def reading_used_inputs(model: nn.Module) -> Iterator[int]:
 
 
 def _read_inputs(conv: nn.Conv2d, inputs: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return conv._conv_forward(x.index_select(1, inputs), weight, conv.bias)  # (N, C_used, H, W) in
+    return conv._conv_forward(x.index_select(1, inputs), weight, conv.bias)  # reads (N, C_used, H, W)

@@ -347,6 +347,7 @@ def draw_tradeoff(
     entry per pct of `pcts`. Numpy in, one figure out (like `explain.figures`)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+    from matplotlib.transforms import offset_copy
 
     from .explanation.figures import _save
 
@@ -361,8 +362,9 @@ def draw_tradeoff(
         labels: dict[tuple[float, float], list[str]] = {}  # points at one place share a label
         for xi, yi, pct in zip(x[1:], metric[1:], pcts, strict=True):
             labels.setdefault((float(xi), float(yi)), []).append(f"{pct:g}")
+        above, below = (offset_copy(ax.transData, fig=fig, x=5, y=dy, units="points") for dy in (5, -11))
         for i, ((xi, yi), names) in enumerate(sorted(labels.items())):  # alternate below / above, so neighbours do not collide
-            ax.annotate(f"{', '.join(names)}%", (xi, yi), textcoords="offset points", xytext=(5, -11 if i % 2 else 5), fontsize=8)
+            ax.text(xi, yi, f"{', '.join(names)}%", transform=below if i % 2 else above, fontsize=8)  # a label, no arrow: cheaper than annotate
         ax.plot(x[:1], metric[:1], "*", color="tab:red", markersize=14, label="unpruned")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)

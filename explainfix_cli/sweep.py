@@ -555,7 +555,9 @@ def prune_to_target(
     if chosen is None:
         raise TargetNotMet(f"no pct meets the target: {failure}.")
     if adapt is not None:
-        model_out, report, step, adapted_metric = _adapted_search(curve, target, chosen, adapt, trail, fix=fix, val=val)
+        model_out, report, step, adapted_metric = _adapted_search(curve, target, chosen, adapt, trail, fix=fix)
+        if val is not None:  # the probes skip held-out data; the chosen pct's prune measures it once, for the report
+            report = curve.prune(int(report.pct), fix=fix, val=val)[1]
         if out is not None:
             save_pruned(
                 model_out, report, out, arch=arch, history=history, seed=seed, sample_shape=curve.sample_shape,
@@ -580,11 +582,10 @@ def _adapted_search(
     trail: list[dict[str, Any]],
     *,
     fix: bool,
-    val: Dataset | None,
 ) -> tuple[nn.Module, PruneReport, dict[str, Any] | None, float | None]:
     """The target met after `adapt`: the last pct of the grid from `start` up whose adapted model
-    meets it, and that model (pruned with `fix` and `val`, then adapted), its prune report, the
-    step `adapt` returned and its metric on the data.
+    meets it, and that model (pruned with `fix`, then adapted), its prune report, the step
+    `adapt` returned and its metric on the data.
 
     `start`, the answer without adapting, meets the target after adapting too (`adapt` never
     lowers the metric on the data; sizes do not change), so the search is `last_meeting` on the
@@ -595,7 +596,7 @@ def _adapted_search(
     best: dict[str, Any] = {}  # the highest pct that met so far: model, report, step, metric
 
     def adapted(pct: int) -> bool:
-        model, report = curve.prune(pct, fix=fix, val=val)
+        model, report = curve.prune(pct, fix=fix)
         step = adapt(model)
         data = curve.data
         value = None if data is None else _finite(metric(data, outputs(model, data, curve.device)))

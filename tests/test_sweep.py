@@ -322,7 +322,7 @@ def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> Non
     train = tmp_path / "train64.npz"
     np.savez(train, x=digits["x"][:64], y=digits["y"][:64])
     out = tmp_path / "tuned.safetensors"
-    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.02", "--finetune-epochs", "1", "--train", str(train), "--json", "--out", str(out)))
+    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.02", "--finetune-epochs", "1", "--train", str(train), "--val", str(train), "--json", "--out", str(out)))
     chosen = int(report["pct_chosen"])
     [unadapted] = [p["pct"] for p in report["probes"] if p["model"] == "pruned"]  # the answer without fine-tuning
     assert chosen > unadapted  # one fine-tuning epoch (batch norm in train mode) brings back enough to prune more
@@ -337,6 +337,11 @@ def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> Non
     assert [step["step"] for step in opened.history] == ["prune", "finetune"]
     assert opened.history[0]["metric_after"] == report["finetune"]["metric_before"]  # the prune step: before fine-tuning
     assert all(not conv.weight.requires_grad for conv in written.modules() if isinstance(conv, nn.Conv2d) and conv.kernel_size != (1, 1))
+    # held-out data (--val): measured once, on the chosen pct's prune, and on the written model
+    held_out = load_data(train)
+    assert report["val_samples"] == opened.history[0]["val_samples"] == 64 and report["val_max_logit_change"] < 1e-4
+    assert report["val_metric_before"] == pytest.approx(metric(held_out, outputs(sample_model("resnet").model, held_out)), abs=1e-6)
+    assert report["val_metric_after"] == pytest.approx(metric(held_out, outputs(written, held_out)), abs=1e-6)
     # independently: prune one pct up, fix, fine-tune one epoch with the unpruned model as teacher
     model = sample_model("resnet").model.eval()
     up = next(p for p in tuned if p["pct"] == chosen + 1)

@@ -409,6 +409,25 @@ def _representable(removable: torch.Tensor, c: _Candidate, DG: tp.DependencyGrap
         removable = shrunk
 
 
+def has_dead_weights(model: nn.Module) -> bool:
+    """Does some convolution or linear layer have an all-zero output channel or an input channel
+    all its weights ignore? Without one, exact and aggressive removal find nothing to remove: every
+    channel has a writer that is not silent and a reader that needs it (`_silent`, `_ignored`), so a
+    caller that only needs the count may skip the trace."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            w = m.weight.detach() == 0  # (O, I)
+            if bool(w.all(dim=1).any() or w.all(dim=0).any()):
+                return True
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight.detach() == 0  # (O, I/groups, ...); transposed: (I, O/groups, ...)
+            by_input = w if m.transposed else _by_input_channel(w, m.groups)  # (I, ...)
+            by_output = _by_input_channel(w, m.groups) if m.transposed else w  # (O, ...)
+            if bool(by_input.flatten(1).all(dim=1).any() or by_output.flatten(1).all(dim=1).any()):
+                return True
+    return False
+
+
 def remove_dead_channels(
     model: nn.Module,
     example: torch.Tensor,

@@ -8,10 +8,7 @@ which `random` (plain Kaiming, fixed) lets users see for themselves.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -158,38 +155,3 @@ def fix(
         input_size=list(sample_shape) if sample_shape else None,
     )
     return model, report
-
-
-@contextmanager
-def reading_used_inputs(model: nn.Module) -> Iterator[int]:
-    """While inside, every fixed spatial convolution (weight not trainable, `groups` 1) whose
-    kernels from some input channels are all zero reads only the other input channels.
-
-    The outputs are the same (the terms left out are products with exact zeros, so only the
-    order of a float sum changes), and the forward pass and the backward pass to the input cost
-    fewer multiply-accumulates: a pruned model whose zeroed kernels could not take a channel away
-    (a channel other layers still read, as in DenseNet's concatenations) trains faster, as
-    docs/method.md §4 says a fixed, pruned model should. Nothing of the model's is changed: each
-    such convolution gets a forward of its own for the duration, and its input gradient for the
-    left-out channels is zero, as it is without this. Yields how many convolutions read fewer inputs.
-    """
-    narrowed = []
-    for _, conv in spatial_convs(model):
-        weight = conv.weight
-        if weight.requires_grad or conv.groups != 1 or type(conv) is not nn.Conv2d:
-            continue
-        used = (weight != 0).flatten(2).any(dim=2).any(dim=0)  # (in_channels,)
-        if bool(used.all()) or not bool(used.any()):
-            continue
-        inputs = used.nonzero().flatten()  # (used,)
-        conv.forward = functools.partial(_read_inputs, conv, inputs, weight[:, inputs].contiguous())  # type: ignore[method-assign]
-        narrowed.append(conv)
-    try:
-        yield len(narrowed)
-    finally:
-        for conv in narrowed:
-            del conv.forward
-
-
-def _read_inputs(conv: nn.Conv2d, inputs: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return conv._conv_forward(x.index_select(1, inputs), weight, conv.bias)  # reads (N, C_used, H, W)

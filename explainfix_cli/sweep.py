@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .channels import remove_dead_channels, remove_least_salient_channels
+from .channels import ChannelRemoval, has_dead_weights, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec
 from .choices import Criterion, Fill, Granularity, Removal
 from .data import Dataset, Preprocessing
@@ -118,7 +118,10 @@ class PruneCurve:
         if self.options["granularity"] == "kernel":
             masks = zero_least_salient(model, self.scores, pct, self.options["min_kernels_per_layer"])
             zeroed = sum(int(m.sum()) for m in masks.values())
-            removed = remove_dead_channels(model, example, None if removal == "exact" else self.data, self.device, removal)
+            if removal != "calibrated" and not has_dead_weights(model):  # nothing can leave: no trace needed
+                removed = ChannelRemoval()
+            else:
+                removed = remove_dead_channels(model, example, None if removal == "exact" else self.data, self.device, removal)
         else:
             removed = remove_least_salient_channels(model, example, self.scores, pct)
         calibrated = self.options["granularity"] == "kernel" and removal == "calibrated"

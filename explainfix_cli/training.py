@@ -26,9 +26,9 @@ from .choices import BatchNormMode, OptimizerName, Trainable
 from .classes import ClassGates, uses_gates
 from .data import Dataset, TargetKind
 from .errors import UserError
-from .fixed import reading_used_inputs
 from .measure import metric, outputs
 from .models import model_output
+from .narrowing import reading_used_inputs, skipping_unread_channels
 from .outputs import check_target
 from .saliency import _distributed
 
@@ -213,7 +213,8 @@ def finetune(
     if teacher is not None:
         teacher.to(device).eval()
     _check_fits(model, train, val, teacher, device)
-    with torch.random.fork_rng(devices=[]), reading_used_inputs(model):  # fixed convolutions skip all-zero input slices
+    # fixed convolutions skip all-zero input slices, and what feeds only zero depthwise kernels is not computed
+    with torch.random.fork_rng(devices=[]), reading_used_inputs(model), skipping_unread_channels(model):
         torch.manual_seed(recipe.seed)
         report = _train(model, params, train, val, recipe, teacher, device, on_epoch)
     model.eval()

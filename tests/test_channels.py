@@ -8,7 +8,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from explainfix_cli.channels import Graph, remove_dead_channels, remove_least_salient_channels
+from explainfix_cli.channels import Graph, has_dead_weights, remove_dead_channels, remove_least_salient_channels
 from explainfix_cli.data import Dataset
 
 torch.manual_seed(0)
@@ -97,6 +97,45 @@ def test_grouped_convolutions_lose_the_same_number_of_channels_per_group() -> No
     kept = result.kept["3"]
     assert kept.in_ids[:4].tolist() == [[1, 2, 3]] * 4 and kept.in_ids[4:].tolist() == [[0, 2, 3]] * 4
     torch.testing.assert_close(kept.original(original), grouped.weight.detach())
+
+
+def test_a_removable_channel_always_shows_as_a_dead_weight() -> None:
+    """`has_dead_weights` (the sweep's skip of the trace) is False only where exact and aggressive
+    removal find nothing, and sees each kind of dead weight: a silent output channel, an input a
+    grouped conv's group ignores, a linear layer's dead row or column, a transposed conv's."""
+    def network() -> nn.Sequential:
+        return randomise_bn(nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        ))
+    live = network()
+    assert not has_dead_weights(live)
+    for removal in ("exact", "aggressive"):
+        assert remove_dead_channels(copy.deepcopy(live), X[:1], None, removal=removal).removed == 0
+    deaths = {
+        "silent output channel": lambda m: m[0].weight[5].zero_(),
+        "input ignored by its group": lambda m: m[3].weight[4:8, 1].zero_(),  # input 5, read by group 1 only
+        "transposed conv input": lambda m: m[6].weight[2].zero_(),  # (I, O, kh, kw): input 2 unread
+        "transposed conv output": lambda m: m[6].weight[:, 1].zero_(),
+        "linear column": lambda m: m[10].weight[:, 2].zero_(),
+        "linear row": lambda m: m[10].weight[0].zero_(),
+    }
+    for name, kill in deaths.items():
+        model = copy.deepcopy(live)
+        with torch.no_grad():
+            kill(model)
+        assert has_dead_weights(model), name
+    with torch.no_grad():  # a zero inside a kernel, or one whole kernel, kills no channel
+        live[3].weight[0, 0, 1, 1] = 0
+        live[3].weight[1, 2] = 0
+    assert not has_dead_weights(live)
+    silent = copy.deepcopy(live)
+    with torch.no_grad():  # one silent channel in each of the grouped conv's groups, so a balanced cut takes both
+        silent[0].weight[[1, 5]] = 0
+    assert has_dead_weights(silent)
+    assert remove_dead_channels(silent, X[:1], None, removal="aggressive").removed == 2  # what the check guards
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -133,36 +133,3 @@ def test_fix_bad_input_is_one_sentence_and_exit_2(tmp_path: Path, args: list[str
     assert result.exit_code == 2, result.output
     assert words in result.stderr and "Traceback" not in result.output
     assert not out.exists()
-
-
-def test_fixed_convolutions_read_only_the_inputs_their_kernels_use() -> None:
-    # the DenseNet sample pruned at 90 %: its convolutions keep reading concatenated channels whose
-    # kernels are all zero (later layers still need those channels, so removal cannot take them)
-    from explainfix_cli.data import load_data
-    from explainfix_cli.fixed import reading_used_inputs
-    from explainfix_cli.pruning import prune
-
-    data = load_data(SAMPLES / "digits_val.npz", batch_size=32, batches=2)
-    model, _ = prune(load_model(SAMPLES / "densenet.safetensors"), data, pct=90)  # spatial filters fixed
-    model.train()
-    x, y = data.x[:32], data.y[:32]
-
-    def forward_backward() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        out = model(x)
-        nn.functional.cross_entropy(out, y).backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    plain_out, plain_grads = forward_backward()
-    with reading_used_inputs(model) as narrowed:
-        narrow_convs = [c for _, c in spatial_convs(model) if "forward" in vars(c)]
-        read = {c: c.forward.args[2].shape[1] for c in narrow_convs}  # input channels each really reads
-        out, grads = forward_backward()
-    assert narrowed == len(narrow_convs) > 0
-    for conv, channels in read.items():
-        used = int((conv.weight != 0).flatten(2).any(2).any(0).sum())
-        assert channels == used < conv.in_channels
-    torch.testing.assert_close(out, plain_out, rtol=1e-5, atol=1e-5)
-    for g, plain in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(g, plain, rtol=1e-4, atol=1e-6)
-    assert not any("forward" in vars(c) for _, c in spatial_convs(model))  # every convolution is itself again

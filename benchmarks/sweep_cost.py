@@ -9,6 +9,9 @@ same as a user at the shell pays it: `explainfix prune` against `explainfix swee
 process that imports torch first.
 
     python benchmarks/sweep_cost.py [--runs 5] [--pcts 0,50,80,90,95,99]
+
+Besides the ratio of the medians it prints the spread of the ratio of each sweep to the prune run
+just before it, which a machine whose speed drifts during the run moves less.
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ def main() -> None:
     print(f"sweep at {len(pcts)} pcts              median {s:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in sweeps)})")
     print("  sweep by stage (medians): " + ", ".join(f"{k} {v:.3f} s" for k, v in split.items()))
     print(f"in process: sweep / single prune = {s / p:.2f}  (target: below 3) -> {'met' if s < 3 * p else 'NOT met'}")
+    # each sweep against the prune run just before it: a machine whose speed drifts during the
+    # benchmark (shared cores) moves both of a pair alike, so the pair ratios spread less
+    ratios = sorted(sw / pr for pr, sw in zip(prunes, sweeps, strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    print(f"  pair by pair: median {quartiles[1]:.2f}, quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}")
     cp, cs = statistics.median(cli_prunes), statistics.median(cli_sweeps)
     print(f"command line: explainfix prune {cp:.3f} s, explainfix sweep {cs:.3f} s (medians), sweep / prune = {cs / cp:.2f}")
 

@@ -411,9 +411,10 @@ def _representable(removable: torch.Tensor, c: _Candidate, DG: tp.DependencyGrap
 
 def has_dead_weights(model: nn.Module) -> bool:
     """Does some convolution or linear layer have an all-zero output channel or an input channel
-    all its weights ignore? Without one, exact and aggressive removal find nothing to remove: every
-    channel has a writer that is not silent and a reader that needs it (`_silent`, `_ignored`), so a
-    caller that only needs the count may skip the trace."""
+    all its weights ignore? Without one, removal by structure (exact, or aggressive without data)
+    finds nothing to remove: every channel has a writer that is not silent and a reader that needs
+    it (`_silent`, `_ignored`), so a caller that only needs the count may skip the trace. With data,
+    calibrated and aggressive removal also take channels that are constant on it, dead weights or not."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             w = m.weight.detach() == 0  # (O, I)

@@ -95,6 +95,8 @@ def skipping_unread_channels(model: nn.Module) -> Iterator[int]:
 
 def _feeding_chains(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None, nn.Conv2d]]:
     """(producer, batch norm or None, depthwise conv) for each chain `skipping_unread_channels` may narrow."""
+    if not any(_skippable_depthwise(m) for m in model.modules()):  # most models: no trace needed
+        return []
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # control flow on values, unsupported ops: no chains, the model trains as it is

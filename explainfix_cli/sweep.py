@@ -118,7 +118,7 @@ class PruneCurve:
         if self.options["granularity"] == "kernel":
             masks = zero_least_salient(model, self.scores, pct, self.options["min_kernels_per_layer"])
             zeroed = sum(int(m.sum()) for m in masks.values())
-            if removal != "calibrated" and not has_dead_weights(model):  # nothing can leave: no trace needed
+            if removal == "exact" and not has_dead_weights(model):  # nothing can leave: no trace needed
                 removed = ChannelRemoval()
             else:
                 removed = remove_dead_channels(model, example, None if removal == "exact" else self.data, self.device, removal)

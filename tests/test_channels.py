@@ -100,9 +100,10 @@ def test_grouped_convolutions_lose_the_same_number_of_channels_per_group() -> No
 
 
 def test_a_removable_channel_always_shows_as_a_dead_weight() -> None:
-    """`has_dead_weights` (the sweep's skip of the trace) is False only where exact and aggressive
-    removal find nothing, and sees each kind of dead weight: a silent output channel, an input a
-    grouped conv's group ignores, a linear layer's dead row or column, a transposed conv's."""
+    """`has_dead_weights` (the sweep's skip of the trace) is False only where removal by structure
+    (exact, or aggressive without data) finds nothing, and sees each kind of dead weight: a silent
+    output channel, an input a grouped conv's group ignores, a linear layer's dead row or column, a
+    transposed conv's. With data, a channel constant on it leaves without a dead weight: no skip there."""
     def network() -> nn.Sequential:
         return randomise_bn(nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -136,6 +137,12 @@ def test_a_removable_channel_always_shows_as_a_dead_weight() -> None:
         silent[0].weight[[1, 5]] = 0
     assert has_dead_weights(silent)
     assert remove_dead_channels(silent, X[:1], None, removal="aggressive").removed == 2  # what the check guards
+    dead_relu = copy.deepcopy(live)
+    with torch.no_grad():
+        dead_relu[1].bias[[2, 6]] = -100.0  # a ReLU that is zero on every sample: constant on the data
+    assert not has_dead_weights(dead_relu)
+    for removal in ("calibrated", "aggressive"):
+        assert remove_dead_channels(copy.deepcopy(dead_relu), X[:1], DATA, removal=removal).removed == 2
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from explainfix_cli import pruning
-from explainfix_cli.bench import deployment_form, median_latencies
+from explainfix_cli.bench import deployment_form
 from explainfix_cli.checkpoints import ArchSpec, load_model, open_model
 from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.measure import median_latency_ms
 from explainfix_cli.pruning import zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
 
@@ -313,8 +314,8 @@ def speed(folder: Path, data_file: Path, data: Dataset, pct: float, profile: boo
         ("deployment form (BN folded, channels-last)", [deployment_form(m).model for m in (original, pruned)], data.x.contiguous(memory_format=torch.channels_last)),
     )
     for form, models, x in forms:  # the same code as `explainfix bench` (explainfix_cli/bench.py)
-        before, after = median_latencies(models, x)
-        print(f"  {form:<44} before {before * 1e3:6.1f} ms, after {after * 1e3:6.1f} ms, latency ratio {after / before:.3f} "
+        before, after = median_latency_ms(models, x)
+        print(f"  {form:<44} before {before:6.1f} ms, after {after:6.1f} ms, latency ratio {after / before:.3f} "
               f"({'meets' if after / before <= macs_ratio else 'misses'} the target)")
     kinds = [time_by_op_kind(m, data.x) for m in (original, pruned)]
     print("  by op kind, as written (profiler, per forward): " + "; ".join(

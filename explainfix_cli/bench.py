@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 
 from .gates import Gate, at_most
-from .measure import count_macs
+from .measure import count_macs, median_latency_ms
 from .models import model_output
 
 FORMS = ("eager", "deployment")
@@ -53,19 +51,6 @@ def deployment_form(model: nn.Module) -> Deployment:
         fused, note = copied, f"batch norms not folded: torch.fx cannot trace the model ({type(e).__name__})"
     left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
     return Deployment(fused.to(memory_format=torch.channels_last), norms - left, note)  # type: ignore[call-overload]
-
-
-@torch.no_grad()
-def median_latencies(models: list[nn.Module], x: torch.Tensor, repeats: int = 30, warmup: int = 3) -> list[float]:
-    """Median seconds of one forward on `x` per model after `warmup` runs; the models run in turn."""
-    times: list[list[float]] = [[] for _ in models]
-    for i in range(warmup + repeats):
-        for model, spent in zip(models, times, strict=True):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                spent.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()
@@ -198,8 +183,8 @@ def bench(
             runnable = models if form == "eager" else [d.model for d in deployed]
             for n, key in ((1, "batch_1"), (batch_size, "batch_n")):
                 x = inputs[n] if form == "eager" else inputs[n].contiguous(memory_format=torch.channels_last)
-                for r, seconds in zip(results, median_latencies(runnable, x, repeats, warmup), strict=True):
-                    r.latency_ms[f"{form}_{key}"] = seconds * 1e3
+                for r, ms in zip(results, median_latency_ms(runnable, x, repeats, warmup), strict=True):
+                    r.latency_ms[f"{form}_{key}"] = ms
     ours = results[0]
     gates = []
     if max_latency_ms is not None:

@@ -1,7 +1,10 @@
-"""What a model costs and how well it does: parameters, MACs, spatial kernels, outputs and metrics."""
+"""What a model costs and how well it does: parameters, MACs, spatial kernels, latency, outputs and metrics."""
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +58,23 @@ def model_size(model: nn.Module, sample_shape: tuple[int, ...]) -> Size:
     total, zero = kernel_counts(model)
     params = sum(p.numel() for p in model.parameters())
     return Size(params=params, macs=count_macs(model, sample_shape), spatial_kernels=total, zero_kernels=zero)
+
+
+def median_latency_ms(models: Sequence[nn.Module], x: torch.Tensor, repeats: int = 30, warmup: int = 3) -> list[float]:
+    """Median milliseconds of one forward on `x` per model, in eval mode without autograd, after
+    `warmup` untimed runs. The models run in turn, so a change in the machine's load touches each
+    of them alike (`sweep` times its points this way, `bench` its models in both forms)."""
+    times: list[list[float]] = [[] for _ in models]
+    for model in models:
+        model.eval()
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for model, spent in zip(models, times, strict=True):
+                tic = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    spent.append((time.perf_counter() - tic) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()

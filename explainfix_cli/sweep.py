@@ -27,7 +27,6 @@ import functools
 import io
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,7 @@ from .checkpoints import ArchSpec
 from .choices import Criterion, Fill, Granularity, Removal
 from .data import Dataset, Preprocessing
 from .errors import UserError
-from .measure import metric, metric_upper_bound, model_size, outputs
+from .measure import median_latency_ms, metric, metric_upper_bound, model_size, outputs
 from .models import model_output, spatial_convs
 from .outputs import atomic_dir, check_folder_target, check_target
 from .pruning import PruneReport, prune, save_pruned, zero_least_salient
@@ -125,13 +124,14 @@ class PruneCurve:
         else:
             removed = remove_least_salient_channels(model, example, self.scores, pct)
         calibrated = self.options["granularity"] == "kernel" and removal == "calibrated"
-        if zeroed == 0 and removed.removed == 0 and self.reference is not None:  # nothing changed (pct 0): the model's own outputs
+        unchanged = zeroed == 0 and removed.removed == 0  # pct 0 on a model with nothing to remove: the model itself
+        if unchanged and self.reference is not None:
             out = self.reference
         elif calibrated and removed.outputs_before is not None:
             out = removed.outputs_before
         else:
             out = outputs(model, self.data, self.device)
-        size = model_size(model, self.sample_shape)
+        size = self.size if unchanged else model_size(model, self.sample_shape)
         measured = _finite(metric(self.data, out))
         return model, Point(
             pct=pct, params=size.params, macs=size.macs, spatial_kernels=size.spatial_kernels,
@@ -272,7 +272,7 @@ def sweep(
     )  # fmt: skip
     if latency_repeats:  # timed once per architecture: zeroed kernels are still multiplied (pct 0 and 50 often share one)
         first = {_shapes(m): i for i, m in reversed(list(enumerate(models)))}
-        timed = dict(zip(first.values(), median_latency_ms([models[i] for i in first.values()], data.x[:1].to(device), latency_repeats), strict=True))
+        timed = dict(zip(first.values(), median_latency_ms([models[i] for i in first.values()], data.x[:1].to(device), latency_repeats, LATENCY_WARMUP), strict=True))
         for model, point in zip(models, [baseline, *points], strict=True):
             point.latency_ms = round(timed[first[_shapes(model)]], 4)
     seconds["latency"] = time.perf_counter() - start - seconds["saliency"] - seconds["points"]
@@ -297,26 +297,6 @@ def _shapes(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
 def _finite(value: float | None) -> float | None:
     """JSON has no NaN: an undefined metric (e.g. an AUC of one-class data) is null."""
     return None if value is None or not math.isfinite(value) else value
-
-
-def median_latency_ms(models: Sequence[nn.Module], x: torch.Tensor, repeats: int, warmup: int = LATENCY_WARMUP) -> list[float]:
-    """Median milliseconds of one forward on `x` per model, without gradients, after warm-up.
-
-    The models run in turn, so a change in the machine's load touches each of them alike. This
-    is the eager model as written; `bench` measures the deployment form (batch norm folded,
-    channels-last) as well.
-    """
-    times: list[list[float]] = [[] for _ in models]
-    for model in models:
-        model.eval()
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for model, spent in zip(models, times, strict=True):
-                tic = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    spent.append((time.perf_counter() - tic) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def _write(result: SweepResult, out_dir: Path, figure: str, force: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ from pytest import approx
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from explainfix_cli.bench import bench, deployment_form, median_latencies, peak_forward_bytes
+from explainfix_cli.bench import bench, deployment_form, peak_forward_bytes
 from explainfix_cli.checkpoints import open_model
 from explainfix_cli.cli import app
-from explainfix_cli.measure import count_macs
+from explainfix_cli.measure import count_macs, median_latency_ms
 from explainfix_cli.pruning import prune
 
 BATCH_NORMS_AFTER_A_CONV = {"resnet": 9, "mobilenet": 14, "vgg": 4, "shufflenet": 15, "unet": 10, "densenet": 0, "convnext": 0}
@@ -78,8 +79,23 @@ def test_median_of_the_timed_runs_only() -> None:
             calls.append(1)
             return x
 
-    (seconds,) = median_latencies([Counter()], torch.zeros(1), repeats=5, warmup=2)
-    assert len(calls) == 7 and 0 <= seconds < 0.1
+    (ms,) = median_latency_ms([Counter()], torch.zeros(1), repeats=5, warmup=2)
+    assert len(calls) == 7 and 0 <= ms < 100
+
+
+def test_latency_is_a_median_of_timed_forwards() -> None:
+    class Sleeper(nn.Module):
+        def __init__(self, seconds: float):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(self.seconds)
+            return x
+
+    fast, slow = median_latency_ms([Sleeper(0.0), Sleeper(0.004)], torch.zeros(1, 1), repeats=5, warmup=1)
+    assert 4.0 <= slow < 40.0
+    assert fast < slow
 
 
 def test_costs_and_ratios_against_the_files(pruned_vgg: Path) -> None:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from explainfix_cli.data import load_data
 from explainfix_cli.measure import metric, outputs
 from explainfix_cli.pruning import prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
-from explainfix_cli.sweep import last_meeting, median_latency_ms, sweep
+from explainfix_cli.sweep import last_meeting, sweep
 
 PCTS = [0.0, 60.0, 90.0]
 MODEL = str(SAMPLES / "resnet.safetensors")
@@ -183,21 +182,6 @@ def test_adapt_runs_on_each_point_before_it_is_measured() -> None:
     expected = float((data.y[: data.num_samples] == predicted).float().mean())
     assert result.points[0].metric == pytest.approx(expected)
     assert result.baseline.metric > 0.9
-
-
-def test_latency_is_a_median_of_timed_forwards() -> None:
-    class Sleeper(nn.Module):
-        def __init__(self, seconds: float):
-            super().__init__()
-            self.seconds = seconds
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            time.sleep(self.seconds)
-            return x
-
-    fast, slow = median_latency_ms([Sleeper(0.0), Sleeper(0.004)], torch.zeros(1, 1), repeats=5, warmup=1)
-    assert 4.0 <= slow < 40.0
-    assert fast < slow
 
 
 # ---- the search ---------------------------------------------------------------------------------

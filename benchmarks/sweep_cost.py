@@ -84,6 +84,10 @@ def main() -> None:
     print(f"sweep at {len(pcts)} pcts              median {s:.3f} s  (runs: {', '.join(f'{t:.2f}' for t in sweeps)})")
     print("  sweep by stage (medians): " + ", ".join(f"{k} {v:.3f} s" for k, v in split.items()))
     print(f"in process: sweep / single prune = {s / p:.2f}  (target: below 3) -> {'met' if s < 3 * p else 'NOT met'}")
+    # what of it is the curve (item 1's cost: one saliency pass plus the per-point evaluations, with
+    # the loading a prune pays too) and what the outputs only a sweep makes (latency, the figure)
+    extra = split["latency"] + split["files"]
+    print(f"  of which the curve (load, saliency, points) {(s - extra) / p:.2f} prunes, latency and files {extra / p:.2f} prunes")
     # each sweep against the prune run just before it: a machine whose speed drifts during the
     # benchmark (shared cores) moves both of a pair alike, so the pair ratios spread less
     ratios = sorted(sw / pr for pr, sw in zip(prunes, sweeps, strict=True))

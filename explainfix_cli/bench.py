@@ -16,16 +16,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
+from .choices import LatencyForm
 from .gates import Gate, at_most
 from .measure import count_macs, median_latency_ms
 from .models import model_output
 
-FORMS = ("eager", "deployment")
+FORMS: tuple[LatencyForm, ...] = get_args(LatencyForm)
 
 
 @dataclass

@@ -14,6 +14,7 @@ Removal = Literal["exact", "calibrated", "aggressive"]  # §3, each a superset o
 Fill = Literal["zero", "reset", "fillzero"]  # §3, zeroed kernels that stay
 AttributionMethod = Literal["saliency", "integrated-gradients"]
 FigureFormat = Literal["png", "svg", "pdf"]
+LatencyForm = Literal["eager", "deployment"]  # the model as written, or batch norms folded and channels-last (bench)
 Init = Literal["keep", "dct2", "ghaar", "random"]  # §4, steered initialisation of fixed filters
 Trainable = Literal["unfixed", "all"]  # what finetune trains
 BatchNormMode = Literal["train", "frozen"]

@@ -89,6 +89,7 @@ RemovalOpt = _choice("RemovalOpt", choices.Removal)
 AttributionOpt = _choice("AttributionOpt", choices.AttributionMethod)
 FillOpt = _choice("FillOpt", choices.Fill)
 FigureFormat = _choice("FigureFormat", choices.FigureFormat)
+LatencyForm = _choice("LatencyForm", choices.LatencyForm)
 
 
 # ---- options shared by the commands -------------------------------------------------------------
@@ -128,7 +129,7 @@ def _stdout():  # type: ignore[no-untyped-def]
 LIBRARY_PARAMETERS = {
     "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
     "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
-    "granularity", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
+    "granularity", "latency_form", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
 }
 
 
@@ -1128,6 +1129,7 @@ def sweep(
     criterion: Annotated[CriterionOpt, typer.Option("--criterion", help="gradient (docs/method.md §1) or the data-free magnitude fallback.")] = CriterionOpt.gradient,
     removal: Annotated[RemovalOpt, typer.Option("--removal", help="exact, calibrated or aggressive channel removal, as in prune.")] = RemovalOpt.exact,
     latency_repeats: Annotated[int, typer.Option("--latency-repeats", help="Timed forwards per model at batch 1 (median reported); 0 skips latency, making the files identical across runs.")] = 30,
+    latency_form: Annotated[LatencyForm, typer.Option("--latency-form", help="Time the model as written (eager) or its deployment form: batch norms folded, channels-last, as bench measures it.")] = LatencyForm.eager,
     fmt: Annotated[FigureFormat, typer.Option("--format", help="Figure file format.")] = FigureFormat.png,
     finetune_epochs: FinetuneEpochsOpt = 0,
     train: TrainDataOpt = None,
@@ -1158,7 +1160,7 @@ def sweep(
         with _working("sweeping"):
             result = sweep_model(
                 loaded.model, dataset, values, out_dir=out, criterion=criterion.value, granularity=granularity.value, removal=removal.value,  # type: ignore[arg-type]
-                latency_repeats=latency_repeats, fmt=fmt.value, force=force, device=o.device, adapt=adapt,
+                latency_repeats=latency_repeats, latency_form=latency_form.value, fmt=fmt.value, force=force, device=o.device, adapt=adapt,  # type: ignore[arg-type]
             )
 
         def render() -> None:

@@ -67,11 +67,14 @@ def median_latency_ms(models: Sequence[nn.Module], x: torch.Tensor, repeats: int
     times: list[list[float]] = [[] for _ in models]
     for model in models:
         model.eval()
+    sync = torch.cuda.synchronize if x.is_cuda else lambda: None  # a CUDA forward returns before it has run
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for model, spent in zip(models, times, strict=True):
+                sync()
                 tic = time.perf_counter()
                 model(x)
+                sync()
                 if i >= warmup:
                     spent.append((time.perf_counter() - tic) * 1e3)
     return [statistics.median(t) for t in times]

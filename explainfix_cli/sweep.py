@@ -31,15 +31,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from .bench import deployment_form
 from .channels import ChannelRemoval, has_dead_weights, remove_dead_channels, remove_least_salient_channels
 from .checkpoints import ArchSpec
-from .choices import Criterion, Fill, Granularity, Removal
+from .choices import Criterion, Fill, Granularity, LatencyForm, Removal
 from .data import Dataset, Preprocessing
 from .errors import UserError
 from .measure import median_latency_ms, metric, metric_upper_bound, model_size, outputs
@@ -221,6 +222,7 @@ def sweep(
     granularity: Granularity = "kernel",
     removal: Removal = "exact",
     latency_repeats: int = 30,
+    latency_form: LatencyForm = "eager",
     fmt: str = "png",
     force: bool = False,
     device: str = "cpu",
@@ -234,7 +236,9 @@ def sweep(
     `adapt=lambda m: finetune(m, train, val, recipe=Recipe(epochs=2))` (`training.finetune`),
     so the curve shows what a user would get. Points come unfixed (spatial filters
     trainable); fix them in `adapt` to train only the rest, as the paper does.
-    `latency_repeats=0` skips latency (then the files are identical across runs).
+    `latency_repeats=0` skips latency (then the files are identical across runs). Latency is of
+    the model as written (`latency_form="eager"`) or of its deployment form (batch norms folded,
+    channels-last: `bench.deployment_form`), what an inference runtime would run.
     """
     start = time.perf_counter()
     pcts = sorted({float(p) for p in pcts})
@@ -242,6 +246,8 @@ def sweep(
         raise UserError(f"every pct of `pcts` must be in [0, 100), not {pcts}.")
     if latency_repeats < 0:
         raise UserError(f"`latency_repeats` must be 0 (no latency) or more, not {latency_repeats}.")
+    if latency_form not in get_args(LatencyForm):
+        raise UserError(f"`latency_form` must be one of {', '.join(get_args(LatencyForm))}, not {latency_form!r}.")
     figure = f"sweep.{fmt}"
     if out_dir is not None:
         check_folder_target(Path(out_dir), force)
@@ -270,16 +276,25 @@ def sweep(
         nonzero_spatial_kernels=curve.size.spatial_kernels - curve.size.zero_kernels, zeroed_kernels=0, channels_removed=0,
         metric=curve.metric, metric_drop=0.0 if curve.metric is not None else None,
     )  # fmt: skip
+    unfolded: list[str] = []  # deployment form: why batch norms stayed, per model timed
     if latency_repeats:  # timed once per architecture: zeroed kernels are still multiplied (pct 0 and 50 often share one)
         first = {_shapes(m): i for i, m in reversed(list(enumerate(models)))}
-        timed = dict(zip(first.values(), median_latency_ms([models[i] for i in first.values()], data.x[:1].to(device), latency_repeats, LATENCY_WARMUP), strict=True))
+        timed_models, x = [models[i] for i in first.values()], data.x[:1].to(device)
+        if latency_form == "deployment":
+            deployed = [deployment_form(m) for m in timed_models]
+            unfolded = sorted({d.note for d in deployed if d.note})
+            timed_models, x = [d.model for d in deployed], x.contiguous(memory_format=torch.channels_last)
+        timed = dict(zip(first.values(), median_latency_ms(timed_models, x, latency_repeats, LATENCY_WARMUP), strict=True))
         for model, point in zip(models, [baseline, *points], strict=True):
             point.latency_ms = round(timed[first[_shapes(model)]], 4)
     seconds["latency"] = time.perf_counter() - start - seconds["saliency"] - seconds["points"]
 
     settings = {
         "pcts": pcts, "criterion": criterion, "granularity": granularity, "removal": removal, "samples": data.num_samples,
-        "latency": {"batch": 1, "repeats": latency_repeats, "warmup": LATENCY_WARMUP, "threads": torch.get_num_threads(), "device": device},
+        "latency": {
+            "batch": 1, "repeats": latency_repeats, "warmup": LATENCY_WARMUP, "threads": torch.get_num_threads(), "device": device,
+            "form": latency_form, "note": "; ".join(unfolded) or None,
+        },
     }  # fmt: skip
     result = SweepResult(data.metric_name, baseline, points, settings)
     if out_dir is not None:
@@ -313,6 +328,7 @@ def _write(result: SweepResult, out_dir: Path, figure: str, force: bool) -> None
             metric=np.array([_nan(base.metric), *(_nan(p.metric) for p in points)], dtype=float),
             latency_ms=latency,
             metric_name=result.metric or "metric",
+            latency_form=result.settings["latency"]["form"],
         )
     result.out = str(out_dir)
     result.files = [str(out_dir / name) for name in (*SWEEP_FILES, figure)]
@@ -323,7 +339,8 @@ def _nan(value: float | None) -> float:
 
 
 def draw_tradeoff(
-    path: Path, *, pcts: np.ndarray, params: np.ndarray, metric: np.ndarray, latency_ms: np.ndarray | None, metric_name: str
+    path: Path, *, pcts: np.ndarray, params: np.ndarray, metric: np.ndarray, latency_ms: np.ndarray | None, metric_name: str,
+    latency_form: str = "eager",
 ) -> None:
     """Metric against parameters (and against latency): one labelled point per pct, the unpruned
     model starred. `params`, `metric`, `latency_ms` hold the unpruned model first, then one
@@ -334,7 +351,8 @@ def draw_tradeoff(
 
     from .explanation.figures import _save
 
-    panels = [(params, "parameters")] + ([(latency_ms, "latency at batch 1 (ms, median)")] if latency_ms is not None else [])
+    latency_label = "latency at batch 1 (ms, median)" if latency_form == "eager" else "latency at batch 1, deployment form (ms, median)"
+    panels = [(params, "parameters")] + ([(latency_ms, latency_label)] if latency_ms is not None else [])
     # fixed margins: a constrained layout would draw the figure twice, half the cost of a sweep's files
     fig = Figure(figsize=(5.2 * len(panels), 4.2))
     fig.subplots_adjust(left=0.14 / len(panels), right=1 - 0.04 / len(panels), bottom=0.13, top=0.86, wspace=0.08)

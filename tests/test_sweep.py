@@ -166,6 +166,45 @@ def test_table_on_stdout_and_latency_in_the_figure(tmp_path: Path) -> None:
     assert _png_size(tmp_path / "s" / "sweep.png")[0] == 1560  # two panels: parameters, latency
 
 
+def test_latency_in_deployment_form_times_folded_channels_last_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--latency-form deployment` times what `bench` calls the deployment form: copies with the
+    batch norms folded into the convolutions before them, fed a channels-last input, one per
+    architecture, and each point gets its own copy's time."""
+    import explainfix_cli.sweep as module
+
+    timed: list[tuple[list[nn.Module], torch.Tensor]] = []
+
+    def fake_timer(models: list[nn.Module], x: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+        timed.append((models, x))
+        return [float(sum(p.numel() for p in m.parameters())) for m in models]  # a "time" that names the model
+
+    monkeypatch.setattr(module, "median_latency_ms", fake_timer)
+    data = sample_data("resnet", batches=1)
+    result = sweep(sample_model("resnet").model, data, [50, 90], latency_form="deployment", out_dir=tmp_path / "s")
+    (models, x), = timed
+    assert len(models) == 2  # 50 % removes no channel: it runs as the unpruned model
+    assert not any(isinstance(m, nn.BatchNorm2d) for model in models for m in model.modules())
+    assert x.is_contiguous(memory_format=torch.channels_last)  # one channel: both layouts alike, so the weights tell
+    wide = [m.weight for model in models for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
+    assert wide and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in wide)
+    base, half, most = result.baseline, *result.points
+    sizes = [float(sum(p.numel() for p in m.parameters())) for m in models]
+    assert half.latency_ms == base.latency_ms == max(sizes) and most.latency_ms == min(sizes) < max(sizes)
+    assert result.settings["latency"]["form"] == "deployment" and result.settings["latency"]["note"] is None
+    eager = sweep(sample_model("resnet").model, data, [50, 90], out_dir=tmp_path / "e")
+    (eager_models, eager_x) = timed[1]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in eager_models[0].modules()) and eager_x.is_contiguous()
+    for folded, plain in zip(models, eager_models, strict=True):
+        # folding drops the batch norms' weights and biases and gives each conv a bias: the plain
+        # count minus 2 per batch-norm channel, plus 1 per output channel of a conv without a bias
+        norms = [m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]
+        convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+        without_norms = sum(p.numel() for p in plain.parameters()) - sum(2 * n.num_features for n in norms)
+        assert sum(p.numel() for p in folded.parameters()) == without_norms + sum(c.out_channels for c in convs if c.bias is None)
+    assert eager.settings["latency"]["form"] == "eager"
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["settings"]["latency"]["form"] == "deployment"
+
+
 def test_adapt_runs_on_each_point_before_it_is_measured() -> None:
     """The extension point for fine-tuning each point: here a change whose effect is known. With
     the classifier silenced every logit is its bias alone, so every sample gets one class."""

@@ -8,7 +8,10 @@ alternate, so a change in the machine's load touches both alike; medians of `--r
 same as a user at the shell pays it: `explainfix prune` against `explainfix sweep`, each a new
 process that imports torch first.
 
-    python benchmarks/sweep_cost.py [--runs 5] [--pcts 0,50,80,90,95,99]
+    python benchmarks/sweep_cost.py [--runs 5] [--pcts 0,50,80,90,95,99] [--sample resnet]
+
+`--sample` takes another bundled model (its data: the U-Net's nuclei, the others' digits), to see
+how the ratio moves when a forward pass costs more against the sweep's fixed latency and figure.
 
 Besides the ratio of the medians it prints the spread of the ratio of each sweep to the prune run
 just before it, which a machine whose speed drifts during the run moves less.
@@ -33,7 +36,7 @@ from explainfix_cli.pruning import prune
 from explainfix_cli.sweep import sweep
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-MODEL, DATA = SAMPLES / "resnet.safetensors", SAMPLES / "digits_val.npz"
+MODEL, DATA = SAMPLES / "resnet.safetensors", SAMPLES / "digits_val.npz"  # set by --sample
 
 
 def one_prune(out: Path, pct: float) -> float:
@@ -60,9 +63,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--pcts", default="0,50,80,90,95,99")
+    parser.add_argument("--sample", default="resnet", help="a bundled model: resnet (the issue's), densenet, densenet_bc, mobilenet, unet, vgg, ...")
     args = parser.parse_args()
+    global MODEL, DATA
+    MODEL = SAMPLES / f"{args.sample}.safetensors"
+    DATA = SAMPLES / ("nuclei_val.npz" if args.sample == "unet" else "digits_val.npz")
     pcts = [float(p) for p in args.pcts.split(",")]
-    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{MODEL.name} on {DATA.name}; torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         one_prune(folder / "warm.safetensors", 80)  # first calls pay imports (matplotlib in the sweep)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner, Result
 
 from explainfix_cli.checkpoints import load_model, open_model
 from explainfix_cli.cli import app
-from explainfix_cli.data import load_data
+from explainfix_cli.data import Dataset, load_data
 from explainfix_cli.measure import metric, outputs
 from explainfix_cli.pruning import prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
@@ -203,6 +203,29 @@ def test_latency_in_deployment_form_times_folded_channels_last_copies(tmp_path: 
         assert sum(p.numel() for p in folded.parameters()) == without_norms + sum(c.out_channels for c in convs if c.bias is None)
     assert eager.settings["latency"]["form"] == "eager"
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["settings"]["latency"]["form"] == "deployment"
+
+
+def test_deployment_form_of_a_model_fx_cannot_trace_says_why() -> None:
+    """A forward that branches on its input's values cannot be traced symbolically: the batch
+    norms stay, the latency is still measured (channels-last), and `settings` says why."""
+
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(self.conv(x))
+            if h.mean() > 0:  # data-dependent control flow: torch.fx raises on it
+                h = h.relu()
+            return self.head(h.mean(dim=(2, 3)))
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.randn(8, 1, 6, 6, generator=g), torch.arange(8) % 3, batch_size=4)
+    result = sweep(Branching(), data, [0, 50], latency_repeats=1, latency_form="deployment")
+    latency = result.settings["latency"]
+    assert latency["form"] == "deployment" and "torch.fx cannot trace" in latency["note"]
+    assert all(p.latency_ms is not None and p.latency_ms > 0 for p in (result.baseline, *result.points))
 
 
 def test_adapt_runs_on_each_point_before_it_is_measured() -> None:

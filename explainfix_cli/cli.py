@@ -130,6 +130,7 @@ LIBRARY_PARAMETERS = {
     "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
     "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
     "granularity", "latency_form", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
+    "min_metric", "max_latency_ms",  # the gates of evaluate and bench
 }
 
 
@@ -689,12 +690,14 @@ def evaluate(
     """The target's metric (accuracy, AUC, dice) and loss on the data, optionally against --vs; CI gates exit 1."""
 
     def body() -> Any:
+        from .evaluation import check_gate_limits
         from .evaluation import evaluate as evaluate_model
 
         if data is None:
             raise UserError("evaluate needs data: pass --data D.")
         if max_drop is not None and vs is None:
             raise UserError("--max-drop compares with another model; pass it with --vs OTHER.")
+        check_gate_limits(min_metric, max_drop)  # before any model is loaded
         _preprocessing(data, o.mean, o.std)
         o.setup()
         loaded = o.load_model(model)
@@ -748,6 +751,7 @@ def bench(
 
     def body() -> Any:
         from .bench import bench as bench_model
+        from .gates import check_limit
 
         for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads or 1)):
             if value < 1:
@@ -756,6 +760,9 @@ def bench(
             raise UserError(f"--warmup must be 0 or more, not {warmup}.")
         if o.device != "cpu":
             raise UserError("bench measures CPU latency; run it with --device cpu.")
+        check_limit("max_latency_ms", max_latency_ms, 0, above_low=True)
+        check_limit("max_params", max_params, 1)
+        check_limit("max_macs", max_macs, 1)
         o.setup()
         loaded = o.load_model(model)
         other = o.load_model(vs) if vs else None

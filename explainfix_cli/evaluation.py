@@ -17,7 +17,7 @@ from torch import nn
 
 from .data import Dataset
 from .errors import UserError
-from .gates import Gate, at_least, at_most
+from .gates import Gate, at_least, at_most, check_limit
 from .losses import loss_for
 from .measure import auc_per_label, metric, outputs
 
@@ -100,6 +100,13 @@ def evaluate_model(model: nn.Module, data: Dataset, name: str = "model", device:
     return result
 
 
+def check_gate_limits(min_metric: float | None, max_drop: float | None) -> None:
+    """Limits a gate can meet: accuracy, AUC and Dice all lie in [0, 1], so a drop lies in
+    [-1, 1] (a negative `max_drop` asks the model to beat the other by that much). NaN is none."""
+    check_limit("min_metric", min_metric, 0, 1)
+    check_limit("max_drop", max_drop, -1, 1)
+
+
 def evaluate(
     model: nn.Module,
     data: Dataset,
@@ -116,6 +123,7 @@ def evaluate(
     far below `vs`'s)."""
     if max_drop is not None and vs is None:
         raise UserError("a maximum drop is measured against another model; give the model to compare with.")
+    check_gate_limits(min_metric, max_drop)
     report = EvaluationReport(evaluate_model(model, data, name, device))
     what = f"the {report.model.metric} of {name}"
     if vs is not None:

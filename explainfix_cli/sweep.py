@@ -43,6 +43,7 @@ from .checkpoints import ArchSpec
 from .choices import Criterion, Fill, Granularity, LatencyForm, Removal
 from .data import Dataset, Preprocessing
 from .errors import UserError
+from .gates import check_limit
 from .measure import median_latency_ms, metric, metric_upper_bound, model_size, outputs
 from .models import model_output, spatial_convs
 from .outputs import atomic_dir, check_folder_target, check_target
@@ -389,11 +390,9 @@ class Target:
     max_macs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_drop is not None and not 0 <= self.max_drop <= 1:
-            raise UserError(f"`max_drop` must be in [0, 1], not {self.max_drop}.")
-        for name, value in (("max_params", self.max_params), ("max_macs", self.max_macs)):
-            if value is not None and value < 1:
-                raise UserError(f"`{name}` must be a positive number, not {value}.")
+        check_limit("max_drop", self.max_drop, 0, 1)
+        check_limit("max_params", self.max_params, 1)
+        check_limit("max_macs", self.max_macs, 1)
 
     @property
     def given(self) -> bool:

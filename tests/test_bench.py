@@ -153,3 +153,8 @@ def test_side_by_side_table_and_usage_errors(pruned_vgg: Path) -> None:
     assert recorded.exit_code == 0 and json.loads(recorded.stdout)["input_size"] == [1, 16, 16]
     wrong = _bench(SAMPLES / "vgg.safetensors", "--input-size", "3,16,16")
     assert wrong.exit_code == 2 and "do not fit" in wrong.stderr
+    # a gate no model can pass is a mistake in the command (exit 2), not a failed gate (exit 1)
+    for args, message in ((["--max-latency-ms", "-1"], "--max-latency-ms must be above 0"), (["--max-latency-ms", "nan"], "above 0"),
+                          (["--max-params", "0"], "--max-params must be at least 1"), (["--max-macs", "-3"], "--max-macs must be at least 1")):  # fmt: skip
+        impossible = _bench(pruned_vgg, *args, "--json")
+        assert impossible.exit_code == 2 and impossible.stdout == "" and message in impossible.stderr, impossible.output

@@ -105,3 +105,9 @@ def test_table_for_people_and_usage_errors() -> None:
     assert bad.exit_code == 2 and "--vs" in bad.stderr and bad.stdout == ""
     nodata = CliRunner().invoke(app, ["evaluate", str(SAMPLES / "mobilenet.safetensors")])
     assert nodata.exit_code == 2 and "--data" in nodata.stderr
+    # a limit no metric can meet is a mistake in the command, not a failed gate: exit 2, not 1
+    for args, flag in ((["--min-metric", "1.5"], "--min-metric"), (["--min-metric", "nan"], "--min-metric"),
+                       (["--vs", str(SAMPLES / "resnet.safetensors"), "--max-drop", "-2"], "--max-drop")):  # fmt: skip
+        impossible = _evaluate(*args, "--json")
+        assert impossible.exit_code == 2 and impossible.stdout == "", impossible.output
+        assert impossible.stderr.count("\n") == 1 and f"{flag} must be in [" in impossible.stderr

@@ -25,7 +25,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from . import choices
-from .errors import UserError
+from .errors import UserError, check_range
 
 if TYPE_CHECKING:
     from .checkpoints import LoadedModel
@@ -131,6 +131,7 @@ LIBRARY_PARAMETERS = {
     "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
     "granularity", "latency_form", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
     "min_metric", "max_latency_ms",  # the gates of evaluate and bench
+    "epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature", "max_minutes",  # finetune's recipe
 }
 
 
@@ -751,7 +752,6 @@ def bench(
 
     def body() -> Any:
         from .bench import bench as bench_model
-        from .gates import check_limit
 
         for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads or 1)):
             if value < 1:
@@ -760,9 +760,9 @@ def bench(
             raise UserError(f"--warmup must be 0 or more, not {warmup}.")
         if o.device != "cpu":
             raise UserError("bench measures CPU latency; run it with --device cpu.")
-        check_limit("max_latency_ms", max_latency_ms, 0, above_low=True)
-        check_limit("max_params", max_params, 1)
-        check_limit("max_macs", max_macs, 1)
+        check_range("max_latency_ms", max_latency_ms, 0, above_low=True)
+        check_range("max_params", max_params, 1)
+        check_range("max_macs", max_macs, 1)
         o.setup()
         loaded = o.load_model(model)
         other = o.load_model(vs) if vs else None
@@ -906,10 +906,12 @@ def finetune(
         from .training import Recipe, finetune_file
 
         check_target(out, force)
-        if not 0 <= distill_weight <= 1:
-            raise UserError(f"--distill-weight must be in [0, 1], not {distill_weight}.")
-        if epochs < 0 or lr <= 0 or norm_lr_scale <= 0 or temperature <= 0:
-            raise UserError("--epochs must be >= 0, and --lr, --norm-lr-scale and --temperature positive.")
+        check_range("distill_weight", distill_weight, 0, 1)  # the recipe holds 0 without a teacher
+        recipe = Recipe(  # checks every number before anything is loaded
+            epochs=epochs, lr=lr, norm_lr_scale=norm_lr_scale, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
+            distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=o.seed,
+            class_gates=class_gates,
+        )
         _preprocessing(data, o.mean, o.std)
         o.setup()
         rank = _distributed_setup(o.device)
@@ -917,11 +919,6 @@ def finetune(
         teacher_model = o.load_model(teacher).model if teacher else None
         train_data = o.load_data(data, loaded)
         val_data = o.load_data(val, loaded, every_batch=True)
-        recipe = Recipe(
-            epochs=epochs, lr=lr, norm_lr_scale=norm_lr_scale, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
-            distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=o.seed,
-            class_gates=class_gates,
-        )
         progress = None
         if not o.as_json and rank == 0 and sys.stderr.isatty():
             def progress(r: Any) -> None:

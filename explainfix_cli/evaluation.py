@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .errors import UserError
-from .gates import Gate, at_least, at_most, check_limit
+from .errors import UserError, check_range
+from .gates import Gate, at_least, at_most
 from .losses import loss_for
 from .measure import auc_per_label, metric, outputs
 
@@ -103,8 +103,8 @@ def evaluate_model(model: nn.Module, data: Dataset, name: str = "model", device:
 def check_gate_limits(min_metric: float | None, max_drop: float | None) -> None:
     """Limits a gate can meet: accuracy, AUC and Dice all lie in [0, 1], so a drop lies in
     [-1, 1] (a negative `max_drop` asks the model to beat the other by that much). NaN is none."""
-    check_limit("min_metric", min_metric, 0, 1)
-    check_limit("max_drop", max_drop, -1, 1)
+    check_range("min_metric", min_metric, 0, 1)
+    check_range("max_drop", max_drop, -1, 1)
 
 
 def evaluate(

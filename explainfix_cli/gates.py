@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -43,18 +40,6 @@ def _sentence(what: str, value: float | None, relation: str, bound: str, limit: 
     if value is None:
         return f"{what} could not be measured, so the {bound} of {_fmt(limit)} is not met."
     return f"{what} is {_fmt(value)}, {relation} the {bound} of {_fmt(limit)}."
-
-
-def check_limit(name: str, limit: float | None, low: float, high: float = math.inf, *, above_low: bool = False) -> None:
-    """A limit some value can meet, else a usage error: in [low, high] ((low, high] with
-    `above_low`), never NaN. A gate with an impossible limit is a mistake in the command, which
-    must not pass for a failed gate (exit 2, before any model is loaded, not 1 after measuring)."""
-    if limit is None:
-        return
-    inside = (low < limit if above_low else low <= limit) and limit <= high  # False for NaN
-    if not inside:
-        where = f"above {_fmt(low)}" if above_low and high == math.inf else f"at least {_fmt(low)}" if high == math.inf else f"in [{_fmt(low)}, {_fmt(high)}]"
-        raise UserError(f"`{name}` must be {where}, not {limit}.")
 
 
 def failed(gates: list[Gate]) -> list[Gate]:

@@ -42,8 +42,7 @@ from .channels import ChannelRemoval, has_dead_weights, remove_dead_channels, re
 from .checkpoints import ArchSpec
 from .choices import Criterion, Fill, Granularity, LatencyForm, Removal
 from .data import Dataset, Preprocessing
-from .errors import UserError
-from .gates import check_limit
+from .errors import UserError, check_range
 from .measure import median_latency_ms, metric, metric_upper_bound, model_size, outputs
 from .models import model_output, spatial_convs
 from .outputs import atomic_dir, check_folder_target, check_target
@@ -390,9 +389,9 @@ class Target:
     max_macs: int | None = None
 
     def __post_init__(self) -> None:
-        check_limit("max_drop", self.max_drop, 0, 1)
-        check_limit("max_params", self.max_params, 1)
-        check_limit("max_macs", self.max_macs, 1)
+        check_range("max_drop", self.max_drop, 0, 1)
+        check_range("max_params", self.max_params, 1)
+        check_range("max_macs", self.max_macs, 1)
 
     @property
     def given(self) -> bool:

@@ -25,7 +25,7 @@ from .checkpoints import LoadedModel, save_model
 from .choices import BatchNormMode, OptimizerName, Trainable
 from .classes import ClassGates, uses_gates
 from .data import Dataset, TargetKind
-from .errors import UserError
+from .errors import UserError, check_range
 from .measure import metric, outputs
 from .models import model_output
 from .narrowing import reading_used_inputs, skipping_unread_channels
@@ -51,6 +51,15 @@ class Recipe:
     class_gates: bool = False  # docs/method.md §6: CSG training, one standard epoch then two gated
     gate_sparsity: float = 4.0  # weight of the gate's L1 norm on gated steps (measured on the ResNet sample)
     gate_lr: float = 0.5  # the gate's own plain gradient step
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, 0)
+        for name in ("lr", "norm_lr_scale", "temperature", "gate_lr"):
+            check_range(name, getattr(self, name), 0, above_low=True)
+        for name in ("weight_decay", "max_minutes"):  # max_minutes 0: one epoch, the least that runs
+            check_range(name, getattr(self, name), 0)
+        check_range("distill_weight", self.distill_weight, 0, 1)
+        check_range("gate_sparsity", self.gate_sparsity, 0)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

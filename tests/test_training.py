@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from explainfix_cli import cli
 from explainfix_cli.checkpoints import load_model, open_model
 from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.errors import UserError
 from explainfix_cli.measure import metric, outputs
 from explainfix_cli.models import spatial_convs
 from explainfix_cli.pruning import prune
@@ -144,6 +145,20 @@ def test_cli_defaults_are_the_recipe() -> None:
     for name in ("epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature"):
         assert defaults[name] == getattr(recipe, name)
     assert (defaults["optimizer"].value, defaults["batch_norm"].value, defaults["train"].value) == (recipe.optimizer, recipe.batch_norm, recipe.train)
+
+
+@pytest.mark.parametrize(("option", "value"), [("lr", "nan"), ("lr", "inf"), ("lr", "0"), ("norm-lr-scale", "nan"), ("weight-decay", "nan"),
+                                               ("weight-decay", "-0.5"), ("temperature", "-2"), ("distill-weight", "nan"), ("max-minutes", "-1")])  # fmt: skip
+def test_a_number_out_of_range_is_refused_before_anything_is_loaded(option: str, value: str, tmp_path: Path) -> None:
+    """NaN compares false with everything, so a check like `lr <= 0` let it through: Adam then
+    raised from deep inside (exit 1), and a NaN normalisation rate trained without a word."""
+    out = tmp_path / "t.safetensors"
+    result = CliRunner().invoke(cli.app, ["finetune", str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_train.npz"),
+                                      "--val", str(SAMPLES / "digits_val.npz"), "--epochs", "1", f"--{option}", value, "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 2 and result.stdout == "" and not out.exists(), result.output
+    assert result.stderr.count("\n") == 1 and f"--{option} must be" in result.stderr and value in result.stderr
+    with pytest.raises(UserError):
+        Recipe(**{option.replace("-", "_"): float(value)})
 
 
 def test_normalisation_parameters_learn_at_their_own_rate() -> None:

@@ -47,6 +47,18 @@ def sniff(path: Path) -> ModelFormat | None:
     return None
 
 
+def _cut_short_safetensors(path: Path) -> tuple[int, int] | None:
+    """(bytes the header needs, bytes there are) for a safetensors file whose header runs past its
+    end (an interrupted download or copy), else None. The header is JSON, so it opens with `{`."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return (8 + header_len, size) if 8 + header_len > size and header_len < 1 << 32 else None  # a sane header length
+
+
 def is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
@@ -62,6 +74,8 @@ def model_format(path: Path) -> ModelFormat:
         raise UserError(f"model file {path} cannot be read ({e.strerror}).") from None
     if found is None and is_zip(path):
         return "torch-zip"  # a damaged archive: the checkpoint reader says what is wrong with it
+    if found is None and (short := _cut_short_safetensors(path)) is not None:
+        raise UserError(f"{path} starts as a safetensors file but ends early: its header alone needs {short[0]:,} bytes and the file has {short[1]:,}; copy it again.")
     if found is None:
         raise UserError(
             f"{path} is in an unrecognised model format; explainfix reads safetensors, PyTorch checkpoints "

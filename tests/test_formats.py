@@ -25,6 +25,19 @@ def test_random_bytes_named_onnx_are_unrecognised_not_a_pickle(tmp_path: Path) -
     assert "pickle" not in str(e.value)
 
 
+def test_a_safetensors_file_cut_short_says_so(tmp_path: Path) -> None:
+    """An interrupted copy: the first 1,000 bytes of the sample, whose JSON header alone is longer."""
+    whole = (SAMPLES / "resnet.safetensors").read_bytes()
+    header = 8 + int.from_bytes(whole[:8], "little")
+    path = tmp_path / "resnet.safetensors"
+    path.write_bytes(whole[:1000])
+    with pytest.raises(UserError, match=f"ends early: its header alone needs {header:,} bytes and the file has 1,000"):
+        open_model(path)
+    path.write_bytes(whole[: len(whole) - 100])  # the header whole, the tensors cut: the reader says so
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        open_model(path)
+
+
 def test_an_onnx_header_is_named(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     # ir_version 8, then producer_name "pytorch": how every ONNX export begins

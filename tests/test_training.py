@@ -206,7 +206,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "explainfix_cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-20000:]
     return proc
 
 
@@ -252,6 +252,11 @@ def test_torchrun_processes_end_with_the_same_model_under_batch_statistics(tmp_p
     # every epoch, so all validate alike, keep the same epoch, and a search over fine-tuned probes
     # (`prune --max-drop --finetune-epochs` under torchrun) takes one path in all of them
     proc = _worker("same-model", str(tmp_path / "all.json"))
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # a rare abort inside torch's C++ (about 1 run in 30 here, only beside other test
+        # processes; not reproduced alone in 80 runs, nor under load with faulthandler): once more,
+        # so that the same assertions decide; a second abort fails the test
+        proc = _worker("same-model", str(tmp_path / "all.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = json.loads((tmp_path / "all.json").read_text())
     assert first["metrics"] == second["metrics"] and first["best_epoch"] == second["best_epoch"]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .choices import LatencyForm
+from .errors import check_range
 from .gates import Gate, at_most
 from .measure import count_macs, median_latency_ms
 from .models import model_output
@@ -154,6 +155,13 @@ def _ratios(a: Bench, b: Bench) -> dict[str, float | None]:
     return {k: None if x is None or not y else x / y for k, (x, y) in pairs.items()}
 
 
+def check_gate_limits(max_latency_ms: float | None, max_params: int | None, max_macs: int | None) -> None:
+    """Limits a gate can meet: a latency above 0 ms, at least 1 parameter and 1 MAC."""
+    check_range("max_latency_ms", max_latency_ms, 0, above_low=True)
+    check_range("max_params", max_params, 1)
+    check_range("max_macs", max_macs, 1)
+
+
 def bench(
     model: nn.Module,
     input_size: tuple[int, ...],
@@ -174,6 +182,7 @@ def bench(
 ) -> BenchReport:
     """Measure `model` (and `vs`) on random inputs of `input_size` (C, H, W), then apply the gates:
     `max_latency_ms` on the median latency at batch 1 as written, `max_params`, `max_macs` per sample."""
+    check_gate_limits(max_latency_ms, max_params, max_macs)
     models = [model.eval()] if vs is None else [model.eval(), vs.eval()]
     g = torch.Generator().manual_seed(seed)
     inputs = {n: torch.randn(n, *input_size, generator=g) for n in (1, batch_size)}  # (n, C, H, W)

@@ -752,6 +752,7 @@ def bench(
 
     def body() -> Any:
         from .bench import bench as bench_model
+        from .bench import check_gate_limits
 
         for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads or 1)):
             if value < 1:
@@ -760,9 +761,7 @@ def bench(
             raise UserError(f"--warmup must be 0 or more, not {warmup}.")
         if o.device != "cpu":
             raise UserError("bench measures CPU latency; run it with --device cpu.")
-        check_range("max_latency_ms", max_latency_ms, 0, above_low=True)
-        check_range("max_params", max_params, 1)
-        check_range("max_macs", max_macs, 1)
+        check_gate_limits(max_latency_ms, max_params, max_macs)  # before any model is loaded
         o.setup()
         loaded = o.load_model(model)
         other = o.load_model(vs) if vs else None

@@ -17,5 +17,8 @@ def check_range(name: str, value: float | None, low: float, high: float = math.i
     if value is None:
         return
     if not (math.isfinite(value) and (low < value if above_low else low <= value) and value <= high):
-        where = f"above {low:g}" if above_low and high == math.inf else f"at least {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise UserError(f"`{name}` must be {'' if math.isfinite(value) else 'a number '}{where}, not {value}.")
+        if high == math.inf:
+            where = f"above {low:g}" if above_low else f"at least {low:g}"
+        else:
+            where = f"in {'(' if above_low else '['}{low:g}, {high:g}]"
+        raise UserError(f"`{name}` must be {'' if math.isfinite(value) else 'finite and '}{where}, not {value}.")

@@ -25,10 +25,9 @@ def sniff(path: Path) -> ModelFormat | None:
     with open(path, "rb") as f:
         head = f.read(16)
     size = path.stat().st_size
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 8 + header_len <= size:
-            return "safetensors"
+    header_len = _safetensors_header_len(head)
+    if header_len is not None and 8 + header_len <= size:
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as z:
@@ -47,16 +46,23 @@ def sniff(path: Path) -> ModelFormat | None:
     return None
 
 
-def _cut_short_safetensors(path: Path) -> tuple[int, int] | None:
-    """(bytes the header needs, bytes there are) for a safetensors file whose header runs past its
-    end (an interrupted download or copy), else None. The header is JSON, so it opens with `{`."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
+def _safetensors_header_len(head: bytes) -> int | None:
+    """The JSON header's length that a safetensors file's first 8 bytes give (little-endian), if
+    the header then opens with `{`; else None."""
     if len(head) < 9 or head[8:9] != b"{":
         return None
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return (8 + header_len, size) if 8 + header_len > size and header_len < 1 << 32 else None  # a sane header length
+    return int(struct.unpack("<Q", head[:8])[0])
+
+
+def _cut_short_safetensors(path: Path) -> tuple[int, int] | None:
+    """(bytes the header needs, bytes there are) for a safetensors file whose header runs past its
+    end (an interrupted download or copy), else None."""
+    with open(path, "rb") as f:
+        header_len = _safetensors_header_len(f.read(9))
+    size = path.stat().st_size
+    if header_len is None or header_len >= 1 << 32:  # not one, or a length no header has
+        return None
+    return (8 + header_len, size) if 8 + header_len > size else None
 
 
 def is_zip(path: Path) -> bool:

@@ -209,8 +209,6 @@ def finetune(
     `model` is changed in place, returned in eval mode.
     """
     recipe = recipe or Recipe()
-    if recipe.epochs < 0:
-        raise UserError(f"epochs must be at least 0, not {recipe.epochs}.")
     if recipe.train == "all":
         for p in model.parameters():
             if p.is_floating_point():

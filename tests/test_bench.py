@@ -17,6 +17,7 @@ from typer.testing import CliRunner, Result
 from explainfix_cli.bench import bench, deployment_form, peak_forward_bytes
 from explainfix_cli.checkpoints import open_model
 from explainfix_cli.cli import app
+from explainfix_cli.errors import UserError
 from explainfix_cli.measure import count_macs, median_latency_ms
 from explainfix_cli.pruning import prune
 
@@ -158,3 +159,5 @@ def test_side_by_side_table_and_usage_errors(pruned_vgg: Path) -> None:
                           (["--max-params", "0"], "--max-params must be at least 1"), (["--max-macs", "-3"], "--max-macs must be at least 1")):  # fmt: skip
         impossible = _bench(pruned_vgg, *args, "--json")
         assert impossible.exit_code == 2 and impossible.stdout == "" and message in impossible.stderr, impossible.output
+    with pytest.raises(UserError, match="`max_latency_ms` must be above 0"):  # the library checks the same, before measuring
+        bench(open_model(pruned_vgg).model, (1, 16, 16), max_latency_ms=0.0)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from explainfix_cli.checkpoints import open_model
-from explainfix_cli.classes import ClassGates, analyse_classes, class_gated_step, extract, uses_gates
-from explainfix_cli.data import Dataset, load_data
-from explainfix_cli.measure import metric, outputs
+from explainfix_cli.classes.analysis import ClassGates, analyse_classes, class_gated_step, extract, uses_gates
+from explainfix_cli.evaluation.measure import metric, outputs
+from explainfix_cli.io.checkpoints import open_model
+from explainfix_cli.io.data import Dataset, load_data
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from explainfix_cli.checkpoints import ArchSpec, open_model
-from explainfix_cli.data import Dataset
 from explainfix_cli.explanation import explain
+from explainfix_cli.io.checkpoints import ArchSpec, open_model
+from explainfix_cli.io.data import Dataset
 
 ARCH = ArchSpec("torchvision.models:resnet50", {"num_classes": 10})
 BATCH = 16

@@ -14,9 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
-from explainfix_cli.checkpoints import open_model
-from explainfix_cli.classes import extract
-from explainfix_cli.data import load_data
+from explainfix_cli.classes.analysis import extract
+from explainfix_cli.io.checkpoints import open_model
+from explainfix_cli.io.data import load_data
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from explainfix_cli.checkpoints import open_model
-from explainfix_cli.data import Dataset, load_data
-from explainfix_cli.fixed import fix
-from explainfix_cli.measure import kernel_counts, metric, outputs
-from explainfix_cli.pruning import prune
-from explainfix_cli.training import Recipe, finetune
+from explainfix_cli.evaluation.measure import kernel_counts, metric, outputs
+from explainfix_cli.io.checkpoints import open_model
+from explainfix_cli.io.data import Dataset, load_data
+from explainfix_cli.pruning.pipeline import prune
+from explainfix_cli.training.finetune import Recipe, finetune
+from explainfix_cli.training.fixed import fix
 from explainfix_cli.zoo import create_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"

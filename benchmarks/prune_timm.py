@@ -60,10 +60,10 @@ def worker(name: str, pct: float) -> dict[str, Any]:
     """One model, in this process: the row of the table as a dict."""
     import torch
 
-    from explainfix_cli.checkpoints import ArchSpec, load_model, open_model
-    from explainfix_cli.data import Dataset
     from explainfix_cli.errors import UserError
-    from explainfix_cli.pruning import prune, zero_least_salient
+    from explainfix_cli.io.checkpoints import ArchSpec, load_model, open_model
+    from explainfix_cli.io.data import Dataset
+    from explainfix_cli.pruning.pipeline import prune, zero_least_salient
     from explainfix_cli.saliency import spatial_saliency
 
     arch = ArchSpec("timm:create_model", {"model_name": name, "num_classes": CLASSES})

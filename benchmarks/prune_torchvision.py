@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from explainfix_cli import pruning
-from explainfix_cli.bench import deployment_form
-from explainfix_cli.checkpoints import ArchSpec, load_model, open_model
-from explainfix_cli.data import Dataset, load_data
-from explainfix_cli.measure import median_latency_ms
-from explainfix_cli.pruning import zero_least_salient
+from explainfix_cli.evaluation.bench import deployment_form
+from explainfix_cli.evaluation.measure import median_latency_ms
+from explainfix_cli.io.checkpoints import ArchSpec, load_model, open_model
+from explainfix_cli.io.data import Dataset, load_data
+from explainfix_cli.pruning import pipeline as pruning
+from explainfix_cli.pruning.pipeline import zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
 
 MODELS = [

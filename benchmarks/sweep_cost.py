@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from explainfix_cli.checkpoints import open_model
-from explainfix_cli.data import load_data
-from explainfix_cli.pruning import prune
-from explainfix_cli.sweep import sweep
+from explainfix_cli.io.checkpoints import open_model
+from explainfix_cli.io.data import load_data
+from explainfix_cli.pruning.pipeline import prune
+from explainfix_cli.search.sweep import sweep
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 MODEL, DATA = SAMPLES / "resnet.safetensors", SAMPLES / "digits_val.npz"  # set by --sample

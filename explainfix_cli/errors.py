@@ -22,3 +22,9 @@ def check_range(name: str, value: float | None, low: float, high: float = math.i
         else:
             where = f"in {'(' if above_low else '['}{low:g}, {high:g}]"
         raise UserError(f"`{name}` must be {'' if math.isfinite(value) else 'finite and '}{where}, not {value}.")
+
+
+def check_pct(name: str, value: float) -> None:
+    """`value` is a percentage of kernels or channels to remove: finite and in [0, 100), else a UserError."""
+    if not (math.isfinite(value) and 0 <= value < 100):
+        raise UserError(f"`{name}` must be {'' if math.isfinite(value) else 'finite and '}in [0, 100), not {value}.")

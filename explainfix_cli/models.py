@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import UserError
+from explainfix_cli.errors import UserError
 
 
 def is_spatial(module: nn.Module) -> bool:

@@ -16,11 +16,12 @@ from typing import get_args
 import torch
 from torch import nn
 
-from . import progress
-from .choices import Criterion
-from .data import Dataset
-from .errors import UserError
-from .models import model_output, require_spatial_convs
+from explainfix_cli import progress
+from explainfix_cli.choices import Criterion
+from explainfix_cli.distributed import rank_and_world
+from explainfix_cli.errors import UserError
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.models import model_output, require_spatial_convs
 
 
 @contextmanager
@@ -36,14 +37,6 @@ def _only_spatial_weights_trainable(model: nn.Module, weights: list[nn.Parameter
             p.requires_grad_(flag)
 
 
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def spatial_gradients(
     model: nn.Module, data: Dataset, device: str = "cpu"
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -54,7 +47,7 @@ def spatial_gradients(
     """
     convs = require_spatial_convs(model)
     weights = [m.weight for _, m in convs]
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     model.eval()
     with torch.enable_grad(), _only_spatial_weights_trainable(model, weights):
         for b, (x, y) in enumerate(data):
@@ -87,14 +80,14 @@ def _accumulate(
     convs = require_spatial_convs(model)
     # per_kernel of a zero gradient gives the shape of the sums: (O, I/groups), or (k, O, I/groups)
     sums = {name: torch.zeros_like(per_kernel(m, torch.zeros_like(m.weight)), dtype=torch.float64) for name, m in convs}
-    with progress.stage(label, total=len(range(_distributed()[0], len(data), _distributed()[1]))):
+    with progress.stage(label, total=len(range(rank_and_world()[0], len(data), rank_and_world()[1]))):
         for grads, out in spatial_gradients(model, data, device):
             for name, m in convs:
                 sums[name] += per_kernel(m, grads[name])
-            if outputs is not None and _distributed()[1] == 1:
+            if outputs is not None and rank_and_world()[1] == 1:
                 outputs.append(out.cpu())
             progress.advance()
-    if _distributed()[1] > 1:
+    if rank_and_world()[1] > 1:
         for s in sums.values():
             dist.all_reduce(s)
     return {k: v.cpu() for k, v in sums.items()}
@@ -143,7 +136,7 @@ def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, crite
     """Write score matrices to safetensors (reusable by `prune --saliency`)."""
     from safetensors.torch import save_file
 
-    from .outputs import atomic_file
+    from explainfix_cli.io.outputs import atomic_file
 
     with atomic_file(path, force) as tmp:  # type: ignore[arg-type]
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": criterion})

@@ -40,8 +40,8 @@ OUT = Path(__file__).resolve().parent
 # The script belongs to a checkout: use that checkout's package whether or not it is installed.
 sys.path.insert(0, str(OUT.parent))
 
-from explainfix_cli.checkpoints import FORMAT, ArchSpec, save_model  # noqa: E402
-from explainfix_cli.preprocessing import Preprocessing  # noqa: E402
+from explainfix_cli.io.checkpoints import FORMAT, ArchSpec, save_model  # noqa: E402
+from explainfix_cli.io.preprocessing import Preprocessing  # noqa: E402
 from explainfix_cli.zoo import create_model  # noqa: E402
 
 SEED = 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import SAMPLES
 
-from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.io.data import Dataset, load_data
 
 # The suite runs in two worker processes (pyproject.toml: -n 2) on two cores: one thread each, for
 # them and for the processes they start, keeps the cores from being oversubscribed.

@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from explainfix_cli import cli
-from explainfix_cli.checkpoints import open_model
-from explainfix_cli.data import load_data
-from explainfix_cli.pruning import prune
-from explainfix_cli.training import Recipe, finetune
+from explainfix_cli import distributed
+from explainfix_cli.cli import app as cli
+from explainfix_cli.io.checkpoints import open_model
+from explainfix_cli.io.data import load_data
+from explainfix_cli.pruning.pipeline import prune
+from explainfix_cli.training.finetune import Recipe, finetune
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def same_model(out: Path) -> None:
-    rank = cli._distributed_setup("cpu")
+    rank = distributed.setup("cpu")
     train = load_data(SAMPLES / "digits_train.npz", batch_size=32, batches=4)
     val = load_data(SAMPLES / "digits_val.npz", batch_size=64, batches=2)
     model = open_model(SAMPLES / "resnet.safetensors").model
@@ -44,7 +45,7 @@ def same_model(out: Path) -> None:
 
 def one_fails() -> None:
     def body() -> None:
-        if cli._distributed_setup("cpu") == 1:
+        if distributed.setup("cpu") == 1:
             raise RuntimeError("process 1 gave up")
         dist.barrier()  # process 0 waits for a peer that never comes
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from explainfix_cli.checkpoints import LoadedModel, open_model
-from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.io.checkpoints import LoadedModel, open_model
+from explainfix_cli.io.data import Dataset, load_data
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 CLASSIFIERS = ["resnet", "densenet", "mobilenet", "vgg", "shufflenet", "convnext"]

@@ -31,7 +31,7 @@ def test_library_calls_leave_the_global_rng_alone(tmp_path) -> None:  # type: ig
 def test_an_untested_torch_pruning_is_refused_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.metadata
 
-    from explainfix_cli import tp_compat
+    from explainfix_cli.pruning import tp_adapter as tp_compat
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.7.0")
     try:

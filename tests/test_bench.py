@@ -14,12 +14,12 @@ from pytest import approx
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from explainfix_cli.bench import bench, deployment_form, peak_forward_bytes
-from explainfix_cli.checkpoints import open_model
-from explainfix_cli.cli import app
+from explainfix_cli.cli.app import app
 from explainfix_cli.errors import UserError
-from explainfix_cli.measure import count_macs, median_latency_ms
-from explainfix_cli.pruning import prune
+from explainfix_cli.evaluation.bench import bench, deployment_form, peak_forward_bytes
+from explainfix_cli.evaluation.measure import count_macs, median_latency_ms
+from explainfix_cli.io.checkpoints import open_model
+from explainfix_cli.pruning.pipeline import prune
 
 BATCH_NORMS_AFTER_A_CONV = {"resnet": 9, "mobilenet": 14, "vgg": 4, "shufflenet": 15, "unet": 10, "densenet": 0, "convnext": 0}
 

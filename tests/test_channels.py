@@ -8,8 +8,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from explainfix_cli.channels import Graph, has_dead_weights, remove_dead_channels, remove_least_salient_channels
-from explainfix_cli.data import Dataset
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.pruning.channels import Graph, has_dead_weights, remove_dead_channels, remove_least_salient_channels
 
 torch.manual_seed(0)
 X = torch.randn(32, 1, 8, 8)

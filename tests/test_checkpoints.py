@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from explainfix_cli.checkpoints import ArchSpec, load_model, open_model, parse_arch, save_model
 from explainfix_cli.errors import UserError
-from explainfix_cli.fixed import fix_spatial_filters
+from explainfix_cli.io.checkpoints import ArchSpec, load_model, open_model, parse_arch, save_model
+from explainfix_cli.training.fixed import fix_spatial_filters
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 RESNET = ArchSpec("explainfix_cli.zoo:resnet", {"num_classes": 10, "in_channels": 1})
@@ -199,8 +199,8 @@ def test_round_trip_restores_outputs_and_fixed_tensors(tmp_path: Path) -> None:
 
 
 def test_round_trip_of_a_pruned_model(tmp_path: Path) -> None:
-    from explainfix_cli.data import Dataset
-    from explainfix_cli.pruning import prune
+    from explainfix_cli.io.data import Dataset
+    from explainfix_cli.pruning.pipeline import prune
 
     model = load_model(_sample("vgg.safetensors"))
     original_params = sum(p.numel() for p in model.parameters())

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explainfix_cli.classes import GreedyCut, OneVsRest, greedy_cut, group_scores, reader_importance
-from explainfix_cli.data import Dataset
+from explainfix_cli.classes.analysis import GreedyCut, OneVsRest, greedy_cut, group_scores, reader_importance
+from explainfix_cli.io.data import Dataset
 
 # constant 4x4 images of values 1..4, classes 0, 0, 1, 1
 X = torch.arange(1.0, 5.0).view(4, 1, 1, 1).expand(4, 1, 4, 4).contiguous()

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from explainfix_cli.checkpoints import load_model
-from explainfix_cli.cli import app
+from explainfix_cli.cli.app import app
+from explainfix_cli.io.checkpoints import load_model
 from explainfix_cli.models import spatial_convs
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -490,7 +490,7 @@ def test_image_folder_scores_what_the_npz_does(tmp_path: Path) -> None:
     model file's recorded normalisation it scores what those npz samples do, not 0.13."""
     root = Path(_sample("digits_images"))
     index = [int(f.stem) for c in sorted(p.name for p in root.iterdir()) for f in sorted((root / c).iterdir())]
-    from explainfix_cli.checkpoints import open_model
+    from explainfix_cli.io.checkpoints import open_model
 
     model = _sample("resnet.safetensors")
     with np.load(_sample("digits_val.npz")) as val, torch.no_grad():
@@ -521,7 +521,7 @@ def test_mean_and_std_refused_for_a_data_file(tmp_path: Path) -> None:
 
 def test_library_errors_name_parameters_and_the_command_line_names_flags(tmp_path: Path) -> None:
     from explainfix_cli.errors import UserError
-    from explainfix_cli.pruning import zero_least_salient
+    from explainfix_cli.pruning.pipeline import zero_least_salient
 
     with pytest.raises(UserError) as e:
         zero_least_salient(nn.Sequential(nn.Conv2d(1, 2, 3)), {}, 150)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from explainfix_cli.data import Dataset, load_data
 from explainfix_cli.errors import UserError
-from explainfix_cli.preprocessing import Preprocessing, parse_preprocessing
+from explainfix_cli.io.data import Dataset, load_data
+from explainfix_cli.io.preprocessing import Preprocessing, parse_preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -317,7 +317,7 @@ def test_preprocessing_of_another_channel_count(tmp_path: Path) -> None:
 def test_sample_folder_normalised_is_the_npz() -> None:
     """The bundled folder holds val images as 8-bit PNGs: normalised the model's way they are
     digits_val.npz's x up to the 8-bit rounding, 0.5/255/std."""
-    from explainfix_cli.checkpoints import open_model
+    from explainfix_cli.io.checkpoints import open_model
 
     root = _sample("digits_images")
     loaded = open_model(_sample("resnet.safetensors"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from explainfix_cli.cli import app
+from explainfix_cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD, CLI = ROOT / "docs" / "method.md", ROOT / "docs" / "cli.md"

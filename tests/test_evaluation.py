@@ -11,8 +11,8 @@ from pytest import approx
 from sklearn import metrics as sk
 from typer.testing import CliRunner, Result
 
-from explainfix_cli.cli import app
-from explainfix_cli.evaluation import confusion_matrix, evaluate, evaluate_model
+from explainfix_cli.cli.app import app
+from explainfix_cli.evaluation.scores import confusion_matrix, evaluate, evaluate_model
 
 pytestmark = pytest.mark.usefixtures("keep_global_rng")
 

@@ -15,10 +15,10 @@ from helpers import CLASSIFIERS, DATA_OF, SAMPLES, sample_data, sample_model
 from PIL import Image
 from torch import nn
 
-from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis, frequency_order
 from explainfix_cli.errors import UserError
 from explainfix_cli.explanation import explain, explainsteer_spectra, layer_spectra
+from explainfix_cli.io.data import Dataset
 
 ORDER_3X3 = [0, 1, 3, 2, 6, 4, 5, 7, 8]
 LAYER_FIELDS = {"name", "kernel_shape", "e_d", "e_1", "e_0", "low_frequency_share", "saliency_weighted"}
@@ -211,7 +211,7 @@ def test_same_input_gives_identical_files(fmt: str, tmp_path: Path) -> None:
 
 
 def test_figures_drawn_in_parallel_equal_figures_drawn_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explanation import figures
+    from explainfix_cli.figures import spectra as figures
 
     monkeypatch.setattr(figures.os, "cpu_count", lambda: 1)
     in_turn = explain(small_model(), small_data(), tmp_path / "a", attributions=2)
@@ -227,7 +227,7 @@ def _failing_figure(path: Path) -> None:
 
 
 def test_a_figure_that_fails_in_a_worker_fails_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explanation import figures
+    from explainfix_cli.figures import spectra as figures
 
     monkeypatch.setattr(figures.os, "cpu_count", lambda: 4)
     jobs = [(Path.touch, tmp_path / "fine.txt"), (_failing_figure, tmp_path / "broken.png")]
@@ -366,7 +366,8 @@ def test_attribution_captions_say_truth_prediction_and_right_or_wrong() -> None:
 
 
 def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explanation import attributions, figures, report
+    from explainfix_cli.explanation import attributions, report
+    from explainfix_cli.figures import spectra as figures
 
     monkeypatch.setattr(figures, "ATTRIBUTION_COLUMNS", 2)
     sizes = {}
@@ -387,7 +388,8 @@ def test_attributions_wrap_and_are_capped(tmp_path: Path, monkeypatch: pytest.Mo
 
 # ---- a report that explains itself ------------------------------------------------------------------
 def test_kernel_saliency_marks_what_prune_would_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from explainfix_cli.explanation import figures, report
+    from explainfix_cli.explanation import report
+    from explainfix_cli.figures import spectra as figures
     from explainfix_cli.saliency import spatial_saliency
 
     drawn: dict[str, tuple] = {}
@@ -434,7 +436,7 @@ def test_index_names_model_data_metric_and_history(tmp_path: Path) -> None:
 def test_cli_report_of_an_image_folder_names_its_sources(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from explainfix_cli.cli import app
+    from explainfix_cli.cli.app import app
 
     model, folder = SAMPLES / "resnet.safetensors", SAMPLES / "digits_images"
     if not model.exists() or not folder.exists():
@@ -450,8 +452,8 @@ def test_cli_report_of_an_image_folder_names_its_sources(tmp_path: Path) -> None
 def test_cli_says_when_attributions_were_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from explainfix_cli.cli import app
-    from explainfix_cli.explanation import figures
+    from explainfix_cli.cli.app import app
+    from explainfix_cli.figures import spectra as figures
 
     if not (SAMPLES / "resnet.safetensors").exists():
         pytest.skip("sample models not generated")

@@ -13,11 +13,11 @@ from helpers import SAMPLES
 from torch import nn
 from typer.testing import CliRunner
 
-from explainfix_cli.checkpoints import load_model
-from explainfix_cli.cli import app
+from explainfix_cli.cli.app import app
 from explainfix_cli.dct import dct2_basis
-from explainfix_cli.fixed import dct2_kernels, fix, ghaar_kernel, ghaar_kernels, kaiming_kernels
+from explainfix_cli.io.checkpoints import load_model
 from explainfix_cli.models import spatial_convs
+from explainfix_cli.training.fixed import dct2_kernels, fix, ghaar_kernel, ghaar_kernels, kaiming_kernels
 
 RESNET = ["--arch", "explainfix_cli.zoo:resnet", "--arch-kwargs", '{"num_classes": 10, "in_channels": 1}']
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import SAMPLES
 
-from explainfix_cli.checkpoints import ArchSpec, open_model
 from explainfix_cli.errors import UserError
-from explainfix_cli.formats import sniff
+from explainfix_cli.io.checkpoints import ArchSpec, open_model
+from explainfix_cli.io.formats import sniff
 
 RESNET = ArchSpec("explainfix_cli.zoo:resnet", {"num_classes": 10, "in_channels": 1})
 

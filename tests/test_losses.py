@@ -7,7 +7,7 @@ import math
 import torch
 from pytest import approx
 
-from explainfix_cli.losses import loss_for
+from explainfix_cli.training.losses import loss_for
 
 
 def test_cross_entropy_for_labels_by_hand() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explainfix_cli.data import Dataset
-from explainfix_cli.measure import metric, metric_upper_bound
+from explainfix_cli.evaluation.measure import metric, metric_upper_bound
+from explainfix_cli.io.data import Dataset
 
 
 def _completions(kind: str, g: torch.Generator) -> tuple[Dataset, torch.Tensor, torch.Tensor]:

@@ -11,13 +11,13 @@ import torch
 from helpers import SAMPLES
 from torch import nn
 
-from explainfix_cli import training
-from explainfix_cli.checkpoints import load_model
-from explainfix_cli.data import load_data
+from explainfix_cli.io.checkpoints import load_model
+from explainfix_cli.io.data import load_data
 from explainfix_cli.models import spatial_convs
-from explainfix_cli.narrowing import reading_used_inputs, skipping_unread_channels
-from explainfix_cli.pruning import prune
-from explainfix_cli.training import Recipe, finetune
+from explainfix_cli.pruning.pipeline import prune
+from explainfix_cli.training import finetune as training
+from explainfix_cli.training.finetune import Recipe, finetune
+from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
 
 
 def test_fixed_convolutions_read_only_the_inputs_their_kernels_use() -> None:

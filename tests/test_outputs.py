@@ -15,10 +15,10 @@ from helpers import SAMPLES
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from explainfix_cli.checkpoints import load_model, save_model
-from explainfix_cli.cli import app
+from explainfix_cli.cli.app import app
 from explainfix_cli.errors import UserError
-from explainfix_cli.outputs import atomic_dir, atomic_file
+from explainfix_cli.io.checkpoints import load_model, save_model
+from explainfix_cli.io.outputs import atomic_dir, atomic_file
 
 
 def _names(folder: Path) -> list[str]:

@@ -8,7 +8,7 @@ from helpers import sample_data, sample_model
 
 from explainfix_cli import progress
 from explainfix_cli.explanation import explain
-from explainfix_cli.pruning import prune
+from explainfix_cli.pruning.pipeline import prune
 
 
 class Recorder:

@@ -12,12 +12,12 @@ from helpers import CLASSIFIERS, SAMPLES, sample_data, sample_model
 from torch import nn
 from typer.testing import CliRunner
 
-from explainfix_cli.checkpoints import load_model
-from explainfix_cli.cli import app
+from explainfix_cli.cli.app import app
 from explainfix_cli.errors import UserError
-from explainfix_cli.measure import outputs
+from explainfix_cli.evaluation.measure import outputs
+from explainfix_cli.io.checkpoints import load_model
 from explainfix_cli.models import spatial_convs
-from explainfix_cli.pruning import fill_zeroed, prune, zero_least_salient
+from explainfix_cli.pruning.pipeline import fill_zeroed, prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
 
 

@@ -7,8 +7,8 @@ import torch
 from helpers import sample_data, sample_model
 from torch import nn
 
-from explainfix_cli.data import Dataset
 from explainfix_cli.errors import UserError
+from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import spatial_convs
 from explainfix_cli.saliency import gradient_weights, spatial_saliency
 

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from explainfix_cli.checkpoints import ArchSpec, load_model
-from explainfix_cli.cli import app
-from explainfix_cli.data import Dataset
-from explainfix_cli.pruning import PruneReport, prune
+from explainfix_cli.cli.app import app
+from explainfix_cli.io.checkpoints import ArchSpec, load_model
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.pruning.pipeline import PruneReport, prune
 
 MODULES = str(Path(__file__).resolve().parent / "surgery_modules.py")
 g = torch.Generator().manual_seed(0)

@@ -22,13 +22,13 @@ from helpers import SAMPLES, sample_data, sample_model
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from explainfix_cli.checkpoints import load_model, open_model
-from explainfix_cli.cli import app
-from explainfix_cli.data import Dataset, load_data
-from explainfix_cli.measure import metric, outputs
-from explainfix_cli.pruning import prune, zero_least_salient
+from explainfix_cli.cli.app import app
+from explainfix_cli.evaluation.measure import metric, outputs
+from explainfix_cli.io.checkpoints import load_model, open_model
+from explainfix_cli.io.data import Dataset, load_data
+from explainfix_cli.pruning.pipeline import prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
-from explainfix_cli.sweep import last_meeting, sweep
+from explainfix_cli.search.sweep import last_meeting, sweep
 
 PCTS = [0.0, 60.0, 90.0]
 MODEL = str(SAMPLES / "resnet.safetensors")
@@ -134,7 +134,7 @@ def test_refusals_leave_everything_as_it_was(swept: tuple[Path, dict], tmp_path:
 
 
 def test_a_failure_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import explainfix_cli.sweep as module
+    import explainfix_cli.search.sweep as module
 
     def broken(path: Path, **_: object) -> None:
         path.write_bytes(b"half a figure")
@@ -170,7 +170,7 @@ def test_latency_in_deployment_form_times_folded_channels_last_copies(tmp_path: 
     """`--latency-form deployment` times what `bench` calls the deployment form: copies with the
     batch norms folded into the convolutions before them, fed a channels-last input, one per
     architecture, and each point gets its own copy's time."""
-    import explainfix_cli.sweep as module
+    import explainfix_cli.search.sweep as module
 
     timed: list[tuple[list[nn.Module], torch.Tensor]] = []
 
@@ -339,7 +339,7 @@ def test_target_refusals(tmp_path: Path) -> None:
 def test_sweep_fine_tunes_each_point_from_the_command_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from explainfix_cli.cli import app
+    from explainfix_cli.cli.app import app
 
     samples = Path(__file__).resolve().parents[1] / "sample_models"
     args = ["sweep", str(samples / "resnet.safetensors"), "--data", str(samples / "digits_val.npz"), "--pcts", "90", "--latency-repeats", "0", "--json"]
@@ -361,8 +361,8 @@ def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> Non
     One epoch on 64 training digits per probe (a dozen probes): cheap, and enough to prune more."""
     import numpy as np
 
-    from explainfix_cli.fixed import fix_spatial_filters
-    from explainfix_cli.training import Recipe, finetune
+    from explainfix_cli.training.finetune import Recipe, finetune
+    from explainfix_cli.training.fixed import fix_spatial_filters
 
     digits = np.load(SAMPLES / "digits_train.npz")
     train = tmp_path / "train64.npz"

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from helpers import SAMPLES
 from typer.testing import CliRunner
 
-from explainfix_cli import cli
-from explainfix_cli.checkpoints import load_model, open_model
-from explainfix_cli.data import Dataset, load_data
+from explainfix_cli.cli import app as cli
 from explainfix_cli.errors import UserError
-from explainfix_cli.measure import metric, outputs
+from explainfix_cli.evaluation.measure import metric, outputs
+from explainfix_cli.io.checkpoints import load_model, open_model
+from explainfix_cli.io.data import Dataset, load_data
 from explainfix_cli.models import spatial_convs
-from explainfix_cli.pruning import prune
-from explainfix_cli.training import Recipe, distill_loss, finetune, task_loss
+from explainfix_cli.pruning.pipeline import prune
+from explainfix_cli.training.finetune import Recipe, distill_loss, finetune, task_loss
 
 FIELDS = {"metric_before", "metric_after", "best_epoch", "epochs", "seconds_per_epoch", "trainable_params", "params", "out"}
 VENV_BIN = Path(sys.executable).parent
@@ -164,7 +164,7 @@ def test_a_number_out_of_range_is_refused_before_anything_is_loaded(option: str,
 def test_normalisation_parameters_learn_at_their_own_rate() -> None:
     # Adam's first step moves every parameter with a gradient by lr * g / (|g| + eps), i.e. by lr:
     # a conv or linear weight by 1e-2, a batch norm's scale and shift by 10 x 1e-2
-    from explainfix_cli.training import _optimizer, parameter_groups
+    from explainfix_cli.training.finetune import _optimizer, parameter_groups
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
@@ -189,7 +189,7 @@ def test_finetune_bad_input_exit_2(tmp_path: Path) -> None:
     model = load_model(SAMPLES / "vgg.safetensors")
     for p in model.parameters():
         p.requires_grad_(False)
-    from explainfix_cli.checkpoints import save_model
+    from explainfix_cli.io.checkpoints import save_model
 
     save_model(model, fixed_all, arch=open_model(SAMPLES / "vgg.safetensors").arch)
     out = tmp_path / "o.safetensors"
@@ -273,8 +273,8 @@ def test_class_gates_train_a_model_that_keeps_its_architecture(tmp_path: Path) -
     # docs/method.md §6: three epochs = one standard, two gated; the gates shape training, then go
     from typer.testing import CliRunner
 
-    from explainfix_cli.checkpoints import load_model
-    from explainfix_cli.cli import app
+    from explainfix_cli.cli.app import app
+    from explainfix_cli.io.checkpoints import load_model
 
     samples = Path(__file__).resolve().parents[1] / "sample_models"
     args = ["finetune", str(samples / "resnet.safetensors"), "--data", str(samples / "digits_val.npz"), "--val", str(samples / "digits_val.npz"), "--epochs", "3", "--json"]

@@ -176,7 +176,7 @@ def test_wrapped_and_pickled_variants_hold_the_same_weights() -> None:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_bundled_safetensors_give_the_same_outputs_as_the_state_dict(name: str) -> None:
-    from explainfix_cli.checkpoints import load_model
+    from explainfix_cli.io.checkpoints import load_model
 
     x, _ = _val(Path(METRICS["models"][name]["data"]).stem)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from explainfix_cli.choices import AttributionMethod
-from explainfix_cli.data import Dataset
+from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output
 
 IG_STEPS = 32  # enough for a smooth map on small inputs; cost is IG_STEPS backward passes per input

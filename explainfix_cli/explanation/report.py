@@ -17,16 +17,16 @@ import torch
 from torch import nn
 
 from explainfix_cli import progress
-from explainfix_cli.data import Dataset
 from explainfix_cli.dct import dct2_basis
-from explainfix_cli.errors import UserError
-from explainfix_cli.explanation import figures
+from explainfix_cli.errors import UserError, check_pct
+from explainfix_cli.evaluation.measure import metric
 from explainfix_cli.explanation.attributions import MAX_ATTRIBUTIONS, METHODS, Attributions
 from explainfix_cli.explanation.spectra import LOW_FREQUENCY_DEFINITION, LayerSpectra, layer_spectra
-from explainfix_cli.measure import metric
+from explainfix_cli.figures import spectra as figures
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.io.outputs import atomic_dir, check_folder_target
 from explainfix_cli.models import require_spatial_convs
-from explainfix_cli.outputs import atomic_dir, check_folder_target
-from explainfix_cli.pruning import least_salient_kernels
+from explainfix_cli.pruning.pipeline import least_salient_kernels
 from explainfix_cli.saliency import saliency_and_gradient_weights
 
 SPECTRA_FILE = "spectra.json"
@@ -148,8 +148,7 @@ def explain(
         raise UserError(f"`attributions` must be 0 or more, not {attributions}.")
     if attribution_method not in METHODS:
         raise UserError(f"`attribution_method` must be one of {', '.join(METHODS)}, not {attribution_method!r}.")
-    if not 0 <= pct < 100:
-        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
+    check_pct("pct", pct)
     out_dir = Path(out_dir)
     convs = require_spatial_convs(model)
     check_folder_target(out_dir, force)  # fail before the expensive part, not after it

@@ -17,14 +17,14 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UserError
-from .convnext import convnext
-from .densenet import densenet, densenet_bc
-from .mobilenet import mobilenet
-from .resnet import resnet
-from .shufflenet import shufflenet
-from .unet import unet
-from .vgg import vgg
+from explainfix_cli.errors import UserError
+from explainfix_cli.zoo.convnext import convnext
+from explainfix_cli.zoo.densenet import densenet, densenet_bc
+from explainfix_cli.zoo.mobilenet import mobilenet
+from explainfix_cli.zoo.resnet import resnet
+from explainfix_cli.zoo.shufflenet import shufflenet
+from explainfix_cli.zoo.unet import unet
+from explainfix_cli.zoo.vgg import vgg
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet": resnet,

@@ -21,16 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import LoadedModel, save_model
-from .choices import BatchNormMode, OptimizerName, Trainable
-from .classes import ClassGates, uses_gates
-from .data import Dataset, TargetKind
-from .errors import UserError, check_range
-from .measure import metric, outputs
-from .models import model_output
-from .narrowing import reading_used_inputs, skipping_unread_channels
-from .outputs import check_target
-from .saliency import _distributed
+from explainfix_cli.choices import BatchNormMode, OptimizerName, Trainable
+from explainfix_cli.classes.analysis import ClassGates, uses_gates
+from explainfix_cli.distributed import rank_and_world
+from explainfix_cli.errors import UserError, check_range
+from explainfix_cli.evaluation.measure import metric, outputs
+from explainfix_cli.io.checkpoints import LoadedModel, save_model
+from explainfix_cli.io.data import Dataset, TargetKind
+from explainfix_cli.io.outputs import check_target
+from explainfix_cli.models import model_output
+from explainfix_cli.numbers import finite
+from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def _set_train_mode(model: nn.Module, batch_norm: BatchNormMode) -> None:
 
 def _validate(model: nn.Module, val: Dataset, device: str) -> float | None:
     value = metric(val, outputs(model, val, device))
-    return None if math.isnan(value) else value
+    return finite(value)
 
 
 def _better(value: float | None, best: float | None) -> bool:
@@ -238,7 +239,7 @@ def _train(
     device: str,
     on_epoch: Callable[[EpochRecord], None] | None,
 ) -> FinetuneReport:
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     x_all, y_all = train.x[: train.num_samples], train.y[: train.num_samples]
     kind = train.target_kind
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -382,7 +383,7 @@ def finetune_file(
     check_target(Path(out), force)
     model, report = finetune(loaded.model, train, val, recipe=recipe, teacher=teacher, device=device, on_epoch=on_epoch)
     report.out = str(out)
-    if _distributed()[0] == 0:
+    if rank_and_world()[0] == 0:
         step = report.history_step()
         save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, preprocessing=loaded.preprocessing, force=force)
     return report

@@ -21,11 +21,11 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from .choices import LatencyForm
-from .errors import check_range
-from .gates import Gate, at_most
-from .measure import count_macs, median_latency_ms
-from .models import model_output
+from explainfix_cli.choices import LatencyForm
+from explainfix_cli.errors import check_range
+from explainfix_cli.evaluation.gates import Gate, at_most
+from explainfix_cli.evaluation.measure import count_macs, median_latency_ms
+from explainfix_cli.models import model_output
 
 FORMS: tuple[LatencyForm, ...] = get_args(LatencyForm)
 

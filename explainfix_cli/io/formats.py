@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
-from .errors import UserError
+from explainfix_cli.errors import UserError
 
 ModelFormat = Literal["safetensors", "torch-zip", "torch-export", "pickle", "onnx"]
 

@@ -8,18 +8,18 @@ number `prune` reports as `metric_before` / `metric_after`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import Dataset
-from .errors import UserError, check_range
-from .gates import Gate, at_least, at_most
-from .losses import loss_for
-from .measure import auc_per_label, metric, outputs
+from explainfix_cli.errors import UserError, check_range
+from explainfix_cli.evaluation.gates import Gate, at_least, at_most
+from explainfix_cli.evaluation.measure import auc_per_label, metric, outputs
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.numbers import finite
+from explainfix_cli.training.losses import loss_for
 
 
 @dataclass
@@ -64,8 +64,6 @@ class EvaluationReport:
         }
 
 
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, classes: int) -> torch.Tensor:
@@ -82,8 +80,8 @@ def evaluate_model(model: nn.Module, data: Dataset, name: str = "model", device:
     loss = loss_for(kind)
     value = metric(data, out)
     result = Evaluation(
-        model=name, samples=len(out), target=kind, metric=data.metric_name, value=_finite(value),
-        loss_name=loss.name, loss=_finite(float(loss(out, y))), classes=data.classes,
+        model=name, samples=len(out), target=kind, metric=data.metric_name, value=finite(value),
+        loss_name=loss.name, loss=finite(float(loss(out, y))), classes=data.classes,
     )
     if kind == "labels":
         matrix = confusion_matrix(y, out.argmax(dim=1), out.shape[1])  # (K, K)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoints import LoadedModel
-from .measure import count_macs, kernel_counts
-from .models import spatial_convs
+from explainfix_cli.evaluation.measure import count_macs, kernel_counts
+from explainfix_cli.io.checkpoints import LoadedModel
+from explainfix_cli.models import spatial_convs
 
 
 @dataclass

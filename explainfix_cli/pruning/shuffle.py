@@ -17,7 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .tp_compat import GroupItem
+from explainfix_cli.pruning.tp_adapter import GroupItem
 
 OPTYPE = tp.ops.OPTYPE
 

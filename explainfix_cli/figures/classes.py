@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from explainfix_cli.explanation.figures import _figure, _save
+from explainfix_cli.figures.spectra import _figure, _save
 
 
 def preferred_order(importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -37,17 +37,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench import deployment_form
-from .channels import ChannelRemoval, has_dead_weights, remove_dead_channels, remove_least_salient_channels
-from .checkpoints import ArchSpec
-from .choices import Criterion, Fill, Granularity, LatencyForm, Removal
-from .data import Dataset, Preprocessing
-from .errors import UserError, check_range
-from .measure import median_latency_ms, metric, metric_upper_bound, model_size, outputs
-from .models import model_output, spatial_convs
-from .outputs import atomic_dir, check_folder_target, check_target
-from .pruning import PruneReport, prune, save_pruned, zero_least_salient
-from .saliency import spatial_saliency
+from explainfix_cli.choices import Criterion, Fill, Granularity, LatencyForm, Removal
+from explainfix_cli.errors import UserError, check_pct, check_range
+from explainfix_cli.evaluation.bench import deployment_form
+from explainfix_cli.evaluation.measure import median_latency_ms, metric, metric_upper_bound, model_size, outputs
+from explainfix_cli.io.checkpoints import ArchSpec
+from explainfix_cli.io.data import Dataset, Preprocessing
+from explainfix_cli.io.outputs import atomic_dir, check_folder_target, check_target
+from explainfix_cli.models import model_output, spatial_convs
+from explainfix_cli.numbers import finite
+from explainfix_cli.pruning.channels import (
+    ChannelRemoval,
+    has_dead_weights,
+    remove_dead_channels,
+    remove_least_salient_channels,
+)
+from explainfix_cli.pruning.pipeline import PruneReport, prune, save_pruned, zero_least_salient
+from explainfix_cli.saliency import spatial_saliency
 
 GRID = list(range(100))  # the 1 % grid of pcts a target is searched on
 PATIENCE = 5  # grid steps past the last point that met a target before the search gives up
@@ -91,7 +97,7 @@ class PruneCurve:
         self.scores = scores if scores is not None else spatial_saliency(model, data, criterion, device, outputs=seen)
         self.reference = None if data is None else torch.cat(seen) if seen else outputs(model, data, device)
         self.size = model_size(model, sample_shape)
-        self.metric = None if self.reference is None or data is None else _finite(metric(data, self.reference))
+        self.metric = None if self.reference is None or data is None else finite(metric(data, self.reference))
         self._zeroed: nn.Module | None = None  # a copy for `zeroed_metric`, and its spatial weights unzeroed
         self._weights: dict[str, torch.Tensor] = {}
 
@@ -133,7 +139,7 @@ class PruneCurve:
         else:
             out = outputs(model, self.data, self.device)
         size = self.size if unchanged else model_size(model, self.sample_shape)
-        measured = _finite(metric(self.data, out))
+        measured = finite(metric(self.data, out))
         return model, Point(
             pct=pct, params=size.params, macs=size.macs, spatial_kernels=size.spatial_kernels,
             nonzero_spatial_kernels=size.spatial_kernels - size.zero_kernels, zeroed_kernels=zeroed, channels_removed=removed.removed,
@@ -159,7 +165,7 @@ class PruneCurve:
                 seen.append(model_output(self._zeroed, x.to(self.device)).cpu())
                 if metric_upper_bound(self.data, torch.cat(seen)) < lowest - BOUND_MARGIN:
                     return None
-        return _finite(metric(self.data, torch.cat(seen)))
+        return finite(metric(self.data, torch.cat(seen)))
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
@@ -242,8 +248,10 @@ def sweep(
     """
     start = time.perf_counter()
     pcts = sorted({float(p) for p in pcts})
-    if not pcts or not all(0 <= p < 100 for p in pcts):
-        raise UserError(f"every pct of `pcts` must be in [0, 100), not {pcts}.")
+    if not pcts:
+        raise UserError("`pcts` must name at least one pct.")
+    for p in pcts:
+        check_pct("pcts", p)
     if latency_repeats < 0:
         raise UserError(f"`latency_repeats` must be 0 (no latency) or more, not {latency_repeats}.")
     if latency_form not in get_args(LatencyForm):
@@ -265,7 +273,7 @@ def sweep(
         pruned, point = curve.point(pct)
         if adapt is not None:
             adapt(pruned)
-            point.metric = _finite(metric(data, outputs(pruned, data, device)))
+            point.metric = finite(metric(data, outputs(pruned, data, device)))
             point.metric_drop = None if point.metric is None or curve.metric is None else curve.metric - point.metric
         models.append(pruned)
         points.append(point)
@@ -309,9 +317,6 @@ def _shapes(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((name, tuple(t.shape)) for name, t in [*model.named_parameters(), *model.named_buffers()])
 
 
-def _finite(value: float | None) -> float | None:
-    """JSON has no NaN: an undefined metric (e.g. an AUC of one-class data) is null."""
-    return None if value is None or not math.isfinite(value) else value
 
 
 def _write(result: SweepResult, out_dir: Path, figure: str, force: bool) -> None:
@@ -349,7 +354,7 @@ def draw_tradeoff(
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
     from matplotlib.transforms import offset_copy
 
-    from .explanation.figures import _save
+    from explainfix_cli.figures.spectra import _save
 
     latency_label = "latency at batch 1 (ms, median)" if latency_form == "eager" else "latency at batch 1, deployment form (ms, median)"
     panels = [(params, "parameters")] + ([(latency_ms, latency_label)] if latency_ms is not None else [])
@@ -533,7 +538,7 @@ def prune_to_target(
     def probe(pct: int) -> PruneReport:
         if pct not in probes:
             r = probes[pct] = curve.prune(pct)[1]
-            trail.append({"pct": pct, "model": "pruned", "params": r.params_after, "macs": r.macs_after, "metric": _finite(r.metric_after), "meets": target.keeps_metric(r) and target.fits(r)})
+            trail.append({"pct": pct, "model": "pruned", "params": r.params_after, "macs": r.macs_after, "metric": finite(r.metric_after), "meets": target.keeps_metric(r) and target.fits(r)})
         return probes[pct]
 
     def scan(pct: int) -> bool:
@@ -563,7 +568,7 @@ def prune_to_target(
                 preprocessing=preprocessing, force=force, then=[step] if step else [],
             )  # fmt: skip
         report.metric_after = adapted_metric  # the prune step written above keeps the metric before adapting
-        report.val_metric_after = None if val is None else _finite(metric(val, outputs(model_out, val, device)))
+        report.val_metric_after = None if val is None else finite(metric(val, outputs(model_out, val, device)))
         report.out = None if out is None else str(out)
         return TargetReport(report, target, float(report.pct), trail, round(time.perf_counter() - start, 3), finetune=step)
 
@@ -598,7 +603,7 @@ def _adapted_search(
         model, report = curve.prune(pct, fix=fix)
         step = adapt(model)
         data = curve.data
-        value = None if data is None else _finite(metric(data, outputs(model, data, curve.device)))
+        value = None if data is None else finite(metric(data, outputs(model, data, curve.device)))
         meets = target.drop_ok(curve.metric, value) and target.fits(report)
         trail.append({"pct": pct, "model": "adapted", "params": report.params_after, "macs": report.macs_after, "metric": value, "meets": meets})
         if meets and pct >= best.get("pct", -1):

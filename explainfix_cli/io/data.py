@@ -17,9 +17,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import UserError
-from .formats import is_zip, sniff
-from .preprocessing import Preprocessing
+from explainfix_cli.errors import UserError
+from explainfix_cli.io.formats import is_zip, sniff
+from explainfix_cli.io.preprocessing import Preprocessing
 
 TargetKind = Literal["labels", "multilabel", "mask"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

@@ -11,7 +11,6 @@ import copy
 import functools
 import inspect
 import json
-import math
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -24,13 +23,14 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import choices
-from .errors import UserError, check_range
+from explainfix_cli import choices, distributed
+from explainfix_cli.errors import UserError, check_pct, check_range
+from explainfix_cli.numbers import strict
 
 if TYPE_CHECKING:
-    from .checkpoints import LoadedModel
-    from .data import Dataset
-    from .preprocessing import Preprocessing
+    from explainfix_cli.io.checkpoints import LoadedModel
+    from explainfix_cli.io.data import Dataset
+    from explainfix_cli.io.preprocessing import Preprocessing
 
 def _flag_help(option: Any) -> Any:
     if option is not None:
@@ -67,7 +67,7 @@ def _flag(*names: str, help: str) -> Any:
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from explainfix_cli import __version__
 
         print(f"explainfix {__version__}")
         raise typer.Exit()
@@ -139,45 +139,30 @@ def _in_flags(message: str) -> str:
     return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-") if m.group(1) in LIBRARY_PARAMETERS else m.group(0), message)
 
 
-_FAILED = False  # set when a command body fails: under torchrun the process then leaves without a barrier
-
-
 def _run(debug: bool, fn: Callable[[], T]) -> T:
     """Run a command body: bad input → one sentence and exit 2; a failure → exit 1."""
-    global _FAILED
     try:
         return fn()
     except UserError as e:
-        _FAILED = True
+        distributed.mark_failed()
         if debug:
             raise
         print(f"explainfix: error: {_in_flags(str(e))}", file=sys.stderr)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        _FAILED = True
+        distributed.mark_failed()
         raise typer.Exit(130) from None
     except Exception as e:
-        _FAILED = True
+        distributed.mark_failed()
         if debug:
             raise
         print(f"explainfix: failed: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
         raise typer.Exit(1) from None
 
 
-def _strict(value: Any) -> Any:
-    """`value` with every non-finite float as None: strict JSON parsers reject NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def _emit(as_json: bool, payload: dict[str, Any], render: Callable[[], None]) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(_strict(payload), allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(strict(payload), allow_nan=False) + "\n")
     else:
         render()
 
@@ -208,7 +193,7 @@ def _working(message: str) -> Iterator[None]:
     if not sys.stderr.isatty():
         yield
         return
-    from . import progress
+    from explainfix_cli import progress
 
     bars = _Bars()
     with bars.bars, progress.reporting(bars), progress.stage(message):
@@ -226,8 +211,8 @@ def _setup(seed: int, device: str) -> None:
 
 
 def _load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: bool, eager: bool = True) -> LoadedModel:
-    from .checkpoints import open_model, parse_arch
-    from .formats import model_format
+    from explainfix_cli.io.checkpoints import open_model, parse_arch
+    from explainfix_cli.io.formats import model_format
 
     if eager and model_format(model) == "torch-export":
         # an exported program keeps no nn.Conv2d modules to score, cut or explain
@@ -246,7 +231,7 @@ def _load_data(
     model: LoadedModel | None = None,
 ) -> Dataset | None:
     """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
-    from .data import load_data
+    from explainfix_cli.io.data import load_data
 
     explicit = _preprocessing(data, mean, std)
     if data is None:
@@ -272,7 +257,7 @@ def _folder_preprocessing(data: Path | None, mean: str | None, std: str | None, 
 
 def _preprocessing(data: Path | None, mean: str | None, std: str | None) -> Preprocessing | None:
     """--mean/--std, checked before torch is imported: they normalise a folder of images only."""
-    from .preprocessing import parse_preprocessing
+    from explainfix_cli.io.preprocessing import parse_preprocessing
 
     explicit = parse_preprocessing(mean, std)
     if explicit is not None and data is not None and not data.is_dir():
@@ -282,7 +267,7 @@ def _preprocessing(data: Path | None, mean: str | None, std: str | None) -> Prep
 
 def _check_paths(model: Path | None = None, data: Path | None = None, val: Path | None = None, train: Path | None = None) -> None:
     """The checks that need no model, run before torch is imported: a typo answers at once."""
-    from .formats import model_format
+    from explainfix_cli.io.formats import model_format
 
     if model is not None:
         model_format(model)
@@ -468,7 +453,7 @@ def info(
 
     def body() -> None:
         _check_paths(model)
-        from .info import describe
+        from explainfix_cli.evaluation.info import describe
 
         result = describe(o.load_model(model, eager=False), _input_size(input_size))
 
@@ -509,7 +494,7 @@ def saliency(
     """Per spatial layer, the (O, I/groups) kernel saliency matrix, keyed by the conv's name."""
 
     def body() -> None:
-        from .outputs import check_target
+        from explainfix_cli.io.outputs import check_target
 
         check_target(out, force)
         _needs_data(criterion, data)
@@ -517,9 +502,9 @@ def saliency(
         o.check_batches()
         _preprocessing(data, o.mean, o.std)
         o.setup()
-        from .saliency import save_saliency, spatial_saliency
+        from explainfix_cli.saliency import save_saliency, spatial_saliency
 
-        rank = _distributed_setup(o.device)  # under torchrun every process scores a share of the minibatches
+        rank = distributed.setup(o.device)  # under torchrun every process scores a share of the minibatches
         loaded = o.load_model(model)
         dataset = o.load_data(data, loaded)
         with _working("computing saliency"):
@@ -560,11 +545,11 @@ def prune(
     """Zero the least salient spatial kernels, remove dead channels, write a smaller fixed-filter model."""
 
     def body() -> None:
-        from .outputs import check_target
+        from explainfix_cli.io.outputs import check_target
 
         goal = _target(pct, max_drop, max_params, max_macs)
-        if pct is not None and not 0 <= pct < 100:
-            raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        if pct is not None:
+            check_pct("pct", pct)
         if min_kernels_per_layer < 0:
             raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
         _check_finetune_each(finetune_epochs, train, data)
@@ -578,11 +563,11 @@ def prune(
         o.check_batches()
         _preprocessing(data, o.mean, o.std)
         o.setup()
-        _distributed_setup(o.device)  # under torchrun the saliency pass is shared; process 0 writes
+        distributed.setup(o.device)  # under torchrun the saliency pass is shared; process 0 writes
         loaded = o.load_model(model)
         dataset = o.load_data(data, loaded)
-        from .pruning import prune as prune_model
-        from .saliency import load_saliency
+        from explainfix_cli.pruning.pipeline import prune as prune_model
+        from explainfix_cli.saliency import load_saliency
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
         options: dict[str, Any] = {
@@ -625,17 +610,16 @@ def explain(
     """Which spatial frequencies each layer uses (ExplainSteer, docs/method.md §5): figures, spectra and attributions."""
 
     def body() -> None:
-        from .outputs import check_folder_target
+        from explainfix_cli.io.outputs import check_folder_target
 
         check_folder_target(out, force)
         _check_paths(model, data)
         o.check_batches()
         _preprocessing(data, o.mean, o.std)
-        if not 0 <= pct < 100:
-            raise UserError(f"--pct must be in [0, 100), not {pct}.")
+        check_pct("pct", pct)
         o.setup()
-        from .explanation import ReportSource
-        from .explanation import explain as explain_model
+        from explainfix_cli.explanation import ReportSource
+        from explainfix_cli.explanation import explain as explain_model
 
         loaded = o.load_model(model)
         dataset = o.load_data(data, loaded)
@@ -691,8 +675,8 @@ def evaluate(
     """The target's metric (accuracy, AUC, dice) and loss on the data, optionally against --vs; CI gates exit 1."""
 
     def body() -> Any:
-        from .evaluation import check_gate_limits
-        from .evaluation import evaluate as evaluate_model
+        from explainfix_cli.evaluation.scores import check_gate_limits
+        from explainfix_cli.evaluation.scores import evaluate as evaluate_model
 
         if data is None:
             raise UserError("evaluate needs data: pass --data D.")
@@ -751,8 +735,8 @@ def bench(
     """Parameters, MACs, file size, peak memory and latency, as written and in deployment form; CI gates exit 1."""
 
     def body() -> Any:
-        from .bench import bench as bench_model
-        from .bench import check_gate_limits
+        from explainfix_cli.evaluation.bench import bench as bench_model
+        from explainfix_cli.evaluation.bench import check_gate_limits
 
         for flag, value in (("--batch-size", batch_size), ("--repeats", repeats), ("--threads", threads or 1)):
             if value < 1:
@@ -812,36 +796,6 @@ OptimizerOpt = _choice("OptimizerOpt", choices.OptimizerName)
 OutModelOpt = Annotated[Path, typer.Option("--out", help="Output .safetensors.")]
 
 
-def _distributed_setup(device: str) -> int:
-    """Under torchrun, join the process group (gloo on CPU, nccl on GPU); only rank 0 prints. Returns the rank."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import atexit
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if device.startswith("cuda"):  # one GPU per process: torchrun's local rank picks it
-            import torch
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
-        def leave() -> None:  # together: a process that tears gloo down while a peer still talks aborts
-            if _FAILED:  # peers may wait in a collective this process never reaches: leave, and torchrun stops them
-                return
-            dist.barrier()
-            dist.destroy_process_group()
-
-        atexit.register(leave)
-    rank = dist.get_rank()
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the results are rank 0's to print
-    return rank
-
-
 @app.command()
 @shared_options('model', 'run')
 def fix(
@@ -855,9 +809,9 @@ def fix(
     """Fix every spatial filter (docs/method.md §4), optionally with steered filters; --arch without MODEL builds a fresh network."""
 
     def body() -> None:
-        from .checkpoints import LoadedModel, parse_arch, save_model
-        from .fixed import fix as fix_model
-        from .outputs import check_target
+        from explainfix_cli.io.checkpoints import LoadedModel, parse_arch, save_model
+        from explainfix_cli.io.outputs import check_target
+        from explainfix_cli.training.fixed import fix as fix_model
 
         spec = parse_arch(o.arch, o.arch_kwargs)
         if model is None and spec is None:
@@ -901,8 +855,8 @@ def finetune(
     """Train what is not fixed (a pruned or fixed model), keep the best epoch; runs under torchrun."""
 
     def body() -> None:
-        from .outputs import check_target
-        from .training import Recipe, finetune_file
+        from explainfix_cli.io.outputs import check_target
+        from explainfix_cli.training.finetune import Recipe, finetune_file
 
         check_target(out, force)
         check_range("distill_weight", distill_weight, 0, 1)  # the recipe holds 0 without a teacher
@@ -913,7 +867,7 @@ def finetune(
         )
         _preprocessing(data, o.mean, o.std)
         o.setup()
-        rank = _distributed_setup(o.device)
+        rank = distributed.setup(o.device)
         loaded = o.load_model(model)
         teacher_model = o.load_model(teacher).model if teacher else None
         train_data = o.load_data(data, loaded)
@@ -958,7 +912,7 @@ def classes(
         _check_paths(model, data)
         o.check_batches()
         o.setup()
-        from .classes import classes as analyse
+        from explainfix_cli.classes.analysis import classes as analyse
 
         loaded = o.load_model(model)
         dataset = _require_data(data, o, loaded)
@@ -1008,7 +962,7 @@ def extract(
         _check_paths(model, data, val)
         o.check_batches()
         o.setup()
-        from .classes import extract as extract_class
+        from explainfix_cli.classes.analysis import extract as extract_class
 
         loaded = o.load_model(model)
         dataset = _require_data(data, o, loaded)
@@ -1060,8 +1014,8 @@ def _finetune_each(o: Inputs, loaded: Any, train: Path, val: Dataset, epochs: in
     """The `adapt` of `sweep` and `prune_to_target`, as `prune` → `finetune` would do it: the spatial
     filters fixed (unless not `fix`), the rest trained `epochs` epochs on `train` with the unpruned
     model as teacher, the best epoch by the metric on `val`; returns the fine-tune's history step."""
-    from .fixed import fix_spatial_filters
-    from .training import Recipe, finetune
+    from explainfix_cli.training.finetune import Recipe, finetune
+    from explainfix_cli.training.fixed import fix_spatial_filters
 
     training = o.load_data(train, loaded, every_batch=True)
     teacher = copy.deepcopy(loaded.model)  # every pruned model learns from the unpruned one
@@ -1079,14 +1033,14 @@ def _target(pct: float | None, max_drop: float | None, max_params: int | None, m
         return None  # without importing torch: a plain prune's argument checks answer at once
     if pct is not None:
         raise UserError("--pct and a target (--max-drop, --max-params, --max-macs) are alternatives; give one of them.")
-    from .sweep import Target
+    from explainfix_cli.search.sweep import Target
 
     return Target(max_drop, max_params, max_macs)
 
 
 def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dict[str, Any]) -> Any:
     """A target no pct meets is a correct request that cannot be satisfied: one sentence, exit 1."""
-    from .sweep import TargetNotMet, prune_to_target
+    from explainfix_cli.search.sweep import TargetNotMet, prune_to_target
 
     try:
         return prune_to_target(model, data, target, **options)
@@ -1142,7 +1096,7 @@ def sweep(
     """The metric / parameters / MACs / latency trade-off at several pcts, from one saliency pass."""
 
     def body() -> None:
-        from .outputs import check_folder_target
+        from explainfix_cli.io.outputs import check_folder_target
 
         try:
             values = [float(p) for p in pcts.split(",")]
@@ -1155,7 +1109,7 @@ def sweep(
         _check_paths(model, data, train=train)
         o.check_batches()
         o.setup()
-        from .sweep import sweep as sweep_model
+        from explainfix_cli.search.sweep import sweep as sweep_model
 
         loaded = o.load_model(model)
         dataset = o.load_data(data, loaded)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .choices import Init
-from .dct import dct2_basis
-from .models import model_output, require_spatial_convs, spatial_convs
+from explainfix_cli.choices import Init
+from explainfix_cli.dct import dct2_basis
+from explainfix_cli.models import model_output, require_spatial_convs, spatial_convs
 
 INITS: tuple[Init, ...] = ("keep", "dct2", "ghaar", "random")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .data import TargetKind
+from explainfix_cli.io.data import TargetKind
 
 DICE_SMOOTH = 1.0  # keeps the soft Dice defined (and its gradient finite) on an all-background batch
 

@@ -39,12 +39,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .choices import Removal
-from .data import Dataset
-from .measure import outputs
-from .models import model_output
-from .shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
-from .surgery import (
+from explainfix_cli.choices import Removal
+from explainfix_cli.evaluation.measure import outputs
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.models import model_output
+from explainfix_cli.pruning.shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
+from explainfix_cli.pruning.surgery import (
     Cut,
     Surgeon,
     equal_split_parts,
@@ -54,7 +54,7 @@ from .surgery import (
     reparameterised_convs,
     unsafe_nodes,
 )
-from .tp_compat import DependencyGraph, GroupItem, module_name
+from explainfix_cli.pruning.tp_adapter import DependencyGraph, GroupItem, module_name
 
 # relative spread below which a measured channel counts as constant (a silent channel is constant
 # to the last bit; the tolerance only absorbs summation order in pooling)

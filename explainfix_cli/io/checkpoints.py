@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UserError
-from .formats import model_format
-from .outputs import atomic_file
-from .preprocessing import Preprocessing
+from explainfix_cli.errors import UserError
+from explainfix_cli.io.formats import model_format
+from explainfix_cli.io.outputs import atomic_file
+from explainfix_cli.io.preprocessing import Preprocessing
 
 FORMAT = "explainfix"
 FORMAT_VERSION = "1"

@@ -36,9 +36,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import UserError
-from .models import InputMismatch
-from .shuffle import Shuffle
+from explainfix_cli.errors import UserError
+from explainfix_cli.models import InputMismatch
+from explainfix_cli.pruning.shuffle import Shuffle
 
 OPTYPE = tp.ops.OPTYPE
 # |cut - zeroed| above this fraction of the zeroed model's largest output fails the check
@@ -330,7 +330,7 @@ class Surgeon:
             reader.bias += delta
 
     def _prune(self, group: tp.Group) -> None:
-        from .channels import _cut_grouped_inputs, _grouped_input_cuts, _is_depthwise
+        from explainfix_cli.pruning.channels import _cut_grouped_inputs, _grouped_input_cuts, _is_depthwise
 
         DG = self.DG
         grouped_inputs = _grouped_input_cuts(group, DG)

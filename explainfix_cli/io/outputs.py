@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from explainfix_cli.errors import UserError
 
 
 def _check_parent(path: Path) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import Dataset
-from .models import model_output, spatial_convs
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.models import model_output, spatial_convs
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ ResNeXt*) cut with the channel-removal engine of `channels.py`; and `ClassGates`
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -37,9 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Dataset
-from .errors import UserError
-from .models import model_output, require_spatial_convs
+from explainfix_cli.errors import UserError
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.models import model_output, require_spatial_convs
+from explainfix_cli.numbers import finite
 
 Side = Literal["input", "output"]
 FEATURES = "classifier input"
@@ -392,7 +392,7 @@ def analyse_classes(
 
 def _decompose(classifier: tuple[str, nn.Linear], measured: GradientPass, data: Dataset, share: float) -> Decomposition:
     """Each class's logit from only the classifier inputs it needs (Badola's decomposition)."""
-    from .measure import metric
+    from explainfix_cli.evaluation.measure import metric
 
     name, linear = classifier
     importance = measured.mean(FEATURES)  # (K, F)
@@ -406,14 +406,14 @@ def _decompose(classifier: tuple[str, nn.Linear], measured: GradientPass, data: 
     return Decomposition(
         classifier=name,
         metric=data.metric_name,
-        metric_full=_finite(metric(subset, measured.outputs)),
-        metric_decomposed=_finite(metric(subset, decomposed.float())),
+        metric_full=_rounded(metric(subset, measured.outputs)),
+        metric_decomposed=_rounded(metric(subset, decomposed.float())),
     )
 
 
-def _finite(value: float) -> float | None:
+def _rounded(value: float) -> float | None:
     """A metric for JSON: None where it is undefined (an AUC over labels that all have one kind)."""
-    return round(value, 10) if math.isfinite(value) else None
+    return None if (v := finite(value)) is None else round(v, 10)
 
 
 CLASSES_FILES = ("classes.json", "class_channels.png", "channels_needed.png")
@@ -435,7 +435,7 @@ def classes(
     `force`, and then only these files are replaced; they appear together or not at all."""
     import json
 
-    from .outputs import atomic_dir
+    from explainfix_cli.io.outputs import atomic_dir
 
     names = list(CLASSES_FILES if with_figures else CLASSES_FILES[:1])
     if out_dir is None:
@@ -445,7 +445,7 @@ def classes(
         result, matrices = analyse_classes(model, data, share=share, bins=bins, device=device)
         result.files = [str(out_dir / n) for n in names]
         if with_figures:
-            from .explanation.class_figures import draw_channels_needed, draw_class_channels
+            from explainfix_cli.figures.classes import draw_channels_needed, draw_class_channels
 
             last = [layer for layer in result.layers if layer.name != FEATURES][-1:] + [
                 layer for layer in result.layers if layer.name == FEATURES
@@ -481,7 +481,7 @@ class OneVsRest(nn.Module):
 def one_vs_rest(arch: dict[str, Any], target: int, margin: bool = True) -> OneVsRest:
     """The factory `load_model` rebuilds an extracted sub-model with: the original architecture
     (`{"factory": ..., "kwargs": ...}`) wrapped in `OneVsRest`."""
-    from .checkpoints import ArchSpec
+    from explainfix_cli.io.checkpoints import ArchSpec
 
     return OneVsRest(ArchSpec(**arch).build(), target, margin)
 
@@ -496,7 +496,7 @@ class BinaryScore:
 
 def binary_score(score: torch.Tensor, positive: torch.Tensor) -> BinaryScore:
     """ROC AUC (ties count half) and accuracy at threshold 0 of a (N,) score for (N,) bool truth."""
-    from .measure import _roc_auc
+    from explainfix_cli.evaluation.measure import _roc_auc
 
     auc = _roc_auc(score, positive)
     return BinaryScore(None if auc is None else round(auc, 10), round(float(((score > 0) == positive).double().mean()), 10))
@@ -598,7 +598,7 @@ class GroupScores:
 
 def group_scores(model: nn.Module, example: torch.Tensor, measured: ReaderImportance) -> list[GroupScores]:
     """Every coupled group that may lose channels, in the channel-removal engine's order."""
-    from .channels import remove_chosen_channels
+    from explainfix_cli.pruning.channels import remove_chosen_channels
 
     names = {m: n for n, m in model.named_modules()}
     groups: list[GroupScores] = []
@@ -616,7 +616,7 @@ def group_scores(model: nn.Module, example: torch.Tensor, measured: ReaderImport
 def remove_for_class(model: nn.Module, example: torch.Tensor, measured: ReaderImportance, chosen: list[torch.Tensor]) -> int:
     """Remove, in place, the channels `chosen` (a mask per group, in `group_scores`' order), each
     replaced by its mean input, folded into its readers' biases; returns the channels removed."""
-    from .channels import remove_chosen_channels
+    from explainfix_cli.pruning.channels import remove_chosen_channels
 
     names = {m: n for n, m in model.named_modules()}
     masks = iter(chosen)
@@ -720,9 +720,9 @@ def extract(
     """
     import copy
 
-    from .checkpoints import save_model
-    from .measure import model_size
-    from .outputs import check_target
+    from explainfix_cli.evaluation.measure import model_size
+    from explainfix_cli.io.checkpoints import save_model
+    from explainfix_cli.io.outputs import check_target
 
     start = time.perf_counter()
     if (keep is None) == (max_drop is None):
@@ -744,7 +744,7 @@ def extract(
         return (y == target) if margin else (y[:, target] > 0.5)
 
     def scores(m: nn.Module, d: Dataset) -> torch.Tensor:
-        from .measure import outputs
+        from explainfix_cli.evaluation.measure import outputs
 
         return outputs(m, d, device)[:, 0]  # (N,)
 
@@ -791,7 +791,7 @@ def extract(
         out=None if out is None else str(out),
     )
     if out is not None:
-        from .checkpoints import ArchSpec
+        from explainfix_cli.io.checkpoints import ArchSpec
 
         spec = ArchSpec(f"{__name__}:one_vs_rest", {"arch": arch.to_json(), "target": target, "margin": margin}) if arch is not None else None
         step = {"step": "extract", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "input_size": list(shape)}

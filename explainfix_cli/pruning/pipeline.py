@@ -12,19 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import progress
-from .channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
-from .checkpoints import ArchSpec, save_model
-from .choices import Criterion, Fill, Granularity, Removal
-from .data import Dataset
-from .errors import UserError
-from .fixed import fix_spatial_filters
-from .measure import metric, model_size, outputs
-from .models import require_spatial_convs, spatial_convs
-from .outputs import check_target
-from .preprocessing import Preprocessing
-from .saliency import _distributed, spatial_saliency
-from .surgery import surgery_failures
+from explainfix_cli import progress
+from explainfix_cli.choices import Criterion, Fill, Granularity, Removal
+from explainfix_cli.distributed import rank_and_world
+from explainfix_cli.errors import UserError, check_pct
+from explainfix_cli.evaluation.measure import metric, model_size, outputs
+from explainfix_cli.io.checkpoints import ArchSpec, save_model
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.io.outputs import check_target
+from explainfix_cli.io.preprocessing import Preprocessing
+from explainfix_cli.models import require_spatial_convs, spatial_convs
+from explainfix_cli.numbers import strict
+from explainfix_cli.pruning.channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
+from explainfix_cli.pruning.surgery import surgery_failures
+from explainfix_cli.saliency import spatial_saliency
+from explainfix_cli.training.fixed import fix_spatial_filters
 
 
 def least_salient_kernels(
@@ -38,8 +40,7 @@ def least_salient_kernels(
     collapse: the K most salient kernels of every layer (ties to the earlier o, i) stay out of
     the ranking, which is otherwise unchanged, and at most the kernels left in it are chosen.
     """
-    if not 0 <= pct < 100:
-        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
+    check_pct("pct", pct)
     if min_kernels_per_layer < 0:
         raise UserError(f"the minimum of kernels kept per layer must be 0 or more, not {min_kernels_per_layer}.")
     convs = require_spatial_convs(model)
@@ -161,7 +162,7 @@ class PruneReport:
     constant_output: bool | None = None  # the written model gives every sample of the data the same output
 
     def to_json(self) -> dict[str, Any]:
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+        return strict(asdict(self))
 
     def warnings(self) -> list[str]:
         """Sentences for a person: layer collapse is never silent (docs/method.md §2 at high pct)."""
@@ -214,8 +215,7 @@ def prune(
     already has them (a sweep that scores once and prunes many copies), saves a forward pass.
     """
     start = time.perf_counter()
-    if not 0 <= pct < 100:
-        raise UserError(f"`pct` must be in [0, 100), not {pct}.")
+    check_pct("pct", pct)
     if out is not None:
         check_target(Path(out), force)
     if data is not None:
@@ -355,7 +355,7 @@ def save_pruned(
     """The write stage of a prune: the model, with a `prune` step (the report, the seed and the
     input size) added to its history, then the steps in `then` (a fine-tune after the prune),
     and its input preprocessing for that size. Under torchrun only process 0 writes."""
-    if _distributed()[0] != 0:
+    if rank_and_world()[0] != 0:
         return
     step = {"step": "prune", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "seed": seed, "input_size": list(sample_shape)}
     if preprocessing is not None:

@@ -1,0 +1,1 @@
+"""Metrics, sizes and latency; evaluate, bench, info and their CI gates."""

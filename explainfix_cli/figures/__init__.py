@@ -1,0 +1,1 @@
+"""Everything matplotlib draws: spectra, class heatmaps, the trade-off figure."""

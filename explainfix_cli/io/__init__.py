@@ -1,0 +1,1 @@
+"""Models in and out, data sources, preprocessing, atomic outputs (the *load* and *write* stages)."""

@@ -1,0 +1,1 @@
+"""Fixed filters and steered initialisation (docs/method.md §4), narrowing, losses, fine-tuning."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from explainfix_cli.figures.spectra import _figure, _save
+from explainfix_cli.figures.common import new_figure, save_figure
 
 
 def preferred_order(importance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +29,7 @@ def draw_class_channels(panels: list[tuple[str, np.ndarray]], path: Path) -> Non
     from matplotlib.colors import Normalize
 
     widest = max(m.shape[1] for _, m in panels)
-    fig = _figure(min(4.0 + 0.12 * widest, 18.0), 1.0 + 2.6 * len(panels))
+    fig = new_figure(min(4.0 + 0.12 * widest, 18.0), 1.0 + 2.6 * len(panels))
     axes = np.atleast_1d(fig.subplots(len(panels), 1, squeeze=False)[:, 0])
     image = None
     for ax, (name, importance) in zip(axes, panels, strict=True):
@@ -46,14 +46,14 @@ def draw_class_channels(panels: list[tuple[str, np.ndarray]], path: Path) -> Non
     assert image is not None
     fig.colorbar(image, ax=list(axes), label="importance / channel's largest |importance|")
     fig.suptitle("Which class each channel serves (gradient x activation, mean over the class's samples)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def draw_channels_needed(layers: list[tuple[str, np.ndarray, int]], share: float, path: Path) -> None:
     """Per class, bars of the channels needed for `share` of its positive importance, one bar
     per layer (name, (K,) needed, channels in the layer), as a share of the layer's channels."""
     k = len(layers[0][1])
-    fig = _figure(max(5.0, 0.3 * k * len(layers) + 2.5), 3.6)
+    fig = new_figure(max(5.0, 0.3 * k * len(layers) + 2.5), 3.6)
     ax = fig.add_subplot()
     width = 0.8 / len(layers)
     for i, (name, needed, total) in enumerate(layers):
@@ -66,4 +66,4 @@ def draw_channels_needed(layers: list[tuple[str, np.ndarray, int]], share: float
     ax.set_ylim(0, 1)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"Channels needed for {share:.0%} of each class's positive importance (numbers: channels)")
-    _save(fig, path)
+    save_figure(fig, path)

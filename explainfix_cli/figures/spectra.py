@@ -24,6 +24,7 @@ import numpy as np
 from explainfix_cli.choices import FigureFormat
 from explainfix_cli.dct import frequency_order
 from explainfix_cli.explanation.spectra import LayerSpectra
+from explainfix_cli.figures.common import new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,36 +34,6 @@ Draw = Callable[[Path], None]  # draws one figure into the given file
 MAX_CHANNELS_SHOWN = 16  # a kernel grid larger than 16 x 16 is unreadable on a page
 MAX_LEGEND_ENTRIES = 8
 ATTRIBUTION_COLUMNS = 8  # inputs per row of the attribution grid
-
-
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig: Figure, path: Path) -> None:
-    """Write `fig` at 150 dpi. Text is drawn without hinting, and a PNG is written as RGB at zlib level 3:
-    together a sixth of a small figure's time (the sweep's: 90 -> 75 ms). Hinting snaps glyphs to a
-    screen's pixel grid, which a 150 dpi image does not need; the figures are opaque, so alpha carries nothing."""
-    import matplotlib
-
-    # Dates and random ids would make two runs' files differ; docs/cli.md wants identical bytes.
-    metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(path.suffix[1:])
-    with matplotlib.rc_context({"svg.hashsalt": "explainfix", "text.hinting": "none"}):
-        if path.suffix != ".png":
-            fig.savefig(path, dpi=150, metadata=metadata)
-            return
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from PIL import Image
-
-        fig.set_dpi(150)
-        canvas = FigureCanvasAgg(fig)
-        canvas.draw()
-        width, height = canvas.get_width_height(physical=True)
-        # PIL reads Agg's buffer in place and drops alpha itself: a tenth of numpy's strided copy
-        rgba = Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-        rgba.convert("RGB").save(path, format="png", compress_level=3, dpi=(150, 150))
 
 
 _pending: Sequence[tuple[Draw, Path]] = ()  # the jobs of `draw_all`, inherited by its forked workers
@@ -132,7 +103,7 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     even = 3 / n_basis  # the low-frequency share of a layer without preference
 
     cells_width = max(0.3 * n_basis, 4.5)  # inches; the margins keep a fixed width beside it
-    fig = _figure(cells_width + 5.0, min(3.6 + 0.28 * n_layers, 30.0))
+    fig = new_figure(cells_width + 5.0, min(3.6 + 0.28 * n_layers, 30.0))
     grid = fig.add_gridspec(2, 3, width_ratios=[cells_width, 2.0, 0.15], height_ratios=[1, 4])
     ax = fig.add_subplot(grid[1, 0])
     # The margins line up with the cells by limits, not by sharing axes: a shared axis would
@@ -171,7 +142,7 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     weighting = "kernels weighted by their saliency on the data" if layers[0][1].saliency_weighted else "kernels averaged, no data"
     fig.align_ylabels([top, ax])
     fig.suptitle(f"How each {kh}x{kw} layer's kernel energy spreads over spatial frequencies\n({weighting})")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
@@ -187,7 +158,7 @@ def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
 
     kh, kw = layers[0][1].kernel_shape
     square = layers[0][1].e_0 is not None
-    fig = _figure(11.0 if square else 8.0, 3.9)
+    fig = new_figure(11.0 if square else 8.0, 3.9)
     axes = fig.subplots(1, 3 if square else 2, sharey=True)
     depth = Normalize(vmin=layers[0][0], vmax=max(layers[-1][0], layers[0][0] + 1))
     cmap = colormaps["viridis"]
@@ -213,7 +184,7 @@ def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
         f"Frequency profile of each {kh}x{kw} layer: the square root of each basis vector's energy, summed over the other direction"
         , fontsize=10
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 class ChannelGrid(NamedTuple):
@@ -275,7 +246,7 @@ def _draw_tiles(grid: ChannelGrid, title: str, colorbar: str | None) -> Figure:
     image = padded.transpose(0, 2, 1, 3).reshape(rows * (h + 1), cols * (w + 1))[:-1, :-1]
     limit = float(np.nanmax(np.abs(image))) or 1.0
     inches_per_pixel = min(0.12, 9.0 / max(image.shape))
-    fig = _figure(2.2 + inches_per_pixel * image.shape[1], 1.4 + inches_per_pixel * image.shape[0])
+    fig = new_figure(2.2 + inches_per_pixel * image.shape[1], 1.4 + inches_per_pixel * image.shape[0])
     ax = fig.add_subplot()
     cmap = colormaps["RdBu_r"].with_extremes(bad="0.3")
     shown = ax.imshow(image, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
@@ -299,14 +270,14 @@ def draw_basis(basis: np.ndarray, path: Path) -> None:
     grid = ChannelGrid(
         basis, list(range(kw)), list(range(kh)), "horizontal frequency (low → high)", "vertical frequency (low → high)"
     )
-    _save(_draw_tiles(grid, f"DCT-II basis of a {kh}x{kw} kernel", None), path)
+    save_figure(_draw_tiles(grid, f"DCT-II basis of a {kh}x{kw} kernel", None), path)
 
 
 def draw_kernels(name: str, weight: np.ndarray, path: Path) -> None:
     """The spatial kernels of one layer, (O, I/groups, kh, kw), one tile per (output, input) pair."""
     kh, kw = weight.shape[2:]
     grid = _channel_grid(weight)  # (rows, cols, kh, kw)
-    _save(_draw_tiles(grid, f"{kh}x{kw} kernels of {name}", "kernel weight"), path)
+    save_figure(_draw_tiles(grid, f"{kh}x{kw} kernels of {name}", "kernel weight"), path)
 
 
 def draw_kernel_saliency(
@@ -355,7 +326,7 @@ def draw_kernel_saliency(
         f"`explainfix prune --pct {pct:g}` would zero (the least salient over all layers)",
         fontsize=10,
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _displayable(image: np.ndarray) -> np.ndarray:
@@ -380,7 +351,7 @@ def draw_attributions(
     # long lists of label names wrap to the column's width
     captions = ["\n".join(textwrap.fill(line, 24) for line in c.split("\n")) for c in captions]
     lines = max(c.count("\n") + 1 for c in captions)
-    fig = _figure(1.6 + 1.7 * cols, (3.2 + 0.14 * lines) * rows + 0.4)
+    fig = new_figure(1.6 + 1.7 * cols, (3.2 + 0.14 * lines) * rows + 0.4)
     axes = np.array(fig.subplots(2 * rows, cols, squeeze=False))  # (2 * rows, cols) of Axes
     colours = {True: "tab:green", False: "tab:red", None: "black"}
     for k in range(rows * cols):
@@ -405,4 +376,4 @@ def draw_attributions(
         axes[2 * r + 1, 0].set_ylabel(f"{method}\n(overlaid)")
     fig.colorbar(shown, ax=axes, label="attribution (share of the input's max)", shrink=0.5 if rows > 1 else 0.9)
     fig.suptitle("Which input pixels drive the target output")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -354,7 +354,7 @@ def draw_tradeoff(
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
     from matplotlib.transforms import offset_copy
 
-    from explainfix_cli.figures.spectra import _save
+    from explainfix_cli.figures.common import save_figure
 
     latency_label = "latency at batch 1 (ms, median)" if latency_form == "eager" else "latency at batch 1, deployment form (ms, median)"
     panels = [(params, "parameters")] + ([(latency_ms, latency_label)] if latency_ms is not None else [])
@@ -381,7 +381,7 @@ def draw_tradeoff(
     axes[0].set_ylabel(metric_name)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{metric_name} against {'size and speed' if len(panels) > 1 else 'size'}\none point per pct of kernels zeroed", fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---- a target instead of a pct ------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""docs/method.md §6: class-specific gate training (Liang et al., *Class-Specific Gates*), for `finetune`.
+
+`ClassGates` is a (channels, classes) gate on the classifier's input; `class_gated_step` is the one
+training step, standard or gated, that `finetune --class-gates` runs and library users may call in
+their own loop; `uses_gates` is the paper's alternation of the two paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from explainfix_cli.classes.analysis import find_classifier
+from explainfix_cli.errors import UserError
+from explainfix_cli.models import model_output
+
+
+class ClassGates(nn.Module):
+    """CSG's gate: a (channels, classes) matrix in [0, 1] on the classifier's input features.
+
+    On a gated (CSG-path) step a sample of class k passes only `f * G[:, k]` to the classifier,
+    so each channel is pushed to serve the classes whose gates stay open; an L1 penalty closes
+    gates. Global average pooling is linear, so gating the pooled features is gating the last
+    spatial layer's feature maps. The gate is used in training only: at inference there is none,
+    so "folding it away" is detaching it, and the model keeps its architecture.
+    """
+
+    def __init__(self, classifier: str, channels: int, classes: int) -> None:
+        super().__init__()
+        self.classifier = classifier  # module name of the linear layer whose input is gated
+        self.gate = nn.Parameter(torch.full((channels, classes), 0.5))  # (C, K), the paper's start
+
+    @classmethod
+    def for_model(cls, model: nn.Module, example: torch.Tensor) -> ClassGates:
+        """A gate that fits `model`'s classifier (its final linear layer)."""
+        found = find_classifier(model, example)
+        if found is None:
+            raise UserError("class gates need a model whose output comes from a linear layer reading (N, features).")
+        name, linear = found
+        return cls(name, linear.in_features, linear.out_features)
+
+    def penalty(self) -> torch.Tensor:
+        """The L1 norm of the gate, per class (so that its weight does not grow with K)."""
+        return self.gate.abs().sum() / self.gate.shape[1]
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """Plain gradient descent on the gate, then the paper's clip: every channel's gates divided
+        by its largest (its favourite class stays fully open) and clamped to [0, 1]. Not Adam: its
+        per-element normalisation turns the L1 push into the same step for every gate, which the
+        clip then undoes, so the gates would never close."""
+        if self.gate.grad is not None:
+            self.gate -= lr * self.gate.grad
+            self.gate.grad = None
+        largest = self.gate.amax(dim=1, keepdim=True).clamp_min(1e-12)  # (C, 1)
+        self.gate.copy_((self.gate / largest).clamp(0, 1))
+
+    def density(self) -> float:
+        """Mean gate value: 1 with every gate open, 1/K with one class per channel."""
+        return float(self.gate.detach().mean())
+
+    @contextmanager
+    def applied(self, model: nn.Module, labels: torch.Tensor) -> Iterator[None]:
+        """While inside, `model`'s classifier sees `f * G[:, y]` for each sample's label y."""
+
+        def gate(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (inputs[0] * self.gate[:, labels].T, *inputs[1:])  # (N, C) * (N, C)
+
+        handle = model.get_submodule(self.classifier).register_forward_pre_hook(gate)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def uses_gates(epoch: int, period: int = 3, warmup: int = 0) -> bool:
+    """The paper's alternation: after `warmup` epochs, in every `period` epochs the first trains the
+    standard (ungated) path and the others the gated path."""
+    return epoch >= warmup and epoch % period != 0
+
+
+def class_gated_step(
+    model: nn.Module,
+    gates: ClassGates,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    gated: bool,
+    sparsity: float = 0.05,
+    gate_lr: float = 0.5,
+) -> float:
+    """One training step on a minibatch of class labels: the standard path (cross-entropy of the
+    model's output) or the gated path (cross-entropy with each sample's features gated by its
+    class's gates, plus `sparsity` times the gate's L1 norm per class, then the gate's own step).
+    `optimizer` holds the model's trainable parameters (not the gate); returns the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with gates.applied(model, y) if gated else nullcontext():
+        out = model_output(model, x)  # (N, K)
+    loss = nn.functional.cross_entropy(out, y)
+    if gated:
+        loss = loss + sparsity * gates.penalty()
+    loss.backward()
+    optimizer.step()
+    if gated:
+        gates.step(gate_lr)
+    return float(loss.detach())

@@ -962,7 +962,7 @@ def extract(
         _check_paths(model, data, val)
         o.check_batches()
         o.setup()
-        from explainfix_cli.classes.analysis import extract as extract_class
+        from explainfix_cli.classes.extract import extract as extract_class
 
         loaded = o.load_model(model)
         dataset = _require_data(data, o, loaded)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explainfix_cli.choices import BatchNormMode, OptimizerName, Trainable
-from explainfix_cli.classes.analysis import ClassGates, uses_gates
+from explainfix_cli.classes.gates import ClassGates, uses_gates
 from explainfix_cli.distributed import rank_and_world
 from explainfix_cli.errors import UserError, check_range
 from explainfix_cli.evaluation.measure import metric, outputs

@@ -25,7 +25,8 @@ one-vs-rest sub-models; `gates.py` holds the class-specific gate training of Lia
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from explainfix_cli.errors import UserError
 from explainfix_cli.io.data import Dataset
@@ -117,12 +119,44 @@ def gradient_times_activation(
     """
     model.eval()
     pooled = pooled or set()
+    pooled_parts: dict[str, list[torch.Tensor]] = {p.name: [] for p in probes if p.name in pooled or centred}
+    parts: dict[str, list[_Part]] = {p.name: [] for p in probes}
+    counts: torch.Tensor | None = None
+    outs = []
+    n_scores = 0
+    with _watching(probes) as captured, torch.enable_grad():
+        for x, y in data:
+            x = x.to(device).requires_grad_(True)  # activations need a gradient even when every weight is fixed
+            out = model_output(model, x)
+            s, member = scores(out), membership(y.to(device)).to(out.dtype)  # (N, J), (N, J)
+            n_scores = s.shape[1]
+            weighted = member if weights is None else member * weights(s.detach())  # (N, J)
+            outs.append(out.detach().cpu())
+            counts = member.sum(0).cpu() if counts is None else counts + member.sum(0).cpu()
+            _backward(probes, [captured[p.name] for p in probes], s * member, weighted, disjoint, centred, parts)
+            for p in probes:
+                if p.name in pooled_parts:
+                    pooled_parts[p.name].append(_per_channel(p.module, p.side, captured[p.name].detach(), mean=True).cpu())
+            captured.clear()
+    assert counts is not None
+    sums = {p.name: _summed(parts[p.name], pooled_parts.get(p.name), n_scores, p.name in pooled, centred) for p in probes}
+    return GradientPass(sums, counts.double(), torch.cat(outs))
+
+
+# one backward pass at one probe: (rows of the scores, (N, J') weights, (N, C) Σ a g, (N, C) Σ g or None)
+_Part = tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+@contextmanager
+def _watching(probes: list[Probe]) -> Iterator[dict[str, torch.Tensor]]:
+    """While inside, every forward leaves each probe's tensor, by name, in the dict yielded: a copy
+    of its own, so that its gradient is this probe's only (a tensor read by two layers)."""
     captured: dict[str, torch.Tensor] = {}
 
-    def watch(p: Probe) -> Callable[..., Any]:
+    def watch(p: Probe) -> RemovableHandle:
         if p.side == "output":
             def out_hook(_m: nn.Module, _inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-                captured[p.name] = out.clone()  # a node of its own: its gradient is this probe's only
+                captured[p.name] = out.clone()
                 return captured[p.name]
 
             return p.module.register_forward_hook(out_hook)
@@ -133,64 +167,58 @@ def gradient_times_activation(
 
         return p.module.register_forward_pre_hook(in_hook)
 
-    keep_pooled = {p.name for p in probes if p.name in pooled or centred}
-    pooled_parts: dict[str, list[torch.Tensor]] = {name: [] for name in keep_pooled}
-    # per probe and pass: (rows of the scores, (N, J') weights, (N, C) Σ a g, (N, C) Σ g or None)
-    parts: dict[str, list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {p.name: [] for p in probes}
-    counts: torch.Tensor | None = None
-    outs = []
-    n_scores = 0
     hooks = [watch(p) for p in probes]
     try:
-        with torch.enable_grad():
-            for x, y in data:
-                x = x.to(device).requires_grad_(True)  # activations need a gradient even when every weight is fixed
-                out = model_output(model, x)
-                s, member = scores(out), membership(y.to(device)).to(out.dtype)  # (N, J), (N, J)
-                n_scores = s.shape[1]
-                weighted = member if weights is None else member * weights(s.detach())  # (N, J)
-                outs.append(out.detach().cpu())
-                counts = member.sum(0).cpu() if counts is None else counts + member.sum(0).cpu()
-                tensors = [captured[p.name] for p in probes]
-                passes = [(s * member).sum()] if disjoint else [(s[:, j] * member[:, j]).sum() for j in range(s.shape[1])]
-                for j, objective in enumerate(passes):
-                    grads = torch.autograd.grad(objective, tensors, retain_graph=j < len(passes) - 1, allow_unused=True)
-                    w = (weighted if disjoint else weighted[:, j : j + 1]).double().cpu()  # (N, J) or (N, 1)
-                    rows = slice(None) if disjoint else slice(j, j + 1)
-                    for p, a, g in zip(probes, tensors, grads, strict=True):
-                        if g is None:
-                            width = a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1]
-                            t, q = torch.zeros(len(a), width, dtype=torch.float64), None
-                        else:
-                            t = _per_channel(p.module, p.side, a.detach() * g).double().cpu()
-                            q = _per_channel(p.module, p.side, g).double().cpu() if centred else None
-                        parts[p.name].append((rows, w, t, q))
-                for p in probes:
-                    if p.name in pooled_parts:
-                        pooled_parts[p.name].append(_per_channel(p.module, p.side, captured[p.name].detach(), mean=True).cpu())
-                captured.clear()
+        yield captured
     finally:
         for h in hooks:
             h.remove()
-    assert counts is not None
-    sums: dict[str, ProbeResult] = {}
-    for p in probes:
-        every = torch.cat(pooled_parts[p.name]).double() if p.name in pooled_parts else None  # (N, C)
-        centre = every.mean(dim=0) if centred and every is not None else None  # (C,)
-        width = parts[p.name][0][2].shape[1]
-        result = ProbeResult(
-            torch.zeros(n_scores, width, dtype=torch.float64),
-            torch.zeros(n_scores, width, dtype=torch.float64),
-            every if p.name in pooled else None,
-            centre,
-        )
-        for rows, w, t, q in parts[p.name]:
-            if centre is not None and q is not None:
-                t = t - centre * q
-            result.signed[rows] += w.T @ t
-            result.magnitude[rows] += w.T @ t.abs()
-        sums[p.name] = result
-    return GradientPass(sums, counts.double(), torch.cat(outs))
+
+
+def _backward(
+    probes: list[Probe],
+    tensors: list[torch.Tensor],
+    member_scores: torch.Tensor,
+    weighted: torch.Tensor,
+    disjoint: bool,
+    centred: bool,
+    parts: dict[str, list[_Part]],
+) -> None:
+    """One minibatch's backward passes (one for disjoint scores, else one per score, (N, J)
+    `member_scores`), each probe's per-sample `Σ a g` (and `Σ g` when `centred`) appended to `parts`."""
+    n_scores = member_scores.shape[1]
+    passes = [member_scores.sum()] if disjoint else [member_scores[:, j].sum() for j in range(n_scores)]
+    for j, objective in enumerate(passes):
+        grads = torch.autograd.grad(objective, tensors, retain_graph=j < len(passes) - 1, allow_unused=True)
+        w = (weighted if disjoint else weighted[:, j : j + 1]).double().cpu()  # (N, J) or (N, 1)
+        rows = slice(None) if disjoint else slice(j, j + 1)
+        for p, a, g in zip(probes, tensors, grads, strict=True):
+            if g is None:
+                width = a.shape[-1] if _channels_last(p.module, p.side) else a.shape[1]
+                t, q = torch.zeros(len(a), width, dtype=torch.float64), None
+            else:
+                t = _per_channel(p.module, p.side, a.detach() * g).double().cpu()
+                q = _per_channel(p.module, p.side, g).double().cpu() if centred else None
+            parts[p.name].append((rows, w, t, q))
+
+
+def _summed(parts: list[_Part], pooled: list[torch.Tensor] | None, n_scores: int, keep_pooled: bool, centred: bool) -> ProbeResult:
+    """One probe's passes summed per score, centred on the channels' mean when asked."""
+    every = torch.cat(pooled).double() if pooled is not None else None  # (N, C)
+    centre = every.mean(dim=0) if centred and every is not None else None  # (C,)
+    width = parts[0][2].shape[1]
+    result = ProbeResult(
+        torch.zeros(n_scores, width, dtype=torch.float64),
+        torch.zeros(n_scores, width, dtype=torch.float64),
+        every if keep_pooled else None,
+        centre,
+    )
+    for rows, w, t, q in parts:
+        if centre is not None and q is not None:
+            t = t - centre * q
+        result.signed[rows] += w.T @ t
+        result.magnitude[rows] += w.T @ t.abs()
+    return result
 
 
 def mutual_information(values: torch.Tensor, indicators: torch.Tensor, bins: int = 8) -> torch.Tensor:
@@ -352,22 +380,8 @@ def analyse_classes(
         model, data, probes, lambda out: out, membership, disjoint, pooled={p.name for p in probes}, device=device
     )
     indicators = torch.cat([membership(y) for _, y in data]).double()  # (N, K)
-    layers, matrices = [], {}
-    for p in probes:
-        importance = measured.mean(p.name)  # (K, C)
-        mi = mutual_information(measured.probes[p.name].pooled, indicators, bins).amax(dim=1)  # (C,)
-        matrices[p.name] = importance.numpy()
-        layers.append(
-            LayerClasses(
-                name=p.name,
-                channels=importance.shape[1],
-                importance=_round(importance),
-                channels_needed=channels_needed(importance, share).tolist(),
-                preferred_class=importance.argmax(dim=0).tolist(),
-                mutual_information=_round(mi),
-                specificity=round(float(mi.mean()), 10),
-            )
-        )
+    layers = [_layer_classes(p.name, measured, indicators, share, bins) for p in probes]
+    matrices = {p.name: measured.mean(p.name).numpy() for p in probes}  # (K, C) each
     decomposition = None
     if classifier is not None:
         decomposition = _decompose(classifier, measured, data, share)
@@ -386,6 +400,21 @@ def analyse_classes(
     )
     result.seconds = round(time.perf_counter() - start, 3)
     return result, matrices
+
+
+def _layer_classes(name: str, measured: GradientPass, indicators: torch.Tensor, share: float, bins: int) -> LayerClasses:
+    """One watched layer's class importance, channels needed and MI specificity."""
+    importance = measured.mean(name)  # (K, C)
+    mi = mutual_information(measured.probes[name].pooled, indicators, bins).amax(dim=1)  # (C,)
+    return LayerClasses(
+        name=name,
+        channels=importance.shape[1],
+        importance=_round(importance),
+        channels_needed=channels_needed(importance, share).tolist(),
+        preferred_class=importance.argmax(dim=0).tolist(),
+        mutual_information=_round(mi),
+        specificity=round(float(mi.mean()), 10),
+    )
 
 
 def _decompose(classifier: tuple[str, nn.Linear], measured: GradientPass, data: Dataset, share: float) -> Decomposition:

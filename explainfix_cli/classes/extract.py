@@ -10,6 +10,7 @@ channel-removal engine of `pruning.channels`: every coupled group keeps a share 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -285,84 +286,105 @@ def extract(
     `max_drop` below the full model's. `model` is not changed; the sub-model is written to `out`
     (rebuilt by `load_model`).
     """
-    import copy
-
     from explainfix_cli.evaluation.measure import model_size
-    from explainfix_cli.io.checkpoints import save_model
     from explainfix_cli.io.outputs import check_target
 
     start = time.perf_counter()
+    _check_cut(keep, max_drop)
+    if out is not None:
+        check_target(Path(out), force)
+    model.eval().to(device)
+    margin = data.target_kind == "labels"
+    importance = reader_importance(model, data, target, margin, device)
+    full = OneVsRest(model, target, margin)
+    full_score = binary_score(importance.scores, _truth(data, target, margin))  # the importance pass ran the full model on the data
+    tried: list[dict[str, float | None]] = []
+    if max_drop is not None:
+        greedy = _greedy(model, data, target, margin, importance, full_score, max_drop, tried, device)
+        cut, keep, removed = greedy.model, greedy.kept, greedy.removed
+    else:
+        assert keep is not None
+        cut = copy.deepcopy(model)
+        removed = cut_for_class(cut, data.x[:1].to(device), importance, keep)
+    sub = OneVsRest(cut, target, margin).eval()
+    shape = tuple(data.x.shape[1:])
+    before, after = model_size(full, shape), model_size(sub, shape)
+    report = ExtractReport(
+        target=target, score="margin" if margin else "logit", keep=keep, max_drop=max_drop,
+        params_before=before.params, params_after=after.params, macs_before=before.macs, macs_after=after.macs,
+        channels_removed=removed,
+        data={"full": full_score, "extracted": _binary(sub, data, target, margin, device)},
+        val=None if val is None else {"full": _binary(full, val, target, margin, device), "extracted": _binary(sub, val, target, margin, device)},
+        bisection=tried,
+        seconds=0.0,
+        out=None if out is None else str(out),
+    )
+    if out is not None:
+        _save(sub, report, arch, history, shape, Path(out), force)
+    report.seconds = round(time.perf_counter() - start, 3)
+    return sub, report
+
+
+def _check_cut(keep: float | None, max_drop: float | None) -> None:
+    """Exactly one of the two ways to choose the cut, within its range."""
     if (keep is None) == (max_drop is None):
         raise UserError("give either a share of importance to keep or a largest allowed AUC drop, not both or neither.")
     if keep is not None and not 0 <= keep <= 1:
         raise UserError(f"the share of importance to keep must be in [0, 1], not {keep}.")
     if max_drop is not None and not 0 <= max_drop < 1:
         raise UserError(f"the largest allowed AUC drop must be in [0, 1), not {max_drop}.")
-    if out is not None:
-        check_target(Path(out), force)
-    model.eval().to(device)
-    margin = data.target_kind == "labels"
-    importance = reader_importance(model, data, target, margin, device)
-    example = data.x[:1].to(device)
-    shape = tuple(data.x.shape[1:])
 
-    def truth(d: Dataset) -> torch.Tensor:
-        y = torch.cat([y for _, y in d])
-        return (y == target) if margin else (y[:, target] > 0.5)
 
-    def scores(m: nn.Module, d: Dataset) -> torch.Tensor:
-        from explainfix_cli.evaluation.measure import outputs
+def _truth(data: Dataset, target: int, margin: bool) -> torch.Tensor:
+    """(N,) bool: which samples of `data` are of class `target`."""
+    y = torch.cat([y for _, y in data])
+    return (y == target) if margin else (y[:, target] > 0.5)
 
-        return outputs(m, d, device)[:, 0]  # (N,)
 
-    full = OneVsRest(model, target, margin)
-    truth_data = truth(data)
-    full_score = binary_score(importance.scores, truth_data)  # the importance pass ran the full model on the data
-    tried: list[dict[str, float | None]] = []
-    if max_drop is not None:
-        if full_score.auc is None:
-            raise UserError(f"the data holds only one kind of sample for class {target}; an AUC cannot guide the cut.")
+def _scores(model: nn.Module, data: Dataset, device: str) -> torch.Tensor:
+    """(N,) a one-vs-rest model's score of every sample."""
+    from explainfix_cli.evaluation.measure import outputs
 
-        def drop(m: nn.Module) -> float:
-            auc = binary_score(scores(OneVsRest(m, target, margin), data), truth_data).auc
-            assert auc is not None and full_score.auc is not None
-            return full_score.auc - auc
+    return outputs(model, data, device)[:, 0]
 
-        def score(m: nn.Module) -> ReaderImportance:
-            return importance if m is model else reader_importance(m, data, target, margin, device)
 
-        greedy = greedy_cut(model, example, score, drop, max_drop, tried)
-        cut, keep, removed = greedy.model, greedy.kept, greedy.removed
-    else:
-        assert keep is not None
-        cut = copy.deepcopy(model)
-        removed = cut_for_class(cut, example, importance, keep)
-    sub = OneVsRest(cut, target, margin).eval()
-    before, after = model_size(full, shape), model_size(sub, shape)
-    report = ExtractReport(
-        target=target,
-        score="margin" if margin else "logit",
-        keep=keep,
-        max_drop=max_drop,
-        params_before=before.params,
-        params_after=after.params,
-        macs_before=before.macs,
-        macs_after=after.macs,
-        channels_removed=removed,
-        data={"full": full_score, "extracted": binary_score(scores(sub, data), truth_data)},
-        val=None
-        if val is None
-        else {"full": binary_score(scores(full, val), truth(val)), "extracted": binary_score(scores(sub, val), truth(val))},
-        bisection=tried,
-        seconds=0.0,
-        out=None if out is None else str(out),
-    )
-    if out is not None:
-        from explainfix_cli.io.checkpoints import ArchSpec
+def _binary(model: nn.Module, data: Dataset, target: int, margin: bool, device: str) -> BinaryScore:
+    return binary_score(_scores(model, data, device), _truth(data, target, margin))
 
-        spec = ArchSpec(f"{__name__}:one_vs_rest", {"arch": arch.to_json(), "target": target, "margin": margin}) if arch is not None else None
-        step = {"step": "extract", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "input_size": list(shape)}
-        save_model(sub, out, arch=spec, history=[*(history or []), step], report=step, force=force)
-    report.seconds = round(time.perf_counter() - start, 3)
-    return sub, report
 
+def _greedy(
+    model: nn.Module,
+    data: Dataset,
+    target: int,
+    margin: bool,
+    importance: ReaderImportance,
+    full_score: BinaryScore,
+    max_drop: float,
+    tried: list[dict[str, float | None]],
+    device: str,
+) -> GreedyCut:
+    """`greedy_cut` of `model`, each candidate's drop its one-vs-rest AUC below the full model's
+    on `data`, re-scored on `data` after each cut (`importance` is the full model's)."""
+    if full_score.auc is None:
+        raise UserError(f"the data holds only one kind of sample for class {target}; an AUC cannot guide the cut.")
+    full_auc = full_score.auc
+    truth = _truth(data, target, margin)
+
+    def drop(m: nn.Module) -> float:
+        auc = binary_score(_scores(OneVsRest(m, target, margin), data, device), truth).auc
+        assert auc is not None
+        return full_auc - auc
+
+    def score(m: nn.Module) -> ReaderImportance:
+        return importance if m is model else reader_importance(m, data, target, margin, device)
+
+    return greedy_cut(model, data.x[:1].to(device), score, drop, max_drop, tried)
+
+
+def _save(sub: OneVsRest, report: ExtractReport, arch: Any, history: list[dict[str, Any]] | None, shape: tuple[int, ...], out: Path, force: bool) -> None:
+    """Write the sub-model with its step in the history; `load_model` rebuilds it with `one_vs_rest`."""
+    from explainfix_cli.io.checkpoints import ArchSpec, save_model
+
+    spec = ArchSpec(f"{__name__}:one_vs_rest", {"arch": arch.to_json(), "target": sub.target, "margin": sub.margin}) if arch is not None else None
+    step = {"step": "extract", **{k: v for k, v in report.to_json().items() if k not in ("seconds", "out")}, "input_size": list(shape)}
+    save_model(sub, out, arch=spec, history=[*(history or []), step], report=step, force=force)

@@ -322,5 +322,5 @@ def test_finetune_class_gates_is_class_gated_step(small_val: Dataset) -> None:
     for epoch in range(3):
         class_gated_step(model, gates, batch.x, batch.y, optimizer, uses_gates(epoch), loss=cross_entropy)
         schedule.step()
-    assert [r.loss for r in report.history] == pytest.approx(losses, abs=2e-6)
+    assert [r.loss for r in report.history] == pytest.approx(losses, rel=1e-6, abs=2e-6)  # float32, rounded to 6 places
     assert len(set(losses)) == 3

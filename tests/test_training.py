@@ -316,8 +316,9 @@ def test_finetune_class_gates_is_class_gated_step(small_val: Dataset) -> None:
     losses: list[float] = []
 
     def cross_entropy(out: torch.Tensor) -> torch.Tensor:
-        losses.append(float(F.cross_entropy(out, batch.y)))
-        return F.cross_entropy(out, batch.y)
+        value = F.cross_entropy(out, batch.y)
+        losses.append(float(value.detach()))
+        return value
 
     for epoch in range(3):
         class_gated_step(model, gates, batch.x, batch.y, optimizer, uses_gates(epoch), loss=cross_entropy)

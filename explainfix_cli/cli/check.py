@@ -83,6 +83,31 @@ def evaluate(
     gate_verdict(o.run(body).gates)
 
 
+def _render_bench(report: Any) -> None:
+    """bench's table: each model, form and batch side by side (with their ratio against --vs), then notes and gates."""
+    runs = [report.model] if report.vs is None else [report.model, report.vs]
+    labels = {"params": "parameters", "macs": "MACs per sample", "file_bytes": "file bytes", "peak_memory_bytes": "peak memory bytes"}
+    keys = [*labels, *(f"latency_{k}" for k in report.model.latency_ms)]
+
+    def label(key: str) -> str:
+        return labels.get(key) or "latency ms, " + key.removeprefix("latency_").replace("_", " ").replace("batch n", f"batch {report.batch_size}")
+
+    def value(r: Any, key: str) -> Any:
+        return r.latency_ms[key.removeprefix("latency_")] if key.startswith("latency_") else getattr(r, key)
+
+    ratio = (lambda key: [report.ratios.get(key)]) if report.ratios else (lambda key: [])
+    rows = [(label(k), [value(r, k) for r in runs] + ratio(k)) for k in keys]
+    rows.append(("batch norms folded", [r.folded_batch_norms for r in runs] + ratio("")))
+    names = [r.model for r in runs] + (["ratio"] if report.ratios else [])
+    load = "" if report.load_average is None else f", load {report.load_average:.1f}"
+    side_by_side(f"bench at {'x'.join(map(str, report.input_size))}, {report.threads} threads{load}, median of {report.repeats}", names, rows)
+    for r in runs:
+        if r.deployment_note:
+            stderr_console().print(f"{r.model}: {r.deployment_note}")
+    for g in report.gates:
+        stderr_console().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
+
+
 @shared_options('model', 'run')
 def bench(
     model: ModelArg,
@@ -124,30 +149,7 @@ def bench(
                 max_latency_ms=max_latency_ms, max_params=max_params, max_macs=max_macs,
             )
 
-        def render() -> None:
-            runs = [report.model] if report.vs is None else [report.model, report.vs]
-            labels = {"params": "parameters", "macs": "MACs per sample", "file_bytes": "file bytes", "peak_memory_bytes": "peak memory bytes"}
-            keys = [*labels, *(f"latency_{k}" for k in report.model.latency_ms)]
-
-            def label(key: str) -> str:
-                return labels.get(key) or "latency ms, " + key.removeprefix("latency_").replace("_", " ").replace("batch n", f"batch {report.batch_size}")
-
-            def value(r: Any, key: str) -> Any:
-                return r.latency_ms[key.removeprefix("latency_")] if key.startswith("latency_") else getattr(r, key)
-
-            ratio = (lambda key: [report.ratios.get(key)]) if report.ratios else (lambda key: [])
-            rows = [(label(k), [value(r, k) for r in runs] + ratio(k)) for k in keys]
-            rows.append(("batch norms folded", [r.folded_batch_norms for r in runs] + ratio("")))
-            names = [r.model for r in runs] + (["ratio"] if report.ratios else [])
-            load = "" if report.load_average is None else f", load {report.load_average:.1f}"
-            side_by_side(f"bench at {'x'.join(map(str, report.input_size))}, {report.threads} threads{load}, median of {report.repeats}", names, rows)
-            for r in runs:
-                if r.deployment_note:
-                    stderr_console().print(f"{r.model}: {r.deployment_note}")
-            for g in report.gates:
-                stderr_console().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
-
-        o.emit(report.to_json(), render)
+        o.emit(report.to_json(), lambda: _render_bench(report))
         return report
 
     gate_verdict(o.run(body).gates)

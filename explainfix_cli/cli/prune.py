@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -98,6 +99,35 @@ def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dic
         raise SystemExit(1) from None
 
 
+def _check_prune(pct: float | None, goal: Any, min_kernels_per_layer: int, finetune_epochs: int, train: Path | None, data: Path | None) -> None:
+    """prune's own argument checks, before torch is imported."""
+    if pct is not None:
+        check_pct("pct", pct)
+    if min_kernels_per_layer < 0:
+        raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
+    _check_finetune_each(finetune_epochs, train, data)
+    if finetune_epochs > 0 and goal is None:
+        raise UserError("--finetune-epochs meets a target after fine-tuning (--max-drop, --max-params, --max-macs); to fine-tune a model pruned at a --pct, run `explainfix finetune` on it.")
+
+
+def _prune_or_search(model: Any, dataset: Dataset | None, pct: float | None, goal: Any, options: dict[str, Any], adapt: Callable[[], Any] | None) -> dict[str, Any]:
+    """Prune at `pct` (default 50) or to the target `goal` (fine-tuning each candidate with `adapt()`'s
+    function when given); prints the report's warnings, returns the JSON payload."""
+    from explainfix_cli.pruning.pipeline import prune as prune_model
+
+    with working("pruning"):
+        if goal is None:
+            _, report = prune_model(model, dataset, pct=50.0 if pct is None else pct, **options)
+        else:
+            if adapt is not None:
+                options["adapt"] = adapt()
+            found = _prune_to_target(model, dataset, goal, options)
+            report = found.report
+    for warning in report.warnings():
+        print(f"explainfix: warning: {warning}", file=sys.stderr)
+    return report.to_json() if goal is None else found.to_json()
+
+
 @shared_options('model', 'data', 'run')
 def prune(
     model: ModelArg,
@@ -127,13 +157,7 @@ def prune(
         from explainfix_cli.io.outputs import check_target
 
         goal = _target(pct, max_drop, max_params, max_macs)
-        if pct is not None:
-            check_pct("pct", pct)
-        if min_kernels_per_layer < 0:
-            raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
-        _check_finetune_each(finetune_epochs, train, data)
-        if finetune_epochs > 0 and goal is None:
-            raise UserError("--finetune-epochs meets a target after fine-tuning (--max-drop, --max-params, --max-macs); to fine-tune a model pruned at a --pct, run `explainfix finetune` on it.")
+        _check_prune(pct, goal, min_kernels_per_layer, finetune_epochs, train, data)
         if saliency_file is None:
             needs_data(criterion, data)
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
@@ -145,7 +169,6 @@ def prune(
         distributed.setup(o.device)  # under torchrun the saliency pass is shared; process 0 writes
         loaded = o.load_model(model)
         dataset = o.load_data(data, loaded)
-        from explainfix_cli.pruning.pipeline import prune as prune_model
         from explainfix_cli.saliency import load_saliency
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
@@ -155,17 +178,8 @@ def prune(
             "device": o.device, "sample_shape": parse_input_size(input_size), "val": o.load_data(val, loaded, every_batch=True),
             "preprocessing": override_preprocessing(loaded.preprocessing, explicit_preprocessing(data, o.mean, o.std)), "min_kernels_per_layer": min_kernels_per_layer,
         }  # fmt: skip
-        with working("pruning"):
-            if goal is None:
-                _, report = prune_model(loaded.model, dataset, pct=50.0 if pct is None else pct, **options)
-            else:
-                if train is not None and finetune_epochs > 0:
-                    options["adapt"] = _finetune_each(o, loaded, train, dataset, finetune_epochs, fix=not no_fix)
-                found = _prune_to_target(loaded.model, dataset, goal, options)
-                report = found.report
-        for warning in report.warnings():
-            print(f"explainfix: warning: {warning}", file=sys.stderr)
-        payload = report.to_json() if goal is None else found.to_json()
+        adapt = (lambda: _finetune_each(o, loaded, train, dataset, finetune_epochs, fix=not no_fix)) if train is not None and finetune_epochs > 0 else None
+        payload = _prune_or_search(loaded.model, dataset, pct, goal, options, adapt)
         o.emit(payload, lambda: render_prune(payload) if goal is None else render_target(payload))
 
     o.run(body)

@@ -65,8 +65,9 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Show the vers
     """Prune a CNN by spatial-filter saliency, fix its spatial filters, and explain its spectra (ExplainFix)."""
 
 
-
 def with_shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The command Typer sees: `fn`'s own parameters plus the shared options of its groups
+    (options.shared_options), which reach `fn` as one `o: Inputs`."""
     groups: tuple[str, ...] = getattr(fn, "shared_option_groups", ())
     if not groups:
         return fn

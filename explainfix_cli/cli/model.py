@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -32,9 +32,6 @@ from explainfix_cli.cli.run import (
     parse_input_size,
     run_body,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 @shared_options('model')
@@ -97,18 +94,15 @@ def saliency(
         o.check_batches()
         explicit_preprocessing(data, o.mean, o.std)
         o.setup()
-        from explainfix_cli.saliency import save_saliency, spatial_saliency
+        from explainfix_cli.saliency import SaliencySummary, save_saliency, spatial_saliency
 
         rank = distributed.setup(o.device)  # under torchrun every process scores a share of the minibatches
         loaded = o.load_model(model)
         dataset = o.load_data(data, loaded)
         with working("computing saliency"):
             scores = spatial_saliency(loaded.model.to(o.device), dataset, criterion.value, o.device)
-        if rank == 0:
-            save_saliency(scores, str(out), force, criterion.value)
-        layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
-        payload = {"out": str(out), "criterion": criterion.value, "layers": layers}
-        o.emit(payload, lambda: key_value_table(f"saliency → {out}", [(k, f"{v['shape']}  sum {v['total']:.4g}") for k, v in layers.items()]))
+        summary = save_saliency(scores, str(out), force, criterion.value) if rank == 0 else SaliencySummary.of(scores, str(out), criterion.value)
+        o.emit(summary.to_json(), lambda: key_value_table(f"saliency → {out}", [(k, f"{v['shape']}  sum {v['total']:.4g}") for k, v in summary.layers.items()]))
 
     o.run(body)
 

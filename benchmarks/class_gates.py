@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from explainfix_cli.classes.analysis import ClassGates, analyse_classes, class_gated_step, extract, uses_gates
+from explainfix_cli.classes.analysis import analyse_classes
+from explainfix_cli.classes.extract import extract
+from explainfix_cli.classes.gates import ClassGates, class_gated_step, uses_gates
 from explainfix_cli.evaluation.measure import metric, outputs
 from explainfix_cli.io.checkpoints import open_model
 from explainfix_cli.io.data import Dataset, load_data

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from explainfix_cli.classes.analysis import extract
+from explainfix_cli.classes.extract import extract
 from explainfix_cli.io.checkpoints import open_model
 from explainfix_cli.io.data import load_data
 

@@ -20,9 +20,9 @@ from explainfix_cli.classes.analysis import (
     FEATURES,
     analyse_classes,
     channels_needed,
-    extract,
     mutual_information,
 )
+from explainfix_cli.classes.extract import extract
 from explainfix_cli.cli.app import app
 from explainfix_cli.io.checkpoints import load_model
 from explainfix_cli.io.data import Dataset, load_data
@@ -206,7 +206,7 @@ def test_bad_input(args: list[str], message: str, tmp_path: Path) -> None:
 def test_class_gates_by_hand() -> None:
     """CSG: a sample of class k reaches the classifier as f * G[:, k]; the gate's step is gradient
     descent then each channel's gates divided by its largest, clamped to [0, 1]."""
-    from explainfix_cli.classes.analysis import ClassGates
+    from explainfix_cli.classes.gates import ClassGates
 
     model = _tiny()
     gates = ClassGates.for_model(model, TINY_X[:1])
@@ -229,7 +229,7 @@ def test_class_gates_by_hand() -> None:
 def test_class_gated_step_keeps_the_architecture() -> None:
     """Standard steps leave the gate alone; gated steps move it; the model's tensors stay the same
     set and shapes (the gate lives outside it, nothing to fold)."""
-    from explainfix_cli.classes.analysis import ClassGates, class_gated_step, uses_gates
+    from explainfix_cli.classes.gates import ClassGates, class_gated_step, uses_gates
 
     assert [uses_gates(e) for e in range(6)] == [False, True, True, False, True, True]
     assert not uses_gates(1, warmup=2)

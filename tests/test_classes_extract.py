@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explainfix_cli.classes.analysis import GreedyCut, OneVsRest, greedy_cut, group_scores, reader_importance
+from explainfix_cli.classes.extract import GreedyCut, OneVsRest, greedy_cut, group_scores, reader_importance
 from explainfix_cli.io.data import Dataset
 
 # constant 4x4 images of values 1..4, classes 0, 0, 1, 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -24,7 +25,8 @@ from explainfix_cli.io.checkpoints import load_model, open_model
 from explainfix_cli.io.data import Dataset, load_data
 from explainfix_cli.models import spatial_convs
 from explainfix_cli.pruning.pipeline import prune
-from explainfix_cli.training.finetune import Recipe, distill_loss, finetune, task_loss
+from explainfix_cli.training.finetune import Recipe, finetune
+from explainfix_cli.training.losses import distill_loss, loss_for
 
 FIELDS = {"metric_before", "metric_after", "best_epoch", "epochs", "seconds_per_epoch", "trainable_params", "params", "out"}
 VENV_BIN = Path(sys.executable).parent
@@ -61,13 +63,13 @@ def _finetune(*args: str) -> dict:
 def test_task_loss_by_target_kind_against_hand_computation() -> None:
     out = torch.tensor([[2.0, 0.0, -1.0]])
     ce = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1)))
-    torch.testing.assert_close(task_loss(out, torch.tensor([0]), "labels"), torch.tensor([ce]))
+    torch.testing.assert_close(loss_for("labels")(out, torch.tensor([0])), torch.tensor(ce))
     # one mask of two pixels, logits (0, 0) → p = (0.5, 0.5); truth (1, 0)
     mask_out, mask_y = torch.zeros(1, 1, 1, 2), torch.tensor([[[[1.0, 0.0]]]])
     bce = math.log(2)  # -log 0.5 at both pixels
     dice = (2 * 0.5 + 1) / (1.0 + 1.0 + 1)  # smoothed soft Dice: (2·Σpt + 1) / (Σp + Σt + 1)
-    torch.testing.assert_close(task_loss(mask_out, mask_y, "mask"), torch.tensor([bce + 1 - dice]))
-    torch.testing.assert_close(task_loss(mask_out.flatten(1), mask_y.flatten(1), "multilabel"), torch.tensor([bce]))
+    torch.testing.assert_close(loss_for("mask")(mask_out, mask_y), torch.tensor(bce + 1 - dice))
+    torch.testing.assert_close(loss_for("multilabel")(mask_out.flatten(1), mask_y.flatten(1)), torch.tensor(bce))
 
 
 def test_distillation_is_zero_only_when_the_student_matches_the_teacher() -> None:
@@ -176,7 +178,7 @@ def test_normalisation_parameters_learn_at_their_own_rate() -> None:
     assert [len(g["params"]) for g in groups] == [2, 2] and [g["lr"] for g in groups] == [1e-2, pytest.approx(1e-1)]
     optimizer = _optimizer(groups, recipe)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    task_loss(model(torch.randn(8, 1, 2, 2)), torch.tensor([0, 1] * 4), "labels").mean().backward()
+    loss_for("labels")(model(torch.randn(8, 1, 2, 2)), torch.tensor([0, 1] * 4)).backward()
     optimizer.step()
     for name, p in model.named_parameters():
         step = (p.detach() - before[name]).abs()  # every entry has a gradient here
@@ -291,3 +293,36 @@ def test_class_gates_train_a_model_that_keeps_its_architecture(tmp_path: Path) -
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     masks = CliRunner().invoke(app, ["finetune", str(samples / "unet.safetensors"), "--data", str(samples / "nuclei_val.npz"), "--val", str(samples / "nuclei_val.npz"), "--class-gates", "--out", str(tmp_path / "u.safetensors")])
     assert masks.exit_code == 2 and "class labels" in masks.stderr
+
+
+def test_finetune_class_gates_is_class_gated_step(small_val: Dataset) -> None:
+    """`finetune --class-gates` trains through `classes.class_gated_step` with the recipe's gate
+    settings: three epochs of one minibatch (standard, gated, gated) give the losses of three
+    direct calls with the same optimiser and schedule. The third depends on the gate's step."""
+    from explainfix_cli.classes.gates import GATE_SPARSITY, ClassGates, class_gated_step, uses_gates
+    from explainfix_cli.training.finetune import parameter_groups
+
+    loaded = open_model(SAMPLES / "resnet.safetensors")
+    batch = Dataset(small_val.x[:48], small_val.y[:48], batch_size=48)
+    recipe = Recipe(epochs=3, class_gates=True, batch_norm="frozen")
+    assert recipe.gate_sparsity == GATE_SPARSITY == 4.0  # one default, what the product ran
+    _, report = finetune(copy.deepcopy(loaded.model), batch, batch, recipe=recipe)
+    model = copy.deepcopy(loaded.model).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    optimizer = torch.optim.Adam(parameter_groups(model, [p for p in model.parameters() if p.requires_grad], recipe), lr=recipe.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=3)
+    gates = ClassGates.for_model(model, batch.x[:1])
+    losses: list[float] = []
+
+    def cross_entropy(out: torch.Tensor) -> torch.Tensor:
+        value = F.cross_entropy(out, batch.y)
+        losses.append(float(value.detach()))
+        return value
+
+    for epoch in range(3):
+        class_gated_step(model, gates, batch.x, batch.y, optimizer, uses_gates(epoch), loss=cross_entropy)
+        schedule.step()
+    assert [r.loss for r in report.history] == pytest.approx(losses, rel=1e-6, abs=2e-6)  # float32, rounded to 6 places
+    assert len(set(losses)) == 3

@@ -102,7 +102,7 @@ def extract(
         check_paths(model, data, val)
         o.check_batches()
         o.setup()
-        from explainfix_cli.classes.analysis import extract as extract_class
+        from explainfix_cli.classes.extract import extract as extract_class
 
         loaded = o.load_model(model)
         dataset = _require_data(data, o, loaded)

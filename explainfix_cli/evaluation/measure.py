@@ -101,10 +101,10 @@ def metric(data: Dataset, out: torch.Tensor) -> float:
 
 def auc_per_label(y: torch.Tensor, out: torch.Tensor) -> list[float | None]:
     """ROC AUC of each label's logit against its 0/1 target (N, K); None for a label with one class only."""
-    return [_roc_auc(out[:, k], y[:, k] > 0.5) for k in range(y.shape[1])]
+    return [roc_auc(out[:, k], y[:, k] > 0.5) for k in range(y.shape[1])]
 
 
-def _roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
+def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
     """Mann-Whitney form of the ROC AUC, ties counted half; None when a class has one kind only."""
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:

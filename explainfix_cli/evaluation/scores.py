@@ -2,7 +2,7 @@
 
 The metric follows the target kind (docs/method.md §1): accuracy with per-class accuracy and a
 confusion matrix for class labels, ROC AUC per label for multi-label targets, Dice and IoU for
-masks; plus the loss of that kind (`losses.loss_for`). The metric is `measure.metric`, the same
+masks; plus the loss of that kind (`losses.loss_for`, the loss `finetune` minimises). The metric is `measure.metric`, the same
 number `prune` reports as `metric_before` / `metric_after`.
 """
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from explainfix_cli.choices import BatchNormMode, OptimizerName, Trainable
-from explainfix_cli.classes.analysis import ClassGates, uses_gates
+from explainfix_cli.classes.gates import GATE_LR, GATE_SPARSITY, ClassGates, class_gated_step, uses_gates
 from explainfix_cli.distributed import rank_and_world
 from explainfix_cli.errors import UserError, check_range
 from explainfix_cli.evaluation.measure import metric, outputs
@@ -31,6 +29,7 @@ from explainfix_cli.io.data import Dataset, TargetKind
 from explainfix_cli.io.outputs import check_target
 from explainfix_cli.models import model_output
 from explainfix_cli.numbers import finite
+from explainfix_cli.training.losses import distill_loss, loss_for
 from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
 
 
@@ -50,8 +49,8 @@ class Recipe:
     max_minutes: float | None = None
     seed: int = 0
     class_gates: bool = False  # docs/method.md §6: CSG training, one standard epoch then two gated
-    gate_sparsity: float = 4.0  # weight of the gate's L1 norm on gated steps (measured on the ResNet sample)
-    gate_lr: float = 0.5  # the gate's own plain gradient step
+    gate_sparsity: float = GATE_SPARSITY  # weight of the gate's L1 norm on gated steps (measured on the ResNet sample)
+    gate_lr: float = GATE_LR  # the gate's own plain gradient step
 
     def __post_init__(self) -> None:
         check_range("epochs", self.epochs, 0)
@@ -105,31 +104,15 @@ class FinetuneReport:
         return {"step": "finetune", **step}
 
 
-def task_loss(out: torch.Tensor, y: torch.Tensor, kind: TargetKind) -> torch.Tensor:
-    """Per-sample loss (N,) by target kind: cross-entropy, BCE, or BCE + soft Dice for masks."""
-    if kind == "labels":
-        return F.cross_entropy(out, y, reduction="none")  # (N,)
-    bce = F.binary_cross_entropy_with_logits(out, y, reduction="none").flatten(1).mean(dim=1)  # (N,)
-    if kind == "multilabel":
-        return bce
-    p, t = torch.sigmoid(out).flatten(1), y.flatten(1)  # (N, K*H*W)
-    dice = (2 * (p * t).sum(dim=1) + 1) / (p.sum(dim=1) + t.sum(dim=1) + 1)  # (N,), smoothed by 1
-    return bce + 1 - dice
-
-
-def distill_loss(out: torch.Tensor, teacher: torch.Tensor, kind: TargetKind, temperature: float) -> torch.Tensor:
-    """Per-sample distillation loss (N,) from softened logits (Hinton et al., 2015), scaled by T².
-
-    Class labels: KL(softmax(teacher/T) || softmax(out/T)). Multi-label and masks: BCE of the
-    student's softened logits against the teacher's softened probabilities, per label or pixel.
-    """
-    t2 = temperature**2
-    if kind == "labels":
-        log_p = F.log_softmax(out / temperature, dim=1)  # (N, K)
-        log_q = F.log_softmax(teacher / temperature, dim=1)  # (N, K)
-        return t2 * (log_q.exp() * (log_q - log_p)).sum(dim=1)
-    soft = torch.sigmoid(teacher / temperature)
-    return t2 * F.binary_cross_entropy_with_logits(out / temperature, soft, reduction="none").flatten(1).mean(dim=1)
+def batch_loss(out: torch.Tensor, y: torch.Tensor, kind: TargetKind, teacher: torch.Tensor | None, recipe: Recipe) -> torch.Tensor:
+    """The loss `finetune` minimises on a minibatch: the target kind's (`losses.loss_for`, the loss
+    `evaluate` reports); with a teacher's outputs, `(1 - a) * task + a * distill`,
+    `a = recipe.distill_weight` (`losses.distill_loss`)."""
+    task = loss_for(kind)(out, y)
+    if teacher is None:
+        return task
+    w = recipe.distill_weight
+    return (1 - w) * task + w * distill_loss(out, teacher, kind, recipe.temperature)
 
 
 def _check_fits(model: nn.Module, train: Dataset, val: Dataset, teacher: nn.Module | None, device: str) -> None:
@@ -201,7 +184,7 @@ def finetune(
     """Train the parameters that are not fixed (or all, `recipe.train="all"`); keep the best epoch.
 
     Minibatches of `train.batch_size` samples come in a seeded order. The loss follows the
-    target kind (`task_loss`); with a `teacher`, `(1 - a) * task + a * distill` with
+    target kind (`batch_loss`); with a `teacher`, `(1 - a) * task + a * distill` with
     `a = recipe.distill_weight`. After every epoch the validation metric (accuracy, AUC or Dice,
     `measure.metric`) is measured; the model ends with the weights of the best epoch, the model
     as given counting as epoch 0. The global RNG is left as it was (dropout and stochastic depth
@@ -229,6 +212,37 @@ def finetune(
     return model, report
 
 
+@dataclass
+class _Loop:
+    """What every minibatch of `_train` uses."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    gates: ClassGates | None
+    teacher: nn.Module | None
+    recipe: Recipe
+    rank: int
+    world: int
+    device: str
+
+
+def _loop(model: nn.Module, params: list[nn.Parameter], train: Dataset, recipe: Recipe, teacher: nn.Module | None, device: str) -> _Loop:
+    """The optimiser over `params`, its cosine schedule over every step, and the gates if asked for."""
+    rank, world = rank_and_world()
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    optimizer = _optimizer(parameter_groups(model, params, recipe), recipe)
+    gates = _class_gates(model, train.x[:1].to(device), train.target_kind, world) if recipe.class_gates else None
+    steps = max(1, recipe.epochs * math.ceil(len(train.x[: train.num_samples]) / train.batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return _Loop(model, net, optimizer, schedule, gates, teacher, recipe, rank, world, device)
+
+
 def _train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -239,70 +253,25 @@ def _train(
     device: str,
     on_epoch: Callable[[EpochRecord], None] | None,
 ) -> FinetuneReport:
-    rank, world = rank_and_world()
-    x_all, y_all = train.x[: train.num_samples], train.y[: train.num_samples]
-    kind = train.target_kind
+    """`recipe.epochs` epochs (fewer when out of time), each followed by validation; the model ends
+    with the best epoch's weights."""
+    loop = _loop(model, params, train, recipe, teacher, device)
     generator = torch.Generator().manual_seed(recipe.seed)
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model)
-    optimizer = _optimizer(parameter_groups(model, params, recipe), recipe)
-    gates = _class_gates(model, x_all[:1].to(device), kind, world) if recipe.class_gates else None
-    steps = max(1, recipe.epochs * math.ceil(len(x_all) / train.batch_size))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-
     before = _validate(model, val, device)
     best, best_epoch = before, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[EpochRecord] = []
     started, stopped = time.perf_counter(), False
     for epoch in range(1, recipe.epochs + 1):
-        if history and _out_of_time(started, history[-1].seconds + history[-1].val_seconds, recipe.max_minutes, world):
+        if history and _out_of_time(started, history[-1].seconds + history[-1].val_seconds, recipe.max_minutes, loop.world):
             stopped = True
             break
-        t0 = time.perf_counter()
-        _set_train_mode(model, recipe.batch_norm)
-        order = torch.randperm(len(x_all), generator=generator)
-        gated = gates is not None and uses_gates(epoch - 1)
-        total, seen = 0.0, 0
-        for batch in order.split(train.batch_size):
-            if len(batch) < 2 * world:  # a batch norm in train mode cannot normalise one sample
-                continue
-            # each process a contiguous shard; its loss is its share of the global minibatch's mean
-            shard = batch.tensor_split(world)[rank]
-            x, y = x_all[shard].to(device), y_all[shard].to(device)
-            with gates.applied(model, y) if gated and gates is not None else nullcontext():
-                out = model_output(net, x)
-            loss = task_loss(out, y, kind)  # (n,)
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = model_output(teacher, x)
-                w = recipe.distill_weight
-                loss = (1 - w) * loss + w * distill_loss(out, soft, kind, recipe.temperature)
-            # DistributedDataParallel averages gradients over processes: scale so they add up
-            objective = loss.sum() * world / len(batch)
-            if gated and gates is not None:
-                objective = objective + recipe.gate_sparsity * gates.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            if gated and gates is not None:
-                gates.step(recipe.gate_lr)
-            schedule.step()
-            total, seen = total + float(loss.detach().sum()), seen + len(shard)
-        seconds = time.perf_counter() - t0
-        if world > 1:  # running statistics were updated on each process's shard: take process 0's, as DDP's next forward would
-            _broadcast_buffers(model)
-        t1 = time.perf_counter()
-        value = _validate(model, val, device)
-        record = EpochRecord(epoch, _mean_loss(total, seen, world), value, round(seconds, 4), round(time.perf_counter() - t1, 4))
+        record = _epoch(loop, train, val, epoch, generator)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if _better(value, best):
-            best, best_epoch = value, epoch
+        if _better(record.metric, best):
+            best, best_epoch = record.metric, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     return FinetuneReport(
@@ -315,10 +284,53 @@ def _train(
         trainable_params=sum(p.numel() for p in params),
         params=sum(p.numel() for p in model.parameters()),
         stopped_early=stopped,
-        processes=world,
+        processes=loop.world,
         recipe=recipe.to_json(),
         history=history,
     )
+
+
+def _epoch(loop: _Loop, train: Dataset, val: Dataset, epoch: int, generator: torch.Generator) -> EpochRecord:
+    """One pass over `train` in a seeded order (gated after the paper's schedule), then validation."""
+    t0 = time.perf_counter()
+    _set_train_mode(loop.model, loop.recipe.batch_norm)
+    x_all, y_all = train.x[: train.num_samples], train.y[: train.num_samples]
+    order = torch.randperm(len(x_all), generator=generator)
+    gated = loop.gates is not None and uses_gates(epoch - 1)
+    total, seen = 0.0, 0
+    for batch in order.split(train.batch_size):
+        if len(batch) < 2 * loop.world:  # a batch norm in train mode cannot normalise one sample
+            continue
+        # each process a contiguous shard; its loss is its share of the global minibatch's mean
+        shard = batch.tensor_split(loop.world)[loop.rank]
+        x, y = x_all[shard].to(loop.device), y_all[shard].to(loop.device)
+        loss = _step(loop, x, y, train.target_kind, gated, len(shard) * loop.world / len(batch))
+        total, seen = total + loss * len(shard), seen + len(shard)
+    seconds = time.perf_counter() - t0
+    if loop.world > 1:  # running statistics were updated on each process's shard: take process 0's, as DDP's next forward would
+        _broadcast_buffers(loop.model)
+    t1 = time.perf_counter()
+    value = _validate(loop.model, val, loop.device)
+    return EpochRecord(epoch, _mean_loss(total, seen, loop.world), value, round(seconds, 4), round(time.perf_counter() - t1, 4))
+
+
+def _step(loop: _Loop, x: torch.Tensor, y: torch.Tensor, kind: TargetKind, gated: bool, scale: float) -> float:
+    """One minibatch (this process's shard of it) through `class_gated_step`, the one training
+    step; returns its `batch_loss` (without the gate's penalty)."""
+    soft = None
+    if loop.teacher is not None:
+        with torch.no_grad():
+            soft = model_output(loop.teacher, x)
+    losses: list[float] = []
+
+    def objective(out: torch.Tensor) -> torch.Tensor:
+        value = batch_loss(out, y, kind, soft, loop.recipe)
+        losses.append(float(value.detach()))
+        return value * scale  # DistributedDataParallel averages gradients over processes: scale so they add up
+
+    class_gated_step(loop.net, loop.gates, x, y, loop.optimizer, gated, loop.recipe.gate_sparsity, loop.recipe.gate_lr, objective)
+    loop.schedule.step()
+    return losses[0]
 
 
 def _broadcast_buffers(model: nn.Module) -> None:

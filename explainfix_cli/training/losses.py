@@ -2,8 +2,9 @@
 
 Class labels → cross-entropy; multi-label 0/1 targets → binary cross-entropy on the logits;
 segmentation masks → binary cross-entropy plus the soft Dice loss (the usual pairing for masks
-whose foreground is a small share of the pixels). `evaluate` reports these on held-out data and
-`finetune` minimises them, so both import `loss_for` from here.
+whose foreground is a small share of the pixels). `evaluate` reports `loss_for(kind)` on held-out
+data and `finetune` minimises the same function on every minibatch (`finetune.batch_loss`), so
+the two numbers are one loss; `distill_loss` is the teacher's term `finetune` adds.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ class Loss:
 
 
 def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - (2 Σ p·t + s) / (Σ p + Σ t + s), p = sigmoid(logits), summed over the whole batch."""
+    """1 - (2 Σ p·t + s) / (Σ p + Σ t + s), p = sigmoid(logits), summed over the whole batch.
+
+    Summed over the batch, not per sample and then averaged: the Dice that `evaluate` and
+    `finetune` report (`measure.metric`) pools every pixel of every image, `2 Σ pred·truth /
+    (Σ pred + Σ truth)`, and this is its soft form, so lowering the loss is raising that metric.
+    A per-sample mean would weigh each image alike whatever its foreground, and with the smoothing
+    an image without foreground would cost `Σp / (Σp + s)`: half its Dice term for one pixel's
+    worth of faint probability, a weight the reported Dice does not give it. Under torchrun each
+    process sums over its shard of the minibatch.
+    """
     p = torch.sigmoid(logits)  # (N, K, H, W)
     t = mask.to(p.dtype)
     return 1 - (2 * (p * t).sum() + DICE_SMOOTH) / (p.sum() + t.sum() + DICE_SMOOTH)
@@ -59,3 +69,19 @@ _LOSSES = {
 def loss_for(kind: TargetKind) -> Loss:
     """The loss for a target kind (`Dataset.target_kind`): labels, multilabel or mask."""
     return _LOSSES[kind]
+
+
+def distill_loss(out: torch.Tensor, teacher: torch.Tensor, kind: TargetKind, temperature: float) -> torch.Tensor:
+    """Distillation loss from softened logits (Hinton et al., 2015), scaled by T², averaged over the batch.
+
+    Class labels: KL(softmax(teacher/T) || softmax(out/T)) per sample. Multi-label and masks: BCE
+    of the student's softened logits against the teacher's softened probabilities, per label or
+    pixel.
+    """
+    t2 = temperature**2
+    if kind == "labels":
+        log_p = F.log_softmax(out / temperature, dim=1)  # (N, K)
+        log_q = F.log_softmax(teacher / temperature, dim=1)  # (N, K)
+        return t2 * (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+    soft = torch.sigmoid(teacher / temperature)
+    return t2 * F.binary_cross_entropy_with_logits(out / temperature, soft)

@@ -374,3 +374,11 @@ def test_arch_given_as_a_relative_path_is_found_from_another_folder(tmp_path: Pa
     (project / "my_net.py").rename(tmp_path / "moved.py")
     with pytest.raises(UserError, match=r"`arch` path/to/script\.py:ClassName"):
         load_model(out)
+
+
+def test_a_factory_recorded_before_the_layout_by_stage_still_resolves() -> None:
+    from explainfix_cli.classes.extract import one_vs_rest
+    from explainfix_cli.io.checkpoints import resolve_factory
+
+    assert resolve_factory("explainfix_cli.classes:one_vs_rest") is one_vs_rest  # what extract recorded before
+    assert resolve_factory("explainfix_cli.classes.extract:one_vs_rest") is one_vs_rest

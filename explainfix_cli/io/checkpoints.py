@@ -93,9 +93,14 @@ class LoadedModel:
         return (pre.channels, *pre.size) if pre is not None and pre.channels and pre.size else None
 
 
+# Factories this package records in the files it writes, by the name an older release recorded:
+# a file written before the package was laid out by stage still loads.
+MOVED_FACTORIES = {"explainfix_cli.classes:one_vs_rest": "explainfix_cli.classes.extract:one_vs_rest"}
+
+
 def resolve_factory(spec: str) -> Callable[..., Any]:
     """`package.module:factory`, or `path/to/file.py:factory` for a class defined in a script."""
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = MOVED_FACTORIES.get(spec, spec).partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"`arch` {spec!r} must look like module.path:factory (e.g. explainfix_cli.zoo:resnet).")
     try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from net import Net  # noqa: E402
+from net import Net
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 

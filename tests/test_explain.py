@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSIFIERS, DATA_OF, SAMPLES, sample_data, sample_model
+from helpers import CLASSIFIERS, DATA_OF, SAMPLES, committed_sample, sample_data, sample_model
 from PIL import Image
 from torch import nn
 
@@ -296,8 +296,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_json(tmp_path: Path) -> None:
-    if not (SAMPLES / "resnet.safetensors").exists():
-        pytest.skip("sample models not generated")
+    committed_sample("resnet.safetensors")
     out = tmp_path / "report"
     done = run_cli(
         str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--out", str(out),
@@ -311,8 +310,7 @@ def test_cli_json(tmp_path: Path) -> None:
 
 
 def test_cli_no_figures_writes_the_same_numbers_only(tmp_path: Path) -> None:
-    if not (SAMPLES / "resnet.safetensors").exists():
-        pytest.skip("sample models not generated")
+    committed_sample("resnet.safetensors")
     common = [str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "1", "--json"]
     full = run_cli(*common, "--out", str(tmp_path / "full"), "--attributions", "1")
     numbers = run_cli(*common, "--out", str(tmp_path / "numbers"), "--no-figures")
@@ -331,8 +329,7 @@ def test_cli_no_figures_writes_the_same_numbers_only(tmp_path: Path) -> None:
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
-    if not (SAMPLES / "resnet.safetensors").exists():
-        pytest.skip("sample models not generated")
+    committed_sample("resnet.safetensors")
     args = [str(SAMPLES / a) if a.endswith(".npz") else a for a in args]
     done = run_cli(str(SAMPLES / "resnet.safetensors"), "--out", str(tmp_path / "r"), *args)
     assert done.returncode == 2
@@ -439,8 +436,7 @@ def test_cli_report_of_an_image_folder_names_its_sources(tmp_path: Path) -> None
     from explainfix_cli.cli.app import app
 
     model, folder = SAMPLES / "resnet.safetensors", SAMPLES / "digits_images"
-    if not model.exists() or not folder.exists():
-        pytest.skip("sample models not generated")
+    committed_sample("resnet.safetensors"), committed_sample("digits_images")
     done = CliRunner().invoke(app, ["explain", str(model), "--data", str(folder), "--out", str(tmp_path / "r"), "--no-figures", "--json"])
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)
@@ -455,8 +451,7 @@ def test_cli_says_when_attributions_were_capped(tmp_path: Path, monkeypatch: pyt
     from explainfix_cli.cli.app import app
     from explainfix_cli.figures import spectra as figures
 
-    if not (SAMPLES / "resnet.safetensors").exists():
-        pytest.skip("sample models not generated")
+    committed_sample("resnet.safetensors")
     monkeypatch.setattr(figures, "draw_all", lambda jobs, done=None: None)  # the message, not the drawing
     args = ["explain", str(SAMPLES / "resnet.safetensors"), "--data", str(SAMPLES / "digits_val.npz"), "--batches", "1"]
     done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r"), "--attributions", "1000", "--json"])

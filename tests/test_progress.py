@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers import sample_data, sample_model
 
 from explainfix_cli import progress
@@ -40,7 +41,17 @@ def test_prune_and_explain_report_their_stages_and_minibatches(tmp_path: Path) -
     assert not recorder.open
 
 
-def test_nothing_is_reported_without_a_reporter(tmp_path: Path) -> None:
+def test_nothing_is_reported_without_a_reporter(capsys: pytest.CaptureFixture[str]) -> None:
+    """Outside `reporting` nothing reaches a reporter (one installed before is gone again) and
+    nothing is printed; the stage still runs its body."""
+    recorder = Recorder()
+    with progress.reporting(recorder), progress.stage("inside", total=1):
+        progress.advance()
+    ran = []
     progress.advance()  # no reporter: a no-op, not an error
     with progress.stage("anything", total=3):
         progress.advance(3)
+        ran.append(True)
+    assert ran == [True]
+    assert recorder.done == [("inside", 1, 1)] and recorder.open == []
+    assert capsys.readouterr() == ("", "")

@@ -23,7 +23,7 @@ _API = {
     "zero_least_salient": "pruning.pipeline",
     "prune": "pruning.pipeline",
     "PruneReport": "pruning.pipeline",
-    "remove_dead_channels": "pruning.channels",
+    "remove_dead_channels": "pruning.dead_channels",
     "fix_spatial_filters": "training.fixed",
     "fix": "training.fixed",
     "steered_init": "training.fixed",

@@ -23,7 +23,9 @@ from explainfix_cli.io.outputs import check_target
 from explainfix_cli.io.preprocessing import Preprocessing
 from explainfix_cli.models import require_spatial_convs, spatial_convs
 from explainfix_cli.numbers import strict
-from explainfix_cli.pruning.channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
+from explainfix_cli.pruning.channel_ranking import remove_least_salient_channels
+from explainfix_cli.pruning.channels import ChannelRemoval
+from explainfix_cli.pruning.dead_channels import remove_dead_channels
 from explainfix_cli.pruning.surgery import surgery_failures
 from explainfix_cli.saliency import spatial_saliency
 from explainfix_cli.training.fixed import fix_spatial_filters

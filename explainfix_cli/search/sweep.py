@@ -46,12 +46,9 @@ from explainfix_cli.io.data import Dataset, Preprocessing
 from explainfix_cli.io.outputs import atomic_dir, check_folder_target, check_target
 from explainfix_cli.models import model_output, spatial_convs
 from explainfix_cli.numbers import finite
-from explainfix_cli.pruning.channels import (
-    ChannelRemoval,
-    has_dead_weights,
-    remove_dead_channels,
-    remove_least_salient_channels,
-)
+from explainfix_cli.pruning.channel_ranking import remove_least_salient_channels
+from explainfix_cli.pruning.channels import ChannelRemoval
+from explainfix_cli.pruning.dead_channels import has_dead_weights, remove_dead_channels
 from explainfix_cli.pruning.pipeline import PruneReport, prune, save_pruned, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
 

@@ -23,6 +23,7 @@ _API = {
     "zero_least_salient": "pruning.pipeline",
     "prune": "pruning.pipeline",
     "PruneReport": "pruning.pipeline",
+    "PruneSettings": "pruning.pipeline",
     "remove_dead_channels": "pruning.dead_channels",
     "fix_spatial_filters": "training.fixed",
     "fix": "training.fixed",

@@ -41,7 +41,9 @@ from explainfix_cli.evaluation.measure import outputs
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output
 from explainfix_cli.pruning.channels import (
+    Candidate,
     ChannelRemoval,
+    Graph,
     Reader,
     candidate_groups,
     carry_out,
@@ -240,40 +242,44 @@ def remove_dead_channels(
         result.kept = carry_out(model, None, [], removal, example, result)
         return result
 
-    plan: list[Cut] = []
-    for candidate in candidates:
-        group, readers = candidate.group, candidate.readers
-        n_root = len(group.items[0].idxs)
-        needed = torch.zeros(n_root, dtype=torch.long)  # per root channel: readers that still need it
-        decisions = []
-        for r in readers:
-            if r.module in graph.reparameterised:  # reads every input channel (surgery.py)
-                needed.index_add_(0, r.root, torch.ones(len(r.root), dtype=torch.long))
-                continue
-            ignored = _ignored(r)
-            const, value = ranges.constants(r.module, r.local)
-            if by_structure:  # a constant for every input: what the reader sees has silent writers
-                nearest = _nearest_writers(r.module, group, graph.DG)
-                const &= torch.zeros_like(const) if nearest is None else _silent(group, graph.DG, n_root, nearest)[r.root]
-            # a constant zero adds nothing anywhere, even where zero padding meets a constant
-            foldable = const & (_fold_is_exact(r.module) | (value == 0)) & ~ignored
-            needed.index_add_(0, r.root, (~(ignored | foldable)).long())
-            decisions.append((r, foldable, value))
-        removable = needed == 0
-        if removal == "aggressive":  # and silent channels, whatever reads them: no fold where it is not exact
-            removable |= _silent(group, graph.DG, n_root)
-        removable = representable(removable, candidate, graph.DG)
-        if not removable.any():
-            continue
-        folded = torch.zeros(n_root, dtype=torch.bool)
-        cut = Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group))
-        for r, foldable, value in decisions:
-            to_fold = (removable[r.root] & foldable).nonzero().flatten()
-            adds = to_fold[value[to_fold] != 0]  # a zero constant leaves the bias as it is
-            if len(adds):
-                cut.folds.append(fold_constant(r, adds, value[adds]))
-            folded[r.root[to_fold]] = True
-        cut.folded = int(folded.sum())
-        plan.append(cut)
+    plan = [cut for c in candidates if (cut := _planned_cut(c, graph, ranges, by_structure, removal)) is not None]
     result.kept = carry_out(model, graph, plan, removal, example, result)
     return result
+
+
+def _planned_cut(candidate: Candidate, graph: Graph, ranges: _InputRange, by_structure: bool, removal: Removal) -> Cut | None:
+    """One group's cut: the channels every terminal reader ignores or receives as a constant it
+    may fold (under `aggressive` also the silent ones), made representable; None if none may go."""
+    group, readers = candidate.group, candidate.readers
+    n_root = len(group.items[0].idxs)
+    needed = torch.zeros(n_root, dtype=torch.long)  # per root channel: readers that still need it
+    decisions = []
+    for r in readers:
+        if r.module in graph.reparameterised:  # reads every input channel (surgery.py)
+            needed.index_add_(0, r.root, torch.ones(len(r.root), dtype=torch.long))
+            continue
+        ignored = _ignored(r)
+        const, value = ranges.constants(r.module, r.local)
+        if by_structure:  # a constant for every input: what the reader sees has silent writers
+            nearest = _nearest_writers(r.module, group, graph.DG)
+            const &= torch.zeros_like(const) if nearest is None else _silent(group, graph.DG, n_root, nearest)[r.root]
+        # a constant zero adds nothing anywhere, even where zero padding meets a constant
+        foldable = const & (_fold_is_exact(r.module) | (value == 0)) & ~ignored
+        needed.index_add_(0, r.root, (~(ignored | foldable)).long())
+        decisions.append((r, foldable, value))
+    removable = needed == 0
+    if removal == "aggressive":  # and silent channels, whatever reads them: no fold where it is not exact
+        removable |= _silent(group, graph.DG, n_root)
+    removable = representable(removable, candidate, graph.DG)
+    if not removable.any():
+        return None
+    folded = torch.zeros(n_root, dtype=torch.bool)
+    cut = Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group))
+    for r, foldable, value in decisions:
+        to_fold = (removable[r.root] & foldable).nonzero().flatten()
+        adds = to_fold[value[to_fold] != 0]  # a zero constant leaves the bias as it is
+        if len(adds):
+            cut.folds.append(fold_constant(r, adds, value[adds]))
+        folded[r.root[to_fold]] = True
+    cut.folded = int(folded.sum())
+    return cut

@@ -25,7 +25,8 @@ import torch
 from explainfix_cli.io.checkpoints import open_model
 from explainfix_cli.io.data import load_data
 from explainfix_cli.pruning.pipeline import prune
-from explainfix_cli.search.sweep import GRID, PruneCurve, Target, last_meeting, prune_to_target
+from explainfix_cli.search.curve import PruneCurve
+from explainfix_cli.search.target import GRID, Target, last_meeting, prune_to_target
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 DATA = {"unet": "nuclei_val.npz"}

@@ -9,7 +9,9 @@ import torch_pruning as tp
 from torch import nn
 
 from explainfix_cli.io.data import Dataset
-from explainfix_cli.pruning.channels import Graph, has_dead_weights, remove_dead_channels, remove_least_salient_channels
+from explainfix_cli.pruning.channel_ranking import remove_least_salient_channels
+from explainfix_cli.pruning.channels import Graph
+from explainfix_cli.pruning.dead_channels import has_dead_weights, remove_dead_channels
 
 torch.manual_seed(0)
 X = torch.randn(32, 1, 8, 8)

@@ -28,7 +28,8 @@ from explainfix_cli.io.checkpoints import load_model, open_model
 from explainfix_cli.io.data import Dataset, load_data
 from explainfix_cli.pruning.pipeline import prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
-from explainfix_cli.search.sweep import last_meeting, sweep
+from explainfix_cli.search.sweep import sweep
+from explainfix_cli.search.target import last_meeting
 
 PCTS = [0.0, 60.0, 90.0]
 MODEL = str(SAMPLES / "resnet.safetensors")

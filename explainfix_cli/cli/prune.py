@@ -83,14 +83,14 @@ def _target(pct: float | None, max_drop: float | None, max_params: int | None, m
         return None  # without importing torch: a plain prune's argument checks answer at once
     if pct is not None:
         raise UserError("--pct and a target (--max-drop, --max-params, --max-macs) are alternatives; give one of them.")
-    from explainfix_cli.search.sweep import Target
+    from explainfix_cli.search.target import Target
 
     return Target(max_drop, max_params, max_macs)
 
 
 def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dict[str, Any]) -> Any:
     """A target no pct meets is a correct request that cannot be satisfied: one sentence, exit 1."""
-    from explainfix_cli.search.sweep import TargetNotMet, prune_to_target
+    from explainfix_cli.search.target import TargetNotMet, prune_to_target
 
     try:
         return prune_to_target(model, data, target, **options)

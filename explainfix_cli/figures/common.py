@@ -12,11 +12,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A headless figure of `width` x `height` inches with a constrained layout (no pyplot, no global state)."""
+def new_figure(width: float, height: float, constrained: bool = True) -> Figure:
+    """A headless figure of `width` x `height` inches (no pyplot, no global state), with a constrained
+    layout unless `constrained=False` (the caller sets fixed margins: a constrained layout draws twice)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), layout="constrained" if constrained else None)
 
 
 def save_figure(fig: Figure, path: Path) -> None:

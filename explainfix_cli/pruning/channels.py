@@ -1,38 +1,23 @@
-"""docs/method.md §3: remove channels that no longer affect the output, over a dependency graph.
+"""docs/method.md §3: channel removal over torch-pruning's dependency graph, whoever chooses the channels.
 
 The coupling of channels (residual additions, concatenations, depthwise convolutions, batch
 norms, flatten→linear, squeeze-excitation products, layer-scale parameters) comes from
 torch-pruning's `DependencyGraph`, which traces the autograd graph of one forward pass and
-knows how to cut every member of a coupled group at once. This module decides *which* channels
-may go, and keeps the removal exact:
-
-- a channel goes when every layer that reads it (its *terminal readers*: convolutions and
-  linear layers whose output is not itself in the group) either ignores it (its kernels or
-  columns for that channel are all zero) or receives it as a constant that can be folded
-  exactly into that reader's bias. Under `exact` removal a constant must hold for every input:
-  every layer writing the channel is silent (all-zero weights), so it carries conv bias →
-  batch-norm shift → activation, the same value whatever the input; its value is read off two
-  unrelated inputs (a data sample and noise), which must agree. `calibrated` removal also folds
-  channels that are merely constant on the calibration data (a ReLU dead on every sample seen):
-  exact on that data only (docs/method.md §3);
-- a cut must also be representable: a grouped convolution loses as many channels in each of
-  its groups (torch-pruning cuts every group at the same offsets; the weight is re-cut per
-  group), and a channel shuffle loses the same offsets from each of its blocks (`shuffle.py`);
-- groups whose removal cannot be exact are left whole, with the reason reported: channels that
-  reach the model output, normalisation across channels (GroupNorm, LayerNorm), shuffles that
-  mix several coupled groups, grouped transposed convolutions, and what `surgery.py` finds a
-  cut cannot follow (reshapes of the channel axis, splits into unequal sizes, ...);
-- every cut is checked and undone if it breaks the model (`surgery.py`).
-
-`remove_least_salient_channels` is the `--granularity channel` variant: it ranks channels instead.
+knows how to cut every member of a coupled group at once. This module holds what every way of
+choosing channels shares: the traced `Graph`, the coupled groups that may lose channels at all
+(`candidate_groups`, with their terminal readers), the shrinking of a choice to a cut a grouped
+convolution and a channel shuffle can represent (`representable`), the folds of constants into
+readers' biases, and carrying out a plan of cuts, undoing those that break the model
+(`carry_out`, with `surgery.Surgeon`). Which channels go is decided by `dead_channels` (the
+exact, calibrated and aggressive removal of channels that no longer matter), `channel_ranking`
+(`--granularity channel`) and `remove_chosen_channels` (a caller's own choice).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +25,8 @@ import torch_pruning as tp
 from torch import nn
 
 from explainfix_cli.choices import Removal
-from explainfix_cli.evaluation.measure import outputs
-from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output
+from explainfix_cli.pruning.grouped_convs import cut_grouped_inputs, is_depthwise, is_grouped
 from explainfix_cli.pruning.shuffle import Crossing, Shuffle, find_shuffles, repair, symmetric
 from explainfix_cli.pruning.surgery import (
     Cut,
@@ -54,11 +38,7 @@ from explainfix_cli.pruning.surgery import (
     reparameterised_convs,
     unsafe_nodes,
 )
-from explainfix_cli.pruning.tp_adapter import DependencyGraph, GroupItem, module_name
-
-# relative spread below which a measured channel counts as constant (a silent channel is constant
-# to the last bit; the tolerance only absorbs summation order in pooling)
-CONSTANT_TOLERANCE = 1e-6
+from explainfix_cli.pruning.tp_adapter import DependencyGraph, GroupItem
 
 
 class KeptChannels:
@@ -72,7 +52,7 @@ class KeptChannels:
 
     def cut(self, item: GroupItem, DG: tp.DependencyGraph) -> None:
         m = item.dep.target.module
-        self.cuts.append((DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m), list(item.idxs)))
+        self.cuts.append((DG.is_out_channel_pruning_fn(item.dep.handler) or is_depthwise(m), list(item.idxs)))
 
     def original(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` as it was before removal, cut to the kept channels: (O', I'/groups, ...)."""
@@ -82,13 +62,14 @@ class KeptChannels:
                 stays[idxs] = False
                 weight = weight[stays]
             else:
-                weight = _cut_grouped_inputs(weight, self.groups, idxs)
+                weight = cut_grouped_inputs(weight, self.groups, idxs)
         return weight
 
     @property
     def in_ids(self) -> torch.Tensor:
         """(O', I'/groups) per kept output channel, the original offset of every kept input."""
         return self.original(torch.arange(self.shape[1]).expand(*self.shape))
+
 
 
 @dataclass
@@ -105,21 +86,15 @@ class ChannelRemoval:
         return {"removed": self.removed, "folded": self.folded, "blocked_groups": dict(sorted(self.blocked.items()))}
 
 
+
 @dataclass
-class _Reader:
+class Reader:
     """One terminal reader's view of a group: its local channel indices and their root indices."""
 
     module: nn.Module
     local: torch.Tensor  # (n,) channel (conv) or feature (linear) indices in the reader's input
     root: torch.Tensor  # (n,) the group-root channel each local index belongs to
 
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels and m.groups > 1
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
 
 
 def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph, removal: Removal) -> str | None:
@@ -129,11 +104,12 @@ def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph, removal: Removal) 
         # unless the group only enters it as that layer's input
         if node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and not _reads(item, DG)):
             return "reaches the model output"
-        if _is_grouped(module) and module.transposed:
+        if is_grouped(module) and module.transposed:
             return "grouped transposed convolution"
         if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and removal != "aggressive":
             return "normalisation across channels"
     return None
+
 
 
 def _reads(item: GroupItem, DG: tp.DependencyGraph) -> bool:
@@ -142,95 +118,26 @@ def _reads(item: GroupItem, DG: tp.DependencyGraph) -> bool:
     return (
         DG.is_in_channel_pruning_fn(item.dep.handler)
         and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-        and not _is_depthwise(module)
+        and not is_depthwise(module)
     )
 
 
-def _terminal_readers(group: tp.Group, DG: tp.DependencyGraph) -> list[_Reader]:
+
+def _terminal_readers(group: tp.Group, DG: tp.DependencyGraph) -> list[Reader]:
     return [
-        _Reader(item.dep.target.module, torch.tensor(item.idxs), torch.tensor(item.root_idxs))
+        Reader(item.dep.target.module, torch.tensor(item.idxs), torch.tensor(item.root_idxs))
         for item in group.items
         if _reads(item, DG)
     ]
 
 
-def _ignored(reader: _Reader) -> torch.Tensor:
-    """(n,) True where the reader's weights for that input channel are all zero."""
-    w = reader.module.weight.detach()
-    if isinstance(reader.module, nn.Linear):
-        return (w[:, reader.local] == 0).all(dim=0)
-    if not reader.module.transposed:  # transposed weights are already (I, O/groups, kh, kw)
-        w = _by_input_channel(w, reader.module.groups)
-    return (w[reader.local] == 0).flatten(1).all(dim=1)
 
-
-def _by_input_channel(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """(O, I/groups, ...) -> (I, O/groups, ...): for each input channel, the weights that read it
-    (input channel g * I/groups + j is read by the rows of group g, at column j)."""
-    o, per_group = w.shape[:2]
-    return w.reshape(groups, o // groups, per_group, *w.shape[2:]).transpose(1, 2).flatten(0, 1)
-
-
-def _fold_is_exact(m: nn.Module) -> bool:
-    """A constant input maps to a constant added to every output: linear layers, and convolutions
-    that never see padding zeros (padding 0, or reflect/replicate/circular padding)."""
-    if isinstance(m, nn.Linear):
-        return True
-    if m.transposed or m.groups != 1:
-        return False
-    return m.padding_mode != "zeros" or all(p == 0 for p in m.padding)  # type: ignore[union-attr]
-
-
-class _InputRange:
-    """Per-channel min and max of the inputs that some modules receive, over a data set."""
-
-    def __init__(self, modules: Iterable[nn.Module]):
-        self.low: dict[nn.Module, torch.Tensor] = {}
-        self.high: dict[nn.Module, torch.Tensor] = {}
-        self._modules = list(dict.fromkeys(modules))
-
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach()
-        # channels: dim 1 of a conv input (N, C, ...), last dim of a linear input (..., F)
-        per_channel = x.transpose(0, 1).flatten(1) if isinstance(module, nn.modules.conv._ConvNd) else x.flatten(0, -2).T
-        lo, hi = per_channel.amin(dim=1).cpu(), per_channel.amax(dim=1).cpu()
-        if module in self.low:
-            lo, hi = torch.minimum(lo, self.low[module]), torch.maximum(hi, self.high[module])
-        self.low[module], self.high[module] = lo, hi
-
-    @torch.no_grad()
-    def measure(self, model: nn.Module, batches: Iterable[torch.Tensor], device: str) -> torch.Tensor:
-        """Run the inputs through `model`, recording the ranges; returns the outputs (on the CPU)."""
-        hooks = [m.register_forward_pre_hook(self._hook) for m in self._modules]
-        try:
-            return torch.cat([model_output(model, x.to(device)).cpu() for x in batches])
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def constants(self, module: nn.Module, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(is_constant, value) per local index; unknown (no data) counts as not constant."""
-        if module not in self.low:
-            return torch.zeros(len(local), dtype=torch.bool), torch.zeros(len(local))
-        lo, hi = self.low[module][local], self.high[module][local]
-        # relative to the channel's own magnitude: an absolute floor would call every channel of
-        # small activations (say 1e-9, as in a randomly initialised MobileNetV3) constant
-        const = (hi - lo) <= CONSTANT_TOLERANCE * torch.maximum(hi.abs(), lo.abs())
-        return const, torch.where(const, (hi + lo) / 2, torch.zeros_like(lo))
-
-
-def _probe(example: torch.Tensor) -> torch.Tensor:
-    """(2, ...) the example and a noise input of its scale: a channel that is constant across
-    both and has silent writers does not depend on the input."""
-    noise = torch.randn(example[:1].shape, generator=torch.Generator().manual_seed(0)).to(example)
-    return torch.cat([example[:1], noise * example.std().clamp_min(1.0) + example.mean()])
-
-
-def _fold(reader: _Reader, positions: torch.Tensor, values: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+def fold_constant(reader: Reader, positions: torch.Tensor, values: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
     """What the constant inputs `values` at `positions` add to the reader's bias: (reader, (O,)),
     added when the cut is made (`surgery.Surgeon`)."""
     w = reader.module.weight.detach()[:, reader.local[positions]]  # (O, n) or (O, n, kh, kw)
     return reader.module, (w.flatten(2).sum(dim=2) if w.dim() > 2 else w) @ values.to(w.dtype)  # (O,)
+
 
 
 @dataclass
@@ -289,6 +196,7 @@ class Graph:
         return reason
 
 
+
 def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
     """Shrink `removable` (per root channel) until every grouped conv loses as many channels in
     each of its groups, the only cut an `nn.Conv2d(groups=g)` can represent. Keeping a channel is
@@ -296,7 +204,7 @@ def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) 
     constraints = []
     for item in group.items:
         m = item.dep.target.module
-        if _is_grouped(m):
+        if is_grouped(m):
             size = (m.out_channels if DG.is_out_channel_pruning_fn(item.dep.handler) else m.in_channels) // m.groups
             local = torch.tensor(item.idxs)
             constraints.append((torch.tensor(item.root_idxs), local // size, m.groups))
@@ -315,71 +223,16 @@ def _balanced(removable: torch.Tensor, group: tp.Group, DG: tp.DependencyGraph) 
     return removable
 
 
-def _writes(item: GroupItem, DG: tp.DependencyGraph) -> bool:
-    m = item.dep.target.module
-    return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and (DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m))
-
-
-def _silent(group: tp.Group, DG: tp.DependencyGraph, n_root: int, only: set[nn.Module] | None = None) -> torch.Tensor:
-    """(n_root,) True where every conv or linear layer writing the channel (of those in `only`,
-    if given) has all-zero weights for it, and at least one does."""
-    silent = torch.ones(n_root, dtype=torch.bool)
-    written = torch.zeros(n_root, dtype=torch.bool)
-    for item in group.items:
-        m = item.dep.target.module
-        if _writes(item, DG) and (only is None or m in only):
-            w = m.weight.detach().transpose(0, 1) if getattr(m, "transposed", False) else m.weight.detach()
-            zero = (w[list(item.idxs)] == 0).flatten(1).all(dim=1)  # (n,) per written channel
-            root = torch.tensor(item.root_idxs)
-            silent[root[~zero]] = False
-            written[root] = True
-    return silent & written
-
-
-def _parameters_only(node: tp.Node) -> bool:
-    """A source made of parameters alone (a linear layer's transposed weight): the same for every
-    input. The model's input shows as a missing autograd edge and does not count."""
-    edges = getattr(node.grad_fn, "next_functions", ())
-    return bool(edges) and all(fn is not None and type(fn).__name__ == "AccumulateGrad" for fn, _ in edges)
-
-
-def _nearest_writers(reader: nn.Module, group: tp.Group, DG: tp.DependencyGraph) -> set[nn.Module] | None:
-    """The members of `group` that write what `reader` reads with no other convolution or linear
-    layer in between (a depthwise conv is one). None when another source reaches the reader
-    through channel-wise operations (the model's input, a parameter, a layer outside the group
-    combined by a product or sum): its channels cannot be silent. Sources behind a concatenation
-    that are not members fill other slices of it and do not count."""
-    members = {item.dep.target.module for item in group.items if _writes(item, DG)}
-    writers: set[nn.Module] = set()
-    seen: set[tp.Node] = set()
-    stack = [(node, False) for node in DG.module2node[reader].inputs]  # (node, behind a concatenation?)
-    while stack:
-        node, behind_cat = stack.pop()
-        if (node, behind_cat) in seen:
-            continue
-        seen.add((node, behind_cat))
-        if isinstance(node.module, (nn.modules.conv._ConvNd, nn.Linear)):
-            if node.module in members:
-                writers.add(node.module)
-            elif not behind_cat:
-                return None
-        elif not node.inputs:
-            if not (behind_cat or _parameters_only(node)):
-                return None
-        else:
-            behind_cat = behind_cat or node.type == tp.ops.OPTYPE.CONCAT
-            stack.extend((n, behind_cat) for n in node.inputs)
-    return writers
-
 
 @dataclass
-class _Candidate:
+class Candidate:
     group: tp.Group
-    readers: list[_Reader]
+    readers: list[Reader]
     crossings: list[Crossing]
 
 
-def _candidates(graph: Graph, removal: Removal, result: ChannelRemoval) -> list[_Candidate]:
+
+def candidate_groups(graph: Graph, removal: Removal, result: ChannelRemoval) -> list[Candidate]:
     """The groups whose channels may leave, with their terminal readers; the rest is counted as blocked."""
     candidates = []
     for group, crossings in graph.groups():
@@ -392,11 +245,12 @@ def _candidates(graph: Graph, removal: Removal, result: ChannelRemoval) -> list[
         if reason is not None:
             result.blocked[reason] += 1
         else:
-            candidates.append(_Candidate(group, readers, crossings or []))
+            candidates.append(Candidate(group, readers, crossings or []))
     return candidates
 
 
-def _representable(removable: torch.Tensor, c: _Candidate, DG: tp.DependencyGraph) -> torch.Tensor:
+
+def representable(removable: torch.Tensor, c: Candidate, DG: tp.DependencyGraph) -> torch.Tensor:
     """Keep at least one channel; balance the cut across the groups of grouped convs and make it
     symmetric across the blocks of channel shuffles (both only give up removals)."""
     removable = removable.clone()
@@ -409,96 +263,8 @@ def _representable(removable: torch.Tensor, c: _Candidate, DG: tp.DependencyGrap
         removable = shrunk
 
 
-def has_dead_weights(model: nn.Module) -> bool:
-    """Does some convolution or linear layer have an all-zero output channel or an input channel
-    all its weights ignore? Without one, removal by structure (exact, or aggressive without data)
-    finds nothing to remove: every channel has a writer that is not silent and a reader that needs
-    it (`_silent`, `_ignored`), so a caller that only needs the count may skip the trace. With data,
-    calibrated and aggressive removal also take channels that are constant on it, dead weights or not."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            w = m.weight.detach() == 0  # (O, I)
-            if bool(w.all(dim=1).any() or w.all(dim=0).any()):
-                return True
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            w = m.weight.detach() == 0  # (O, I/groups, ...); transposed: (I, O/groups, ...)
-            by_input = w if m.transposed else _by_input_channel(w, m.groups)  # (I, ...)
-            by_output = _by_input_channel(w, m.groups) if m.transposed else w  # (O, ...)
-            if bool(by_input.flatten(1).all(dim=1).any() or by_output.flatten(1).all(dim=1).any()):
-                return True
-    return False
 
-
-def remove_dead_channels(
-    model: nn.Module,
-    example: torch.Tensor,
-    data: Dataset | None,
-    device: str = "cpu",
-    removal: Removal = "exact",
-) -> ChannelRemoval:
-    """Remove, in place, every channel whose removal is exact (see the module docstring).
-
-    `removal="calibrated"` also folds channels that are constant on `data` only. `"aggressive"`
-    adds the paper's original rule: a channel also goes when all its writers are silent, whatever
-    reads it, with no fold where a fold would not be exact, and normalisation across channels does
-    not stop it (for users who fine-tune afterwards). Each mode removes everything the one before
-    removes, folded the same way, and more. Without `data` only silent channels count as constant.
-    """
-    result = ChannelRemoval()
-    graph = _trace(model, example, result)
-    candidates = _candidates(graph, removal, result) if graph is not None else []
-    ranges = _InputRange(r.module for c in candidates for r in c.readers)
-    by_structure = removal == "exact" or data is None  # only silent channels count as constant
-    if by_structure:  # their constants, read off two unrelated inputs
-        ranges.measure(model, [_probe(example)], device)
-        if data is not None:
-            result.outputs_before = outputs(model, data, device)
-    else:  # one pass over the calibration data: reader input ranges, and the outputs to compare with afterwards
-        result.outputs_before = ranges.measure(model, (x for x, _ in data), device)
-    if graph is None:
-        result.kept = _cut(model, None, [], removal, example, result)
-        return result
-
-    plan: list[Cut] = []
-    for candidate in candidates:
-        group, readers = candidate.group, candidate.readers
-        n_root = len(group.items[0].idxs)
-        needed = torch.zeros(n_root, dtype=torch.long)  # per root channel: readers that still need it
-        decisions = []
-        for r in readers:
-            if r.module in graph.reparameterised:  # reads every input channel (surgery.py)
-                needed.index_add_(0, r.root, torch.ones(len(r.root), dtype=torch.long))
-                continue
-            ignored = _ignored(r)
-            const, value = ranges.constants(r.module, r.local)
-            if by_structure:  # a constant for every input: what the reader sees has silent writers
-                nearest = _nearest_writers(r.module, group, graph.DG)
-                const &= torch.zeros_like(const) if nearest is None else _silent(group, graph.DG, n_root, nearest)[r.root]
-            # a constant zero adds nothing anywhere, even where zero padding meets a constant
-            foldable = const & (_fold_is_exact(r.module) | (value == 0)) & ~ignored
-            needed.index_add_(0, r.root, (~(ignored | foldable)).long())
-            decisions.append((r, foldable, value))
-        removable = needed == 0
-        if removal == "aggressive":  # and silent channels, whatever reads them: no fold where it is not exact
-            removable |= _silent(group, graph.DG, n_root)
-        removable = _representable(removable, candidate, graph.DG)
-        if not removable.any():
-            continue
-        folded = torch.zeros(n_root, dtype=torch.bool)
-        cut = Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group))
-        for r, foldable, value in decisions:
-            to_fold = (removable[r.root] & foldable).nonzero().flatten()
-            adds = to_fold[value[to_fold] != 0]  # a zero constant leaves the bias as it is
-            if len(adds):
-                cut.folds.append(_fold(r, adds, value[adds]))
-            folded[r.root[to_fold]] = True
-        cut.folded = int(folded.sum())
-        plan.append(cut)
-    result.kept = _cut(model, graph, plan, removal, example, result)
-    return result
-
-
-def _trace(model: nn.Module, example: torch.Tensor, result: ChannelRemoval) -> Graph | None:
+def traced(model: nn.Module, example: torch.Tensor, result: ChannelRemoval) -> Graph | None:
     """The model's graph; None (every channel stays, the reason counted) where torch-pruning fails."""
     try:
         return Graph.trace(model, example)
@@ -506,46 +272,6 @@ def _trace(model: nn.Module, example: torch.Tensor, result: ChannelRemoval) -> G
         result.blocked[f"torch-pruning cannot trace the model ({type(e).__name__})"] += 1
         return None
 
-
-def _channel_saliency(group: tp.Group, DG: tp.DependencyGraph, scores: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Per root channel, the summed saliency of every spatial kernel that reads or writes it."""
-    total = torch.zeros(len(group.items[0].idxs), dtype=torch.float64)
-    found = False
-    for item in group.items:
-        m = item.dep.target.module
-        s = scores.get(module_name(DG, m))
-        if s is None:
-            continue
-        found = True
-        if DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m):
-            per_channel = s.sum(dim=1)  # (O,)
-        else:
-            per_channel = _by_input_channel(s, m.groups).sum(dim=1)  # (I,)
-        total.index_add_(0, torch.tensor(item.root_idxs), per_channel[list(item.idxs)].double())
-    return total if found else None
-
-
-def remove_least_salient_channels(
-    model: nn.Module, example: torch.Tensor, scores: dict[str, torch.Tensor], pct: float
-) -> ChannelRemoval:
-    """`--granularity channel` (docs/method.md §3): in every coupled group that holds spatial kernels,
-    remove the `floor(pct/100 * channels)` channels of least summed kernel saliency (ties: lower
-    index first). The output changes; the caller measures by how much."""
-    result = ChannelRemoval()
-    graph = _trace(model, example, result)
-    plan: list[Cut] = []
-    for candidate in _candidates(graph, "aggressive", result) if graph is not None else []:
-        group = candidate.group
-        saliency = _channel_saliency(group, graph.DG, scores)
-        if saliency is None:
-            continue
-        removable = torch.zeros(len(saliency), dtype=torch.bool)
-        removable[torch.sort(saliency, stable=True).indices[: math.floor(pct / 100 * len(saliency))]] = True
-        removable = _representable(removable, candidate, graph.DG)
-        if removable.any():
-            plan.append(Cut(group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(group)))
-    result.kept = _cut(model, graph, plan, "aggressive", example, result)
-    return result
 
 
 def channel_params(group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
@@ -557,7 +283,7 @@ def channel_params(group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
         m = item.dep.target.module
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             writes = DG.is_out_channel_pruning_fn(item.dep.handler)
-            if _is_depthwise(m) and not writes:
+            if is_depthwise(m) and not writes:
                 continue  # a depthwise conv's channel is one filter, counted where it is written
             width = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
             if not writes:
@@ -571,10 +297,11 @@ def channel_params(group: tp.Group, DG: tp.DependencyGraph) -> torch.Tensor:
     return params
 
 
+
 def remove_chosen_channels(
     model: nn.Module,
     example: torch.Tensor,
-    choose: Callable[[list[_Reader], torch.Tensor], torch.Tensor | None],
+    choose: Callable[[list[Reader], torch.Tensor], torch.Tensor | None],
     means: dict[nn.Module, torch.Tensor] | None = None,
 ) -> ChannelRemoval:
     """Remove, in place, the channels a caller chooses: in every coupled group that may lose
@@ -587,13 +314,13 @@ def remove_chosen_channels(
     replaced by that constant, folded into its readers' biases (exact where the channel is constant
     and the reader sees no zero padding, an approximation elsewhere)."""
     result = ChannelRemoval()
-    graph = _trace(model, example, result)
+    graph = traced(model, example, result)
     plan: list[Cut] = []
-    for candidate in _candidates(graph, "aggressive", result) if graph is not None else []:
+    for candidate in candidate_groups(graph, "aggressive", result) if graph is not None else []:
         chosen = choose(candidate.readers, channel_params(candidate.group, graph.DG))
         if chosen is None:
             continue
-        removable = _representable(chosen, candidate, graph.DG)
+        removable = representable(chosen, candidate, graph.DG)
         if not removable.any():
             continue
         cut = Cut(candidate.group.items[0].dep.target.module, removable.nonzero().flatten().tolist(), int(removable.sum()), risky=is_risky(candidate.group))
@@ -602,13 +329,14 @@ def remove_chosen_channels(
                 continue  # their weights are not (O, I): no fold, the channel just leaves
             gone = removable[r.root].nonzero().flatten()
             if len(gone):
-                cut.folds.append(_fold(r, gone, means[r.module][r.local[gone]]))
+                cut.folds.append(fold_constant(r, gone, means[r.module][r.local[gone]]))
         plan.append(cut)
-    result.kept = _cut(model, graph, plan, "aggressive", example, result)
+    result.kept = carry_out(model, graph, plan, "aggressive", example, result)
     return result
 
 
-def _cut(
+
+def carry_out(
     model: nn.Module, graph: Graph | None, plan: list[Cut], removal: Removal, example: torch.Tensor, result: ChannelRemoval
 ) -> dict[str, KeptChannels]:
     """Remove each group-root's channels in `plan` from every member of its group (with the folds
@@ -629,23 +357,3 @@ def _cut(
                 result.folded += c.folded
     names = {m: name for name, m in model.named_modules()}
     return {names[m]: k for m, k in kept.items()}
-
-
-def _cut_grouped_inputs(t: torch.Tensor, groups: int, idxs: list[int]) -> torch.Tensor:
-    """Remove input channels `idxs` (indices into I) from a (O, I/groups, ...) tensor, group by group
-    (every group loses as many: `_balanced`)."""
-    o, per_group, rest = t.shape[0], t.shape[1], t.shape[2:]
-    keep = torch.ones(groups, per_group, dtype=torch.bool)
-    keep.view(-1)[idxs] = False
-    n = int(keep[0].sum())
-    columns = keep.nonzero()[:, 1].reshape(groups, 1, n, *[1] * len(rest))  # per group, the kept offsets
-    blocks = t.reshape(groups, o // groups, per_group, *rest)
-    return blocks.gather(2, columns.expand(groups, o // groups, n, *rest)).reshape(o, n, *rest)
-
-
-def _grouped_input_cuts(group: tp.Group, DG: tp.DependencyGraph) -> list[tuple[nn.Module, torch.Tensor, list[int]]]:
-    return [
-        (item.dep.target.module, item.dep.target.module.weight.detach().clone(), list(item.idxs))
-        for item in group.items
-        if _is_grouped(item.dep.target.module) and not DG.is_out_channel_pruning_fn(item.dep.handler)
-    ]

@@ -16,14 +16,16 @@ from explainfix_cli import progress
 from explainfix_cli.choices import Criterion, Fill, Granularity, Removal
 from explainfix_cli.distributed import rank_and_world
 from explainfix_cli.errors import UserError, check_pct
-from explainfix_cli.evaluation.measure import metric, model_size, outputs
+from explainfix_cli.evaluation.measure import Size, metric, model_size, outputs
 from explainfix_cli.io.checkpoints import ArchSpec, save_model
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.io.outputs import check_target
 from explainfix_cli.io.preprocessing import Preprocessing
 from explainfix_cli.models import require_spatial_convs, spatial_convs
 from explainfix_cli.numbers import strict
-from explainfix_cli.pruning.channels import ChannelRemoval, remove_dead_channels, remove_least_salient_channels
+from explainfix_cli.pruning.channel_ranking import remove_least_salient_channels
+from explainfix_cli.pruning.channels import ChannelRemoval
+from explainfix_cli.pruning.dead_channels import remove_dead_channels
 from explainfix_cli.pruning.surgery import surgery_failures
 from explainfix_cli.saliency import spatial_saliency
 from explainfix_cli.training.fixed import fix_spatial_filters
@@ -180,32 +182,50 @@ class PruneReport:
         ]
 
 
-def prune(
-    model: nn.Module,
-    data: Dataset | None,
-    *,
-    pct: float = 50.0,
-    granularity: Granularity = "kernel",
-    criterion: Criterion = "gradient",
-    scores: dict[str, torch.Tensor] | None = None,
-    fill: Fill = "zero",
-    removal: Removal = "exact",
-    fix: bool = True,
-    arch: ArchSpec | None = None,
-    history: list[dict[str, Any]] | None = None,
-    out: str | Path | None = None,
-    force: bool = False,
-    seed: int = 0,
-    device: str = "cpu",
-    sample_shape: tuple[int, ...] | None = None,
-    val: Dataset | None = None,
-    preprocessing: Preprocessing | None = None,
-    min_kernels_per_layer: int = 0,
-    reference_outputs: torch.Tensor | None = None,
-) -> tuple[nn.Module, PruneReport]:
+@dataclass(frozen=True)
+class PruneSettings:
+    """Every option of a prune (docs/method.md §1-4), checked once when made: what to do (pct,
+    granularity, criterion, fill, removal, fix, seed, the per-layer floor), what the caller
+    already has (saliency `scores`, the unpruned model's `reference_outputs` on the data, held-out
+    `val`, the input size without data) and what to write (`out`, `force`, `arch`, `history`,
+    `preprocessing`). `prune` takes one, as black passes one `Mode`; its keyword options make one."""
+
+    pct: float = 50.0
+    granularity: Granularity = "kernel"
+    criterion: Criterion = "gradient"
+    scores: dict[str, torch.Tensor] | None = None
+    fill: Fill = "zero"
+    removal: Removal = "exact"
+    fix: bool = True
+    arch: ArchSpec | None = None
+    history: list[dict[str, Any]] | None = None
+    out: str | Path | None = None
+    force: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    sample_shape: tuple[int, ...] | None = None
+    val: Dataset | None = None
+    preprocessing: Preprocessing | None = None
+    min_kernels_per_layer: int = 0
+    reference_outputs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_pct("pct", self.pct)
+
+    @classmethod
+    def of(cls, settings: PruneSettings | None, options: dict[str, Any]) -> PruneSettings:
+        """`settings` (or the defaults) with the fields in `options` replaced; an unknown option is a TypeError."""
+        if settings is None:
+            return cls(**options)
+        return replace(settings, **options) if options else settings
+
+
+def prune(model: nn.Module, data: Dataset | None, settings: PruneSettings | None = None, **options: Any) -> tuple[nn.Module, PruneReport]:
     """docs/method.md §1-4 end to end: score, zero, remove channels, fill, fix, and write to `out`.
 
-    With `granularity="channel"` whole channels are ranked and removed instead (§3), and
+    `settings` (a `PruneSettings`), or the same fields as keyword options:
+    `prune(model, data, pct=70, fill="fillzero", out="m.safetensors")`. With
+    `granularity="channel"` whole channels are ranked and removed instead (§3), and
     `max_logit_change` compares with the original model. `model` is changed in place and returned. Without data, `sample_shape` (C, H, W) gives the
     input size for tracing and MACs, and no output-based numbers are reported. `val`, held-out
     data the prune never sees, gets the same comparisons as `data`: the check that a removal
@@ -215,79 +235,91 @@ def prune(
     already has them (a sweep that scores once and prunes many copies), saves a forward pass.
     """
     start = time.perf_counter()
-    check_pct("pct", pct)
-    if out is not None:
-        check_target(Path(out), force)
-    if data is not None:
-        sample_shape = tuple(data.x.shape[1:])
+    s = PruneSettings.of(settings, options)
+    if s.out is not None:
+        check_target(Path(s.out), s.force)
+    sample_shape = tuple(data.x.shape[1:]) if data is not None else s.sample_shape
     if sample_shape is None:
         raise UserError("without `data`, give the input size with `input_size` C,H,W.")
-    model.eval().to(device)
-    convs = require_spatial_convs(model)
+    model.eval().to(s.device)
+    stages = _stages(model, data, s, sample_shape)
+    report = stages.report(data, s)
+    if s.out is not None:
+        save_pruned(
+            model, report, s.out, arch=s.arch, history=s.history, seed=s.seed, sample_shape=sample_shape,
+            preprocessing=s.preprocessing, force=s.force,
+        )  # fmt: skip
+    report.seconds = round(time.perf_counter() - start, 3)
+    return model, report
 
+
+@dataclass
+class _Stages:
+    """What each stage of a prune left: sizes, the zeroing masks, what removal did, the outputs."""
+
+    before: Size
+    after: Size
+    masks: dict[str, torch.Tensor]
+    removed: ChannelRemoval
+    collapsed: list[str]
+    fixed: int
+    original_out: _Outputs  # the unpruned model's
+    zeroed_out: _Outputs  # what removal is compared with: the zeroed model's (the original's for channel granularity)
+    removed_out: _Outputs  # after removal
+    written_out: _Outputs  # after fill and fix: the model written
+
+    def report(self, data: Dataset | None, s: PruneSettings) -> PruneReport:
+        val = s.val
+        return PruneReport(
+            params_before=self.before.params, params_after=self.after.params,
+            spatial_kernels_before=self.before.spatial_kernels, spatial_kernels_after=self.after.spatial_kernels,
+            zeroed_kernels=sum(int(m.sum()) for m in self.masks.values()),
+            channels_removed=self.removed.removed, channels_folded=self.removed.folded,
+            blocked_groups=dict(sorted(self.removed.blocked.items())),
+            macs_before=self.before.macs, macs_after=self.after.macs,
+            max_logit_change=_max_change(self.removed_out.data, self.zeroed_out.data),
+            predictions_changed=_predictions_changed(self.removed_out.data, self.zeroed_out.data, data),
+            metric=data.metric_name if data is not None else None,
+            metric_before=_metric(data, self.original_out.data), metric_after=_metric(data, self.written_out.data),
+            calibration_samples=None if data is None else data.num_samples, val_samples=None if val is None else val.num_samples,
+            val_max_logit_change=_max_change(self.removed_out.val, self.zeroed_out.val),
+            val_predictions_changed=_predictions_changed(self.removed_out.val, self.zeroed_out.val, val),
+            val_metric_before=_metric(val, self.original_out.val), val_metric_after=_metric(val, self.written_out.val),
+            pct=s.pct, granularity=s.granularity, criterion=s.criterion, fill=s.fill, removal=s.removal,
+            fixed_tensors=self.fixed, seconds=0.0, out=str(s.out) if s.out is not None else None,
+            min_kernels_per_layer=s.min_kernels_per_layer, collapsed_layers=self.collapsed,
+            constant_output=_constant(self.written_out.data),
+        )  # fmt: skip
+
+
+def _stages(model: nn.Module, data: Dataset | None, s: PruneSettings, sample_shape: tuple[int, ...]) -> _Stages:
+    """§1 score, §2 zero, §3 remove and fill, §4 fix, in place, measuring the outputs after each."""
+    convs = require_spatial_convs(model)
+    device, val = s.device, s.val
     # §1 score (its forward passes are the original model's outputs on the data)
     seen: list[torch.Tensor] = []
-    if scores is None:
-        scores = spatial_saliency(model, data, criterion, device, outputs=seen)
+    scores = s.scores if s.scores is not None else spatial_saliency(model, data, s.criterion, device, outputs=seen)
     before = model_size(model, sample_shape)
     with progress.stage("measuring the original"):
-        known = torch.cat(seen) if seen else reference_outputs
-        original_out = _Outputs.of(model, data, val, device, known)
-    original = {name: conv.weight.detach().clone() for name, conv in convs} if fill != "zero" else {}
+        original_out = _Outputs.of(model, data, val, device, torch.cat(seen) if seen else s.reference_outputs)
+    original = {name: conv.weight.detach().clone() for name, conv in convs} if s.fill != "zero" else {}
 
     # §2 zero, §3 remove: failures after the original model ran on the data are the prune's own
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     with surgery_failures():
         masks, removed, zeroed_out, collapsed = _zero_and_remove(
-            model, scores, example, data, val, device, granularity=granularity, pct=pct, removal=removal,
-            min_kernels_per_layer=min_kernels_per_layer, original_out=original_out,
+            model, scores, example, data, val, device, granularity=s.granularity, pct=s.pct, removal=s.removal,
+            min_kernels_per_layer=s.min_kernels_per_layer, original_out=original_out,
         )  # fmt: skip
         with progress.stage("measuring the pruned model"):
             removed_out = _Outputs.of(model, data, val, device)
         # §3 the zeroed kernels that stay, §4 fix
-        fill_zeroed(model, {name: removed.kept[name].original(w) for name, w in original.items()}, fill, torch.Generator().manual_seed(seed))
-        fixed = fix_spatial_filters(model) if fix else []
+        kept = {name: removed.kept[name].original(w) for name, w in original.items()}
+        fill_zeroed(model, kept, s.fill, torch.Generator().manual_seed(s.seed))
+        fixed = fix_spatial_filters(model) if s.fix else []
         after = model_size(model, sample_shape)
-        written_out = removed_out if fill == "zero" else _Outputs.of(model, data, val, device)
-
-    report = PruneReport(
-        params_before=before.params,
-        params_after=after.params,
-        spatial_kernels_before=before.spatial_kernels,
-        spatial_kernels_after=after.spatial_kernels,
-        zeroed_kernels=sum(int(m.sum()) for m in masks.values()),
-        channels_removed=removed.removed,
-        channels_folded=removed.folded,
-        blocked_groups=dict(sorted(removed.blocked.items())),
-        macs_before=before.macs,
-        macs_after=after.macs,
-        max_logit_change=_max_change(removed_out.data, zeroed_out.data),
-        predictions_changed=_predictions_changed(removed_out.data, zeroed_out.data, data),
-        metric=data.metric_name if data is not None else None,
-        metric_before=_metric(data, original_out.data),
-        metric_after=_metric(data, written_out.data),
-        calibration_samples=None if data is None else data.num_samples,
-        val_samples=None if val is None else val.num_samples,
-        val_max_logit_change=_max_change(removed_out.val, zeroed_out.val),
-        val_predictions_changed=_predictions_changed(removed_out.val, zeroed_out.val, val),
-        val_metric_before=_metric(val, original_out.val),
-        val_metric_after=_metric(val, written_out.val),
-        pct=pct,
-        granularity=granularity,
-        criterion=criterion,
-        fill=fill,
-        removal=removal,
-        fixed_tensors=len(fixed),
-        seconds=0.0,
-        out=str(out) if out is not None else None,
-        min_kernels_per_layer=min_kernels_per_layer,
-        collapsed_layers=collapsed,
-        constant_output=_constant(written_out.data),
-    )
-    if out is not None:
-        save_pruned(model, report, out, arch=arch, history=history, seed=seed, sample_shape=sample_shape, preprocessing=preprocessing, force=force)
-    report.seconds = round(time.perf_counter() - start, 3)
-    return model, report
+        written_out = removed_out if s.fill == "zero" else _Outputs.of(model, data, val, device)
+    return _Stages(before, after, masks, removed, collapsed, len(fixed), original_out, zeroed_out, removed_out, written_out)
 
 
 @dataclass

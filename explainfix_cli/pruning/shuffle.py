@@ -17,7 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from explainfix_cli.pruning.tp_adapter import GroupItem
+from explainfix_cli.pruning.tp_adapter import GroupItem, self_sizes
 
 OPTYPE = tp.ops.OPTYPE
 
@@ -82,8 +82,7 @@ def _following_reshape_input(node: tp.Node) -> tuple[int, ...] | None:
     for _ in range(3):  # transpose → clone → reshape at most
         reshapes = [o for o in node.outputs if o.type == OPTYPE.RESHAPE]
         if reshapes:
-            sizes = getattr(reshapes[0].grad_fn, "_saved_self_sym_sizes", None)
-            return tuple(int(s) for s in sizes) if sizes is not None else None
+            return self_sizes(reshapes[0].grad_fn)
         if len(node.outputs) != 1:
             return None
         node = node.outputs[0]

@@ -7,7 +7,7 @@ carries the cuts out so that a model is never left broken, whatever the architec
   whole, with the reason (`unsafe_nodes`): a reshape that moves the channel axis (split
   attention's radix, multi-head self-attention, MobileViT's patches), a split into unequal fixed
   sizes (Res2Net, MixNet: the model's code keeps the sizes), a concatenation or flatten
-  torch-pruning could not map, a group whose members it cannot even enumerate (tp_compat);
+  torch-pruning could not map, a group whose members it cannot even enumerate (tp_adapter);
 - a *reparameterised* convolution, one whose forward does not convolve with its stored weight
   (timm's weight-standardised `ScaledStdConv2d`/`StdConv2d` in NF-ResNet and NFNet), reads every
   input channel: zeroing acts on the stored weight as for any convolution (that is what the
@@ -38,7 +38,16 @@ from torch import nn
 
 from explainfix_cli.errors import UserError
 from explainfix_cli.models import InputMismatch
+from explainfix_cli.pruning.grouped_convs import cut_grouped_inputs, grouped_input_cuts, is_depthwise
 from explainfix_cli.pruning.shuffle import Shuffle
+from explainfix_cli.pruning.tp_adapter import (
+    graph_maps,
+    output_sizes,
+    parameter_name,
+    restore_graph_maps,
+    saved_dim,
+    self_sizes,
+)
 
 OPTYPE = tp.ops.OPTYPE
 # |cut - zeroed| above this fraction of the zeroed model's largest output fails the check
@@ -64,24 +73,9 @@ def surgery_failures() -> Iterator[None]:
         raise PruningFailed(f"the model could not be pruned: {type(e).__name__} during channel removal ({first}).") from e
 
 
-def _self_sizes(grad_fn: object) -> tuple[int, ...] | None:
-    for name in ("_saved_self_sym_sizes", "_saved_self_sizes"):
-        sizes = getattr(grad_fn, name, None)
-        if sizes is not None:
-            return tuple(int(s) for s in sizes)
-    return None
-
-
-def _output_sizes(grad_fn: Any) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(s) for s in grad_fn._input_metadata[0].shape)
-    except (AttributeError, IndexError, TypeError):
-        return None
-
-
 def _keeps_channel_axis(node: tp.Node) -> bool:
     """A reshape a cut can follow: it leaves dim 1 alone, or flattens (N, C, H, W) to (N, C*H*W)."""
-    before, after = _self_sizes(node.grad_fn), _output_sizes(node.grad_fn)
+    before, after = self_sizes(node.grad_fn), output_sizes(node.grad_fn)
     if before is None or after is None:
         return False
     if before == after or (len(before) >= 2 and len(after) >= 2 and before[:2] == after[:2]):
@@ -92,7 +86,7 @@ def _keeps_channel_axis(node: tp.Node) -> bool:
 def _slices_channels(node: tp.Node) -> bool:
     """A slice `x[:, a:b]` along dim 1: its bounds are numbers in the model's code (GhostNet keeps
     the first channels of a concatenation, ReXNet adds its shortcut to the first ones)."""
-    dim, sizes = getattr(node.grad_fn, "_saved_dim", None), _self_sizes(node.grad_fn)
+    dim, sizes = saved_dim(node.grad_fn), self_sizes(node.grad_fn)
     return dim is None or sizes is None or dim % len(sizes) == 1
 
 
@@ -230,8 +224,7 @@ class _Snapshot:
         ]
         self.alive = dict(surgeon.alive)
         self.kept = {k: len(k.cuts) for k in surgeon.kept.values()}
-        DG = surgeon.DG  # pruning an unwrapped parameter re-keys torch-pruning's maps
-        self.dg = (dict(DG._param_to_name), dict(DG.module2node), [(n, n.module) for n in DG.module2node.values()]) if parameters else None
+        self.dg = graph_maps(surgeon.DG) if parameters else None  # pruning an unwrapped parameter re-keys them
 
     def restore(self, surgeon: Surgeon) -> None:
         for m, state, params, buffers in self.modules:
@@ -242,9 +235,7 @@ class _Snapshot:
         for k, n in self.kept.items():
             del k.cuts[n:]
         if self.dg is not None:
-            surgeon.DG._param_to_name, surgeon.DG.module2node = self.dg[0], self.dg[1]
-            for node, module in self.dg[2]:
-                node.module = module
+            restore_graph_maps(surgeon.DG, self.dg)
 
 
 class Surgeon:
@@ -313,7 +304,7 @@ class Surgeon:
         for item in group.items:
             node = item.dep.target
             if isinstance(node.module, nn.Parameter):  # an unwrapped parameter: its owner changes
-                name = self.DG._param_to_name.get(node.module, "")
+                name = parameter_name(self.DG, node.module)
                 owner = self.model
                 for part in name.split(".")[:-1]:
                     owner = getattr(owner, part)
@@ -330,16 +321,14 @@ class Surgeon:
             reader.bias += delta
 
     def _prune(self, group: tp.Group) -> None:
-        from explainfix_cli.pruning.channels import _cut_grouped_inputs, _grouped_input_cuts, _is_depthwise
-
         DG = self.DG
-        grouped_inputs = _grouped_input_cuts(group, DG)
+        grouped_inputs = grouped_input_cuts(group, DG)
         outputs_cut: list[tuple[nn.Module, list[int], list[tuple[str, torch.Tensor]]]] = []
         for item in group.items:
             m = item.dep.target.module
             if m in self.kept:
                 self.kept[m].cut(item, DG)
-            out = DG.is_out_channel_pruning_fn(item.dep.handler) or _is_depthwise(m)
+            out = DG.is_out_channel_pruning_fn(item.dep.handler) or is_depthwise(m)
             if m in self.alive and out and all(m is not done for done, _, _ in outputs_cut):
                 width = len(self.alive[m])
                 extra = [(n, getattr(m, n)) for n in _per_output_tensors(m, width)]
@@ -348,7 +337,7 @@ class Surgeon:
         for m, weight, idxs_in in grouped_inputs:
             # torch-pruning cuts a grouped conv's inputs at the same offsets in every group;
             # ours differ per group, so cut the weight again from its pre-pruning copy
-            m.weight = nn.Parameter(_cut_grouped_inputs(weight, m.groups, idxs_in), requires_grad=weight.requires_grad)
+            m.weight = nn.Parameter(cut_grouped_inputs(weight, m.groups, idxs_in), requires_grad=weight.requires_grad)
         for m, idxs, extra in outputs_cut:
             stays = torch.ones(len(self.alive[m]), dtype=torch.bool)
             stays[idxs] = False

@@ -1,6 +1,7 @@
 """Everything explainfix uses of torch-pruning beyond its public API, in one place, for the one
 minor version it is tested with (1.6; `pyproject.toml` pins it): `GroupItem`, the graph's
-module names, and the two functions swapped below.
+module and parameter names (and the maps a cut that is undone restores), the sizes autograd saved
+that torch-pruning reads, and the two functions swapped below.
 
 torch-pruning 1.6 reads two autograd attributes by names torch 2 no longer uses.
 
@@ -49,7 +50,10 @@ from torch_pruning.dependency import index_mapping, shape_infer  # noqa: E402
 from torch_pruning.dependency.dependency import Dependency  # noqa: E402
 from torch_pruning.dependency.group import Group  # noqa: E402
 
-__all__ = ["DependencyGraph", "GroupItem", "module_name", "saved_sizes_of_torch2"]
+__all__ = [
+    "DependencyGraph", "GraphMaps", "GroupItem", "graph_maps", "module_name", "output_sizes", "parameter_name",
+    "restore_graph_maps", "saved_dim", "saved_sizes_of_torch2", "self_sizes",
+]  # fmt: skip
 
 MAX_VISITS = 32  # times one node may join a group's search (a sane graph needs 2: in and out)
 
@@ -59,7 +63,29 @@ def module_name(DG: tp.DependencyGraph, module: nn.Module) -> str:
     return DG._module2name.get(module, "")
 
 
-def _self_sizes(grad_fn: object) -> tuple[int, ...] | None:
+def parameter_name(DG: tp.DependencyGraph, parameter: nn.Parameter) -> str:
+    """The dotted name of an unwrapped parameter in the traced model ("" when the graph does not know it)."""
+    return DG._param_to_name.get(parameter, "")
+
+
+GraphMaps = tuple[dict[Any, str], dict[Any, tp.Node], list[tuple[tp.Node, Any]]]
+
+
+def graph_maps(DG: tp.DependencyGraph) -> GraphMaps:
+    """A copy of the graph's maps from parameters and modules to names and nodes: pruning an
+    unwrapped parameter re-keys them, so a cut that is undone puts them back (`restore_graph_maps`)."""
+    return dict(DG._param_to_name), dict(DG.module2node), [(n, n.module) for n in DG.module2node.values()]
+
+
+def restore_graph_maps(DG: tp.DependencyGraph, maps: GraphMaps) -> None:
+    DG._param_to_name, DG.module2node = maps[0], maps[1]
+    for node, module in maps[2]:
+        node.module = module
+
+
+def self_sizes(grad_fn: object) -> tuple[int, ...] | None:
+    """The input size an autograd node saved (a reshape's, a split's, a slice's), under torch 1's
+    name or torch 2's."""
     for name in ("_saved_self_sizes", "_saved_self_sym_sizes"):
         sizes = getattr(grad_fn, name, None)
         if sizes is not None:
@@ -67,9 +93,22 @@ def _self_sizes(grad_fn: object) -> tuple[int, ...] | None:
     return None
 
 
+def output_sizes(grad_fn: Any) -> tuple[int, ...] | None:
+    """The size of an autograd node's output, from its input metadata."""
+    try:
+        return tuple(int(s) for s in grad_fn._input_metadata[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def saved_dim(grad_fn: object) -> int | None:
+    """The dimension a split, slice or concatenation saved (None when it saved none)."""
+    return getattr(grad_fn, "_saved_dim", None)
+
+
 def _split_sizes(grad_fn: object) -> list[int] | None:
     """The channel sizes of a split along dim 1, from what autograd saved."""
-    sizes, dim = _self_sizes(grad_fn), getattr(grad_fn, "_saved_dim", None)
+    sizes, dim = self_sizes(grad_fn), getattr(grad_fn, "_saved_dim", None)
     if sizes is None or dim is None or dim % len(sizes) != 1:
         return None
     if hasattr(grad_fn, "_saved_split_sizes"):
@@ -114,7 +153,7 @@ def saved_sizes_of_torch2() -> Iterator[None]:
     update_concat, group_class = index_mapping.update_concat_index_mapping, tp_graph.Group
 
     def reshape(graph: tp.DependencyGraph, node: tp.Node) -> None:
-        sizes = _self_sizes(node.grad_fn)
+        sizes = self_sizes(node.grad_fn)
         if sizes is not None and len(sizes) not in (1, 4):
             return  # torch-pruning's own rule: it maps flattens of 1-D and 4-D tensors only
         try:

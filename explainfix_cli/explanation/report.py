@@ -411,8 +411,10 @@ def _facts_html(result: ExplainResult) -> str:
 def _history_words(step: dict[str, Any]) -> str:
     """One step of a model file's history in words, e.g. how it was pruned."""
     name = str(step.get("step", "step"))
+    if name == "finetune":
+        return _finetune_words(step)
     if name != "prune":
-        details = ", ".join(f"{k} {v}" for k, v in step.items() if k != "step" and isinstance(v, (int, float, str)))
+        details = ", ".join(f"{k} {_rounded(v)}" for k, v in step.items() if k != "step" and isinstance(v, (int, float, str)))
         return f"{name}: {details}" if details else name
     words = f"prune at --pct {step.get('pct')} ({step.get('granularity')} granularity, {step.get('removal')} removal, {step.get('criterion')} saliency)"
     if step.get("params_before") is not None:
@@ -420,6 +422,22 @@ def _history_words(step: dict[str, Any]) -> str:
     if step.get("metric") and step.get("metric_before") is not None and step.get("metric_after") is not None:
         words += f", {step['metric']} {step['metric_before']:.3f} → {step['metric_after']:.3f} on the data it was pruned with"
     return words
+
+
+def _rounded(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _finetune_words(step: dict[str, Any]) -> str:
+    """A finetune step: epochs, the metric before and after on the validation data, the teacher."""
+    words = f"finetune for {step.get('epochs')} epochs (best epoch {step.get('best_epoch')})"
+    if step.get("trainable_params") is not None and step.get("params") is not None:
+        words += f", {step['trainable_params']:,} of {step['params']:,} parameters trained"
+    before, after = step.get("metric_before"), step.get("metric_after")
+    if step.get("metric") and before is not None and after is not None:
+        words += f", {step['metric']} {before:.3f} → {after:.3f} on the validation data"
+    teacher = step.get("teacher")
+    return words + (f", distilled from {teacher}" if teacher else ", no teacher")
 
 
 def _figure_html(figure: FigureFile) -> str:

@@ -382,3 +382,40 @@ def test_a_factory_recorded_before_the_layout_by_stage_still_resolves() -> None:
 
     assert resolve_factory("explainfix_cli.classes:one_vs_rest") is one_vs_rest  # what extract recorded before
     assert resolve_factory("explainfix_cli.classes.extract:one_vs_rest") is one_vs_rest
+
+
+def test_a_missing_arch_file_is_named_as_a_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "some" / "where" / "nosuch.py"
+    with pytest.raises(UserError) as caught:
+        open_model(_sample("resnet.pt"), parse_arch(f"{missing}:Net", None))
+    message = str(caught.value)
+    assert f"the file {missing} does not exist" in message and "cannot import" not in message, message
+
+
+def test_a_pickled_module_from_a_script_loads_with_arch_naming_the_script(tmp_path: Path) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    script = folder / "user_script.py"
+    script.write_text(textwrap.dedent(NET_SCRIPT))
+    sys.path.insert(0, str(folder))  # as when the user trained it: `from user_script import Net`
+    try:
+        import user_script  # type: ignore[import-not-found]
+
+        torch.manual_seed(0)
+        net = user_script.Net().eval()
+        pickled = tmp_path / "net.pt"
+        torch.save(net, pickled)
+    finally:
+        sys.path.remove(str(folder))
+        del sys.modules["user_script"]  # a fresh process, without PYTHONPATH
+    with pytest.raises(UserError, match=r"cannot be imported here.*`arch` path/to/script\.py:ClassName"):
+        open_model(pickled, trust_checkpoint=True)
+    path_before = list(sys.path)
+    loaded = open_model(pickled, parse_arch(f"{script}:Net", None), trust_checkpoint=True)
+    assert loaded.arch == ArchSpec(f"{script.resolve()}:Net")  # the path form, found again from any folder
+    assert sys.path == path_before  # importable for that load only
+    x = _x(3)
+    assert torch.equal(_out(loaded.model, x), _out(net, x))
+    out = save_model(loaded.model, tmp_path / "net.safetensors", arch=loaded.arch)
+    sys.modules.pop("user_script", None)
+    assert torch.equal(_out(load_model(out), x), _out(net, x))  # the recorded path rebuilds it, no --arch

@@ -1,7 +1,6 @@
 """The CI pipeline of the README (examples/ci/prune-and-gate.sh) end to end, as a real shell
 script: one gate met (the metric), one not (an impossible latency), so the job fails with exit 1
-and still leaves every JSON file and the explain report behind; the log has one verdict line per
-gate, the met one too."""
+and still leaves every JSON file and the explain report behind."""
 
 from __future__ import annotations
 
@@ -29,6 +28,5 @@ def test_pipeline_fails_on_the_gate_that_is_not_met(tmp_path: Path) -> None:
     assert evaluation["passed"] is True and bench["passed"] is False
     assert json.loads((out / "finetune.json").read_text())["out"] == str(out / "model.safetensors")
     assert (out / "report" / "index.html").exists()
-    assert "gate failed" in proc.stderr and "latency" in proc.stderr
-    verdicts = [line for line in proc.stdout.splitlines() if " gate " in line]  # one per gate, met or not
-    assert [v.split(":")[0:2] for v in verdicts] == [["evaluate gate max_drop", " met"], ["bench gate max_latency_ms", " NOT MET"]], proc.stdout
+    # every verdict shows, the passing one too, each once (README, CI)
+    assert proc.stderr.count("explainfix: gate max_drop passed: ") == 1 and proc.stderr.count("explainfix: gate max_latency_ms failed: ") == 1

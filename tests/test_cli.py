@@ -528,3 +528,71 @@ def test_library_errors_name_parameters_and_the_command_line_names_flags(tmp_pat
     assert "--" not in str(e.value) and "`pct`" in str(e.value)
     result = _invoke("prune", _sample("resnet.safetensors"), *_data(), "--pct", "150", "--out", str(tmp_path / "p.safetensors"))
     assert result.exit_code == 2 and "--pct must be in [0, 100)" in result.stderr
+
+
+# ---- output a person reads: rounded, undefined as such; Ctrl-C --------------------------------------
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with np.load(_sample("digits_val.npz")) as d:
+        path = tmp_path_factory.mktemp("data") / "small.npz"
+        np.savez(path, x=d["x"][:96], y=d["y"][:96])
+    return path
+
+
+def test_finetune_rounds_for_people_keeps_json_exact_and_records_the_teacher(small_train: Path, tmp_path: Path) -> None:
+    base = ["finetune", _sample("resnet.safetensors"), "--data", str(small_train), "--val", str(small_train), "--epochs", "1", "--teacher", _sample("resnet.safetensors")]
+    exact = _json(_invoke(*base, "--out", str(tmp_path / "a.safetensors"), "--json"))
+    table = _invoke(*base, "--out", str(tmp_path / "b.safetensors"))
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.stdout.splitlines() if "metric_after" in line)
+    assert f" {exact['metric_after']:.4g} " in row, row  # rounded for people; --json has every digit
+    assert not any(len(t) > 7 and t.replace(".", "", 1).isdigit() for t in table.stdout.split()), table.stdout
+    from explainfix_cli.io.checkpoints import open_model
+
+    step = open_model(tmp_path / "a.safetensors").history[-1]  # the model file's history names the teacher
+    assert step["step"] == "finetune" and step["teacher"] == _sample("resnet.safetensors")
+    report = _invoke("explain", str(tmp_path / "a.safetensors"), "--no-figures", "--out", str(tmp_path / "r"))
+    assert report.exit_code == 0, report.output
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert f"distilled from {_sample('resnet.safetensors')}" in index
+    assert f"accuracy {exact['metric_before']:.3f} → {exact['metric_after']:.3f}" in index
+
+
+def test_explain_says_an_all_zero_layer_has_no_share(tmp_path: Path) -> None:
+    from explainfix_cli.io.checkpoints import open_model, save_model
+
+    loaded = open_model(_sample("resnet.safetensors"))
+    name, conv = spatial_convs(loaded.model)[1]
+    with torch.no_grad():
+        conv.weight.zero_()
+    path = save_model(loaded.model, tmp_path / "zero.safetensors", arch=loaded.arch)
+    table = _invoke("explain", str(path), "--no-figures", "--out", str(tmp_path / "r"))
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.stdout.splitlines() if f" {name} " in f" {line} ")
+    assert "undefined (all kernels zero)" in row and "nan" not in table.stdout
+    payload = _json(_invoke("explain", str(path), "--no-figures", "--out", str(tmp_path / "j"), "--json"))
+    assert [layer["low_frequency_share"] is None for layer in payload["layers"]].count(True) == 1
+
+
+def _interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["finetune", "explain"])
+def test_ctrl_c_says_so_in_one_sentence_and_leaves_nothing(command: str, small_train: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if command == "finetune":
+        from explainfix_cli.training import finetune
+
+        monkeypatch.setattr(finetune, "task_loss", _interrupt)  # inside the first training step
+        out = tmp_path / "t.safetensors"
+        args = ["finetune", _sample("resnet.safetensors"), "--data", str(small_train), "--val", str(small_train), "--epochs", "1", "--out", str(out)]
+    else:
+        from explainfix_cli.figures import spectra
+
+        monkeypatch.setattr(spectra, "draw_all", _interrupt)  # while the figures are drawn into the staging folder
+        out = tmp_path / "report"
+        args = ["explain", _sample("resnet.safetensors"), *_data(), "--attributions", "0", "--out", str(out)]
+    result = _invoke(*args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr == "explainfix: interrupted; nothing was written.\n" and result.stdout == ""
+    assert _listing(tmp_path) == []  # no output, no temporary file or folder

@@ -112,7 +112,9 @@ def test_low_frequency_share() -> None:
     assert layer_spectra("c", constant).low_frequency_share == pytest.approx(1.0)
     basis = dct2_basis(3, 3).float().reshape(9, 1, 3, 3)  # equal energy on every basis vector
     assert layer_spectra("b", basis).low_frequency_share == pytest.approx(3 / 9)
-    assert layer_spectra("z", torch.zeros(2, 2, 3, 3)).low_frequency_share == 0.0
+    zero = layer_spectra("z", torch.zeros(2, 2, 3, 3))  # a share of nothing: undefined, not 0
+    assert math.isnan(zero.low_frequency_share) and zero.to_json()["low_frequency_share"] is None
+    assert not zero.share_defined and zero.share_words() == "undefined (all kernels zero)"
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -458,3 +460,85 @@ def test_cli_says_when_attributions_were_capped(tmp_path: Path, monkeypatch: pyt
     assert done.exit_code == 0, done.output
     assert "note: attribution maps for the first 32 inputs, not 1000: one figure shows at most 32." in done.stderr
     assert json.loads(done.stdout)["notes"] == ["attribution maps for the first 32 inputs, not 1000: one figure shows at most 32."]
+
+
+# ---- undefined numbers, legends and a pruned model's saliency figure ---------------------------------
+def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Each figure the report draws, by file stem, as the matplotlib Figure (drawn in turn, in this process)."""
+    from explainfix_cli.figures import spectra as figures
+
+    drawn: dict[str, object] = {}
+    save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: (drawn.setdefault(Path(path).stem, fig), save(fig, path)))
+    monkeypatch.setattr(figures, "draw_all", lambda jobs, done=None: [draw(path) for draw, path in jobs])
+    return drawn
+
+
+def _texts(fig: object) -> list[str]:
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text)]  # type: ignore[attr-defined]
+
+
+def test_an_all_zero_layer_has_an_undefined_share_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = _captured_figures(monkeypatch)
+    model = small_model()
+    with torch.no_grad():
+        model[2].weight.zero_()  # the depthwise layer: no energy at all
+    result = explain(model, None, tmp_path / "r")
+    assert math.isnan(result.layers[1].low_frequency_share) and 0 < result.layers[0].low_frequency_share < 1
+    written = json.loads((tmp_path / "r" / "spectra.json").read_text())
+    assert [layer["low_frequency_share"] is None for layer in written["layers"]] == [False, True, False]
+    assert json.loads(json.dumps(result.to_json(), allow_nan=False))["layers"][1]["low_frequency_share"] is None
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert "<td>2</td><td>3x3</td><td>undefined (all kernels zero)</td>" in index
+    heat = _texts(drawn["spectra_3x3"])
+    assert "undefined (all zero)" in heat and f"{result.layers[0].low_frequency_share:.2f}" in heat and "0.00" not in heat
+    profile = drawn["profile_3x3"]
+    legend = [t.get_text() for t in profile.legends[0].get_texts()]  # type: ignore[attr-defined]
+    assert legend == ["0: 0", "1: 2 (all zero: undefined)"]  # the layers, not the dotted reference line (_child)
+    zero_line = next(line for line in profile.axes[0].get_lines() if line.get_label().startswith("1: 2"))  # type: ignore[attr-defined]
+    assert np.isnan(zero_line.get_ydata()).all()  # not drawn as a profile of zeros
+
+
+def test_a_legend_names_only_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = _captured_figures(monkeypatch)
+    explain(small_model(), None, tmp_path / "r")
+    for stem in ("profile_3x3", "profile_3x5"):
+        legend = [t.get_text() for t in drawn[stem].legends[0].get_texts()]  # type: ignore[attr-defined]
+        assert legend and not any(label.startswith("_") for label in legend), legend
+
+
+def test_kernel_saliency_of_a_pruned_model_crosses_kernels_still_non_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from explainfix_cli.saliency import spatial_saliency
+
+    drawn = _captured_figures(monkeypatch)
+    model, data = small_model(), small_data()
+    convs = _spatial(model)
+    before = spatial_saliency(model, data)
+    flat = torch.cat([before[n].flatten() for n, _ in convs])
+    cut = flat.sort().values[len(flat) // 2]  # zero the less salient half, as prune --pct 50 does
+    with torch.no_grad():
+        for name, conv in convs:
+            conv.weight[before[name] < cut] = 0
+    zero = {n: c.weight.flatten(2).eq(0).all(dim=2) for n, c in convs}
+    alive = sum(int((~z).sum()) for z in zero.values())
+    assert 0 < alive < len(flat)
+
+    result = explain(model, data, tmp_path / "r", pct=40, attributions=0)
+    from explainfix_cli.explanation.report import PruneMarks
+
+    scores = spatial_saliency(model, data)
+    marks = PruneMarks.of(model, scores, 40)
+    crossed = torch.cat([marks.zeroed[n].flatten() for n, _ in convs])
+    dead = torch.cat([zero[n].flatten() for n, _ in convs])
+    ranked = torch.cat([scores[n].flatten() for n, _ in convs]).double()
+    assert int(crossed.sum()) == int(0.4 * alive) and not (crossed & dead).any()  # 40 % of the kernels left, none zero
+    assert ranked[crossed].max() <= ranked[~crossed & ~dead].min()  # the least salient of those, over all layers
+    titles = [ax.get_title() for ax in drawn["kernel_saliency"].axes[:3]]  # type: ignore[attr-defined]
+    expected = [f"{n}: {int(marks.zeroed[n].sum())} of {int((~zero[n]).sum())} non-zero crossed" for n, _ in convs]
+    assert [t.split(",")[0] for t in titles] == expected
+    assert all(t.endswith(f", {int(zero[n].sum())} zero") for t, (n, _) in zip(titles, convs, strict=True) if zero[n].any())
+    caption = next(f.caption for f in result.figures if f.name == "kernel_saliency.png")
+    prune_pct = 100 * (len(flat) - alive + int(0.4 * alive)) / len(flat)  # what prune, counting all kernels, would take
+    assert f"{int(0.4 * alive):,} of {alive:,}, which `explainfix prune --pct {prune_pct:.4g}` would zero" in caption

@@ -19,17 +19,11 @@ mkdir -p "$OUT"
     --out "$OUT/model.safetensors" --force --json > "$OUT/finetune.json" || exit
 "$EXPLAINFIX" explain "$OUT/model.safetensors" --data "$VAL" --out "$OUT/report" --force --json > "$OUT/explain.json" || exit
 
-# the gates: exit 1 means "not met"; run both, so the job log shows every verdict, met or not
-verdict() {  # verdict NAME STATUS JSON: one line per gate, met or not, read from the command's --json file
-    python3 - "$1" "$3" <<'PY' 2>/dev/null || echo "$1: exit $2 (no gates in its --json)"
-import json, sys
-for gate in json.load(open(sys.argv[2]))["gates"]:
-    print(f"{sys.argv[1]} gate {gate['name']}: {'met' if gate['passed'] else 'NOT MET'}: {gate['sentence']}")
-PY
-}
+# the gates: exit 1 means "not met"; run both, so the job log shows every verdict (each command prints
+# one line per gate on stderr, met or not)
 failed=0
 "$EXPLAINFIX" evaluate "$OUT/model.safetensors" --data "$VAL" --vs "$MODEL" --max-drop "$MAX_DROP" --json > "$OUT/evaluate.json"
-status=$?; verdict evaluate $status "$OUT/evaluate.json"; [ $status -eq 1 ] && failed=1; [ $status -gt 1 ] && exit $status
+status=$?; [ $status -eq 1 ] && failed=1; [ $status -gt 1 ] && exit $status
 "$EXPLAINFIX" bench "$OUT/model.safetensors" --vs "$MODEL" --max-latency-ms "$MAX_LATENCY_MS" --repeats 10 --json > "$OUT/bench.json"
-status=$?; verdict bench $status "$OUT/bench.json"; [ $status -eq 1 ] && failed=1; [ $status -gt 1 ] && exit $status
+status=$?; [ $status -eq 1 ] && failed=1; [ $status -gt 1 ] && exit $status
 exit $failed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -74,8 +75,6 @@ def evaluate(
             for r in runs:
                 if r.confusion_matrix is not None:
                     side_by_side(f"confusion matrix of {r.model} (rows: true class, columns: predicted)", [str(k) for k in range(len(r.confusion_matrix))], [(str(k), list(row)) for k, row in enumerate(r.confusion_matrix)])
-            for g in report.gates:
-                stderr_console().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
 
         o.emit(report.to_json(), render)
         return report
@@ -104,8 +103,6 @@ def _render_bench(report: Any) -> None:
     for r in runs:
         if r.deployment_note:
             stderr_console().print(f"{r.model}: {r.deployment_note}")
-    for g in report.gates:
-        stderr_console().print(f"gate {g.name}: {'passed' if g.passed else 'FAILED'}: {g.sentence}")
 
 
 @shared_options('model', 'run')
@@ -116,7 +113,7 @@ def bench(
     batch_size: Annotated[int, typer.Option("--batch-size", help="The larger batch N that latency is also measured at (besides batch 1).")] = 16,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model, form and batch; the median is reported.")] = 30,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before the timed ones.")] = 3,
-    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op CPU threads (default: torch's); the count used is reported.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op CPU threads (default: the cores the machine's load leaves free, 1 to 4); the count used is reported.")] = None,
     max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms", help="Gate: exit 1 if the median latency at batch 1, as written, is above this.")] = None,
     max_params: Annotated[int | None, typer.Option("--max-params", help="Gate: exit 1 if the model has more parameters.")] = None,
     max_macs: Annotated[int | None, typer.Option("--max-macs", help="Gate: exit 1 if the model needs more MACs per sample.")] = None,
@@ -149,6 +146,8 @@ def bench(
                 max_latency_ms=max_latency_ms, max_params=max_params, max_macs=max_macs,
             )
 
+        for note in report.notes:  # e.g. a busy machine: with --json too
+            print(f"explainfix: note: {note}", file=sys.stderr)
         o.emit(report.to_json(), lambda: _render_bench(report))
         return report
 

@@ -42,7 +42,7 @@ def explain(
     attributions: Annotated[int, typer.Option("--attributions", help="Inputs to show attribution maps for (needs --data; 0 for none).")] = 4,
     attribution_method: Annotated[AttributionOpt, typer.Option("--attribution-method", help="saliency (input gradient, one backward pass) or integrated-gradients (more faithful, 32 passes per input).")] = AttributionOpt.saliency,
     log_scale: Annotated[bool, flag("--log-scale", help="Logarithmic colour scale in the spectra heatmaps (the kernel-saliency figure always has one).")] = False,
-    pct: Annotated[float, typer.Option("--pct", help="Mark in the kernel-saliency figure the kernels `explainfix prune --pct P` would zero.")] = 50.0,
+    pct: Annotated[float, typer.Option("--pct", help="Mark in the kernel-saliency figure the P % least salient of the kernels still non-zero (on an unpruned model: what `explainfix prune --pct P` would zero).")] = 50.0,
     with_figures: Annotated[bool, flag("--figures/--no-figures", help="Draw the figures and attributions; --no-figures writes spectra.json and index.html only (fast, for CI).")] = True,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)
@@ -73,7 +73,7 @@ def explain(
             )
         for note in result.notes:
             print(f"explainfix: note: {note}", file=sys.stderr)
-        shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.low_frequency_share:.2f}") for s in result.layers]
+        shares = [(s.name, f"{'x'.join(map(str, s.kernel_shape))}  low-frequency share {s.share_words()}") for s in result.layers]
         o.emit(result.to_json(), lambda: key_value_table(f"explain → {out / 'index.html'}", shares))
 
     o.run(body)

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from explainfix_cli.numbers import strict
+from explainfix_cli.numbers import finite, strict
 
 
 def stderr_console():  # type: ignore[no-untyped-def]
@@ -85,6 +85,16 @@ def number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def rounded(value: Any) -> str:
+    """A value for a person: integers with thousands separators, floats to 4 significant digits
+    (`--json` keeps full precision), undefined numbers as n/a."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "n/a" if finite(value) is None else f"{value:.4g}"
+
+
 def render_prune(r: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -126,15 +136,16 @@ def key_value_table(title: str, rows: list[tuple[str, Any]]) -> None:
 
     table = Table(title=title, show_header=False)
     for key, value in rows:
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(key, rounded(value))
     stdout_console().print(table)
 
 
 def gate_verdict(gates: list[Any]) -> None:
-    """Exit 1 with one sentence when a gate failed (after the results were printed)."""
-    failures = [g.sentence.rstrip(".") for g in gates if not g.passed]
-    if failures:
-        print(f"explainfix: gate failed: {'; '.join(failures)}.", file=sys.stderr)
+    """One verdict line per gate on stderr, passed or failed, with --json too (after the results
+    were printed); exit 1 when a gate failed."""
+    for g in gates:
+        print(f"explainfix: gate {g.name} {'passed' if g.passed else 'failed'}: {g.sentence}", file=sys.stderr)
+    if any(not g.passed for g in gates):
         raise typer.Exit(1)
 
 

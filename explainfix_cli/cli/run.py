@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from explainfix_cli.io.preprocessing import Preprocessing
 
 T = TypeVar("T")
+INTERRUPTED = "interrupted; nothing was written."
 
 
 def run_body(debug: bool, fn: Callable[[], T]) -> T:
-    """Run a command body: bad input → one sentence and exit 2; a failure → exit 1."""
+    """Run a command body: bad input → one sentence and exit 2; a failure → exit 1; Ctrl-C → one
+    sentence and exit 130."""
     try:
         return fn()
     except UserError as e:
@@ -36,8 +38,11 @@ def run_body(debug: bool, fn: Callable[[], T]) -> T:
             raise
         print(f"explainfix: error: {in_flags(str(e))}", file=sys.stderr)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outputs are written atomically (io/outputs), so an interrupted one leaves nothing
         distributed.mark_failed()
+        if debug:
+            raise
+        print(f"explainfix: {INTERRUPTED}", file=sys.stderr)
         raise typer.Exit(130) from None
     except Exception as e:
         distributed.mark_failed()

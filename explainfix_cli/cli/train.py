@@ -23,6 +23,7 @@ from explainfix_cli.cli.options import (
 )
 from explainfix_cli.cli.render import (
     key_value_table,
+    number,
 )
 from explainfix_cli.cli.run import (
     Inputs,
@@ -112,9 +113,9 @@ def finetune(
         progress = None
         if not o.as_json and rank == 0 and sys.stderr.isatty():
             def progress(r: Any) -> None:
-                print(f"epoch {r.epoch}: loss {r.loss:.4f}, {val_data.metric_name} {r.metric}, {r.seconds:.1f} s", file=sys.stderr)
+                print(f"epoch {r.epoch}: loss {r.loss:.4f}, {val_data.metric_name} {number(r.metric)}, {r.seconds:.1f} s", file=sys.stderr)
         report = finetune_file(
-            loaded, train_data, val_data, out, recipe=recipe, teacher=teacher_model, device=o.device, on_epoch=progress, force=force,
+            loaded, train_data, val_data, out, recipe=recipe, teacher=teacher_model, teacher_file=None if teacher is None else str(teacher), device=o.device, on_epoch=progress, force=force,
         )
         payload = report.to_json()
         rows = [(k, str(v) if isinstance(v, bool) else v) for k, v in payload.items() if k not in ("history", "recipe")]

@@ -75,6 +75,35 @@ def peak_forward_bytes(model: nn.Module, x: torch.Tensor) -> int | None:
     return peak
 
 
+MAX_DEFAULT_THREADS = 4  # a small CNN at batch 1 gains little beyond 4 intra-op threads; more only meet more contention
+
+
+def machine_load() -> tuple[int, float | None]:
+    """(cores, 1-minute load average; None where the platform has none)."""
+    return os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def default_threads(cores: int, load: float | None) -> int:
+    """The intra-op threads bench uses unless told: the cores other work leaves free, 1 to 4.
+
+    On a busy machine a thread that has to wait for a core stalls every operator of a forward:
+    three runs of the ResNet sample at batch 1 on 2 cores under load 15 took 0.47-0.67 ms with 1
+    thread and 0.70-56.5 ms with 2 (issue 22's measurement). One thread per free core keeps the figure stable.
+    """
+    free = cores if load is None else int(cores - load)
+    return max(1, min(cores, MAX_DEFAULT_THREADS, free))
+
+
+def load_note(threads: int, cores: int, load: float | None) -> str | None:
+    """A warning when other work on the machine leaves fewer free cores than `threads`."""
+    if load is None or cores - load >= threads:
+        return None
+    return (
+        f"the machine's 1-minute load is {load:.1f} on {cores} cores, so other work competes with the "
+        f"{threads} thread{'s' if threads > 1 else ''} measured: the latencies may be unreliable; bench on an idle machine."
+    )
+
+
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[int]:
     """Run with `threads` intra-op threads (the current count if None); yields the count used."""
@@ -118,6 +147,7 @@ class BenchReport:
     threads: int
     load_average: float | None  # the machine's 1-minute load while measuring: other work slows every latency
     gates: list[Gate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a person should know, e.g. that the machine was busy
 
     @property
     def passed(self) -> bool:
@@ -181,8 +211,12 @@ def bench(
     max_macs: int | None = None,
 ) -> BenchReport:
     """Measure `model` (and `vs`) on random inputs of `input_size` (C, H, W), then apply the gates:
-    `max_latency_ms` on the median latency at batch 1 as written, `max_params`, `max_macs` per sample."""
+    `max_latency_ms` on the median latency at batch 1 as written, `max_params`, `max_macs` per sample.
+    `threads` None: `default_threads` for the machine's load; a load that leaves fewer free cores
+    than the threads used gets a note (`load_note`)."""
     check_gate_limits(max_latency_ms, max_params, max_macs)
+    cores, load = machine_load()
+    threads = default_threads(cores, load) if threads is None else threads
     models = [model.eval()] if vs is None else [model.eval(), vs.eval()]
     g = torch.Generator().manual_seed(seed)
     inputs = {n: torch.randn(n, *input_size, generator=g) for n in (1, batch_size)}  # (n, C, H, W)
@@ -196,6 +230,7 @@ def bench(
                 for r, ms in zip(results, median_latency_ms(runnable, x, repeats, warmup), strict=True):
                     r.latency_ms[f"{form}_{key}"] = ms
     ours = results[0]
+    after = machine_load()[1]  # the load while measuring
     gates = []
     if max_latency_ms is not None:
         gates.append(at_most("max_latency_ms", f"the median latency of {name} at batch 1 (ms)", ours.latency_ms["eager_batch_1"], max_latency_ms))
@@ -206,6 +241,6 @@ def bench(
     return BenchReport(
         model=ours, vs=results[1] if vs is not None else None, ratios=_ratios(ours, results[1]) if vs is not None else None,
         input_size=list(input_size), batch_size=batch_size, repeats=repeats, warmup=warmup, threads=used,
-        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, gates=gates,
+        load_average=after, gates=gates, notes=[n for n in [load_note(used, cores, after)] if n],
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,6 @@ from explainfix_cli.figures import spectra as figures
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.io.outputs import atomic_dir, check_folder_target
 from explainfix_cli.models import require_spatial_convs
-from explainfix_cli.pruning.pipeline import least_salient_kernels
 from explainfix_cli.saliency import saliency_and_gradient_weights
 
 SPECTRA_FILE = "spectra.json"
@@ -56,17 +56,44 @@ class ReportSource:
 
 @dataclass(frozen=True)
 class PruneMarks:
-    """The saliency (docs/method.md §1) of each spatial layer's kernels, (O, I/groups) by layer name, and
-    which of them a prune at `pct` would zero (§2, one ranking over the whole model)."""
+    """The saliency (docs/method.md §1) of each spatial layer's kernels, (O, I/groups) by layer name, the
+    kernels that are zero already (a pruned model's), and the `pct` % least salient of the kernels
+    still non-zero (§2, one ranking over the whole model): what a further prune would zero."""
 
     pct: float
     scores: dict[str, torch.Tensor]
-    zeroed: dict[str, torch.Tensor]  # bool masks
+    zeroed: dict[str, torch.Tensor]  # bool masks: crossed, the least salient non-zero kernels
+    already_zero: dict[str, torch.Tensor]  # bool masks: kernels whose weights are all zero
+
+    @classmethod
+    def of(cls, model: nn.Module, scores: dict[str, torch.Tensor], pct: float) -> PruneMarks:
+        """Rank the non-zero kernels only: on a pruned model a pct of all kernels would cross the
+        kernels already zero (their saliency is 0, the least of all) and nothing else."""
+        convs = require_spatial_convs(model)
+        zero = {name: conv.weight.detach().flatten(2).eq(0).all(dim=2).cpu() for name, conv in convs}  # (O, I/groups)
+        flat = torch.cat([scores[name].double().flatten() for name, _ in convs])  # layer, then o, then i
+        alive = ~torch.cat([zero[name].flatten() for name, _ in convs])
+        k = math.floor(pct / 100 * int(alive.sum()))
+        chosen = torch.zeros(len(flat), dtype=torch.bool)
+        chosen[alive.nonzero().flatten()[torch.argsort(flat[alive], stable=True)[:k]]] = True  # ties: layer, o, i order
+        masks, start = {}, 0
+        for name, conv in convs:
+            n = conv.weight.shape[0] * conv.weight.shape[1]
+            masks[name] = chosen[start : start + n].reshape(conv.weight.shape[:2])
+            start += n
+        return cls(pct, scores, masks, zero)
 
     @property
     def totals(self) -> tuple[int, int]:
-        """(zeroed, all) kernels of the model."""
-        return sum(int(m.sum()) for m in self.zeroed.values()), sum(m.numel() for m in self.zeroed.values())
+        """(crossed, still non-zero) kernels of the model."""
+        return sum(int(m.sum()) for m in self.zeroed.values()), sum(int((~m).sum()) for m in self.already_zero.values())
+
+    @property
+    def prune_pct(self) -> float:
+        """The `prune --pct` (a share of all kernels) that zeroes the crossed kernels with the zero ones."""
+        total = sum(m.numel() for m in self.already_zero.values())
+        zero = sum(int(m.sum()) for m in self.already_zero.values())
+        return 100 * (zero + self.totals[0]) / total
 
 
 @dataclass
@@ -141,6 +168,7 @@ def explain(
     `device`. Everything lands in `out_dir`, which appears only once complete. With data, the
     kernel-saliency figure marks the kernels a prune at `pct` would zero (§2), and index.html gives
     the model's metric on the data; `source` names the model file, data and history there.
+    Long because each input is checked before the expensive stages, which it then runs in turn.
     """
     if fmt not in figures.FORMATS:
         raise UserError(f"figure format {fmt!r} is not supported; use one of {', '.join(figures.FORMATS)}.")
@@ -160,7 +188,7 @@ def explain(
     with _timed(seconds, "saliency"):
         if data is not None:
             scores, weights = saliency_and_gradient_weights(model, data, device, outputs=seen)
-            marks = PruneMarks(pct, scores, least_salient_kernels(model, scores, pct))
+            marks = PruneMarks.of(model, scores, pct)
     with _timed(seconds, "spectra"):
         layers = [layer_spectra(name, conv.weight, None if weights is None else weights[name]) for name, conv in convs]
     attributed: Attributions | None = None
@@ -201,7 +229,8 @@ def _figures(
     fmt: str,
     log_scale: bool,
 ) -> list[tuple[FigureFile, figures.Draw]]:
-    """Every figure of the report, in order, with the call that draws it."""
+    """Every figure of the report, in order, with the call that draws it.
+    Long because each figure's caption is written out here, beside its drawing call."""
     first_name, first_conv = first
     plan = _spectra_figures(layers, fmt, log_scale)
     plan.append(
@@ -212,15 +241,17 @@ def _figures(
     )
     if marks is not None:
         shown = list(marks.scores)[:MAX_SALIENCY_PANELS]
-        zeroed, total = marks.totals
+        crossed, alive = marks.totals
+        zero = sum(int(m.sum()) for m in marks.already_zero.values())
+        already = f"; black: the {zero:,} kernels already zero" if zero else ""
         which = "every spatial layer" if len(shown) == len(marks.scores) else f"the first {len(shown)} of {len(marks.scores)} spatial layers"
         plan.append(
             (
                 FigureFile(
                     f"kernel_saliency.{fmt}",
                     f"How much each kernel matters on the data (the saliency prune ranks by), for {which}; a red "
-                    f"cross marks the kernels `explainfix prune --pct {marks.pct:g}` would zero: {zeroed:,} of the "
-                    f"model's {total:,}, the least salient over all layers.",
+                    f"cross marks the {marks.pct:g} % least salient of the kernels still non-zero, over all layers: "
+                    f"{crossed:,} of {alive:,}, which `explainfix prune --pct {marks.prune_pct:.4g}` would zero{already}.",
                 ),
                 partial(
                     figures.draw_kernel_saliency,
@@ -229,6 +260,8 @@ def _figures(
                     [marks.zeroed[name].numpy() for name in shown],
                     marks.pct,
                     marks.totals,
+                    [marks.already_zero[name].numpy() for name in shown],
+                    marks.prune_pct,
                 ),
             )
         )
@@ -299,7 +332,7 @@ def _index_html(result: ExplainResult) -> str:
     """The report's page: what was explained, how to read the figures, the numbers per layer."""
     rows = "\n".join(
         f"<tr><td>{i}</td><td>{html.escape(s.name)}</td><td>{s.kernel_shape[0]}x{s.kernel_shape[1]}</td>"
-        f"<td>{s.low_frequency_share:.3f}</td><td>{3 / len(s.e_d):.3f}</td></tr>"
+        f"<td>{html.escape(s.share_words(3))}</td><td>{3 / len(s.e_d):.3f}</td></tr>"
         for i, s in enumerate(result.layers)
     )
     shown = "\n".join(_figure_html(f) for f in result.figures) or "<p>No figures (written with --no-figures).</p>"
@@ -378,8 +411,10 @@ def _facts_html(result: ExplainResult) -> str:
 def _history_words(step: dict[str, Any]) -> str:
     """One step of a model file's history in words, e.g. how it was pruned."""
     name = str(step.get("step", "step"))
+    if name == "finetune":
+        return _finetune_words(step)
     if name != "prune":
-        details = ", ".join(f"{k} {v}" for k, v in step.items() if k != "step" and isinstance(v, (int, float, str)))
+        details = ", ".join(f"{k} {_rounded(v)}" for k, v in step.items() if k != "step" and isinstance(v, (int, float, str)))
         return f"{name}: {details}" if details else name
     words = f"prune at --pct {step.get('pct')} ({step.get('granularity')} granularity, {step.get('removal')} removal, {step.get('criterion')} saliency)"
     if step.get("params_before") is not None:
@@ -387,6 +422,22 @@ def _history_words(step: dict[str, Any]) -> str:
     if step.get("metric") and step.get("metric_before") is not None and step.get("metric_after") is not None:
         words += f", {step['metric']} {step['metric_before']:.3f} → {step['metric_after']:.3f} on the data it was pruned with"
     return words
+
+
+def _rounded(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _finetune_words(step: dict[str, Any]) -> str:
+    """A finetune step: epochs, the metric before and after on the validation data, the teacher."""
+    words = f"finetune for {step.get('epochs')} epochs (best epoch {step.get('best_epoch')})"
+    if step.get("trainable_params") is not None and step.get("params") is not None:
+        words += f", {step['trainable_params']:,} of {step['params']:,} parameters trained"
+    before, after = step.get("metric_before"), step.get("metric_after")
+    if step.get("metric") and before is not None and after is not None:
+        words += f", {step['metric']} {before:.3f} → {after:.3f} on the validation data"
+    teacher = step.get("teacher")
+    return words + (f", distilled from {teacher}" if teacher else ", no teacher")
 
 
 def _figure_html(figure: FigureFile) -> str:

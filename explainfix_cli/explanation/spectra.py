@@ -1,5 +1,6 @@
 """ExplainSteer: how much of a layer's kernels lies on each DCT-II basis vector (docs/method.md §5)."""
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -7,6 +8,7 @@ import torch
 from torch import Tensor
 
 from explainfix_cli.dct import dct2_basis, frequency_order
+from explainfix_cli.numbers import finite
 
 LOW_FREQUENCY_DEFINITION = (
     "share of the layer's e_d on the three lowest-frequency DCT-II basis vectors, (0,0) constant, "
@@ -21,7 +23,8 @@ class LayerSpectra:
 
     `e_d` is in low-to-high frequency order (`frequency_order`); `e_1` is the vertical
     frequencies `0..kh-1` followed by the horizontal ones `0..kw-1`; `e_0` (square kernels only)
-    adds the two. `low_frequency_share` is defined by `LOW_FREQUENCY_DEFINITION`.
+    adds the two. `low_frequency_share` is defined by `LOW_FREQUENCY_DEFINITION`; it is NaN for a
+    layer without energy (all kernels zero), written as null (numbers.finite).
     """
 
     name: str
@@ -32,6 +35,15 @@ class LayerSpectra:
     low_frequency_share: float
     saliency_weighted: bool
 
+    @property
+    def share_defined(self) -> bool:
+        """Whether the layer has energy, so that its low-frequency share means something."""
+        return finite(self.low_frequency_share) is not None
+
+    def share_words(self, digits: int = 2) -> str:
+        """The low-frequency share rounded for a person, or why there is none."""
+        return f"{self.low_frequency_share:.{digits}f}" if self.share_defined else "undefined (all kernels zero)"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -39,7 +51,7 @@ class LayerSpectra:
             "e_d": self.e_d,
             "e_1": self.e_1,
             "e_0": self.e_0,
-            "low_frequency_share": self.low_frequency_share,
+            "low_frequency_share": finite(self.low_frequency_share),
             "saliency_weighted": self.saliency_weighted,
         }
 
@@ -69,10 +81,14 @@ def explainsteer_spectra(weight: Tensor, kernel_weights: Tensor | None = None) -
 
 
 def low_frequency_share(e_d: Tensor) -> float:
-    """Share of `e_d` (low-to-high order) on anti-diagonals 0 and 1: `LOW_FREQUENCY_DEFINITION`."""
+    """Share of `e_d` (low-to-high order) on anti-diagonals 0 and 1: `LOW_FREQUENCY_DEFINITION`.
+
+    NaN where the layer has no energy at all (every kernel zero, e.g. a layer a prune emptied):
+    a share of nothing is undefined, not 0, and is reported as null (numbers.finite).
+    """
     total = float(e_d.sum())
     # The diagonal order puts (0,0), (0,1), (1,0) first for every kernel of at least 2x2.
-    return float(e_d[:3].sum()) / total if total > 0 else 0.0
+    return float(e_d[:3].sum()) / total if total > 0 else math.nan
 
 
 def layer_spectra(name: str, weight: Tensor, kernel_weights: Tensor | None = None) -> LayerSpectra:

@@ -27,6 +27,7 @@ from explainfix_cli.explanation.spectra import LayerSpectra
 from explainfix_cli.figures.common import new_figure, save_figure
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 FORMATS: tuple[str, ...] = get_args(FigureFormat)
@@ -92,13 +93,15 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     layer without preference would have; the top bars the mean share of each basis vector over
     the layers. The absolute numbers are in spectra.json.
     """
+    from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
 
     kh, kw = layers[0][1].kernel_shape
     e_d = np.array([s.e_d for _, s in layers])  # (layers, kh*kw), low -> high frequency
     totals = e_d.sum(axis=1)  # (layers,)
-    share = e_d / np.where(totals > 0, totals, 1.0)[:, None]  # (layers, kh*kw)
-    low = np.array([s.low_frequency_share for _, s in layers])  # (layers,)
+    # A layer without energy (all kernels zero) has no shares: NaN, drawn grey and labelled undefined.
+    share = e_d / np.where(totals > 0, totals, np.nan)[:, None]  # (layers, kh*kw)
+    low = np.array([s.low_frequency_share for _, s in layers])  # (layers,), NaN where undefined
     n_layers, n_basis = share.shape
     even = 3 / n_basis  # the low-frequency share of a layer without preference
 
@@ -116,9 +119,10 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     norm = (
         LogNorm(vmin=max(positive.min(), 1e-4), vmax=positive.max())
         if log_scale and positive.size
-        else Normalize(vmin=0.0, vmax=max(float(share.max()), 1e-12))
+        else Normalize(vmin=0.0, vmax=max(float(np.nanmax(share, initial=0.0)), 1e-12))
     )
-    image = ax.imshow(share, aspect="auto", cmap="magma", norm=norm, interpolation="nearest")
+    cmap = colormaps["magma"].with_extremes(bad="0.75")
+    image = ax.imshow(share, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     fig.colorbar(image, cax=bar, label="share of the layer's energy")
     ax.axvline(2.5, color="white", linewidth=1.5, linestyle="--")  # the low-frequency group on its left
     ax.set_xticks(range(n_basis), _basis_labels(kh, kw), rotation=90 if n_basis > 9 else 0)
@@ -126,23 +130,32 @@ def draw_heatmap(layers: list[tuple[int, LayerSpectra]], path: Path, log_scale: 
     ax.set_yticks(range(n_layers), [_layer_label(i, s) for i, s in layers])
     ax.set_ylabel("layer depth (input → output)")
 
-    top.bar(range(n_basis), share.mean(axis=0), color="tab:blue")
+    defined = ~np.isnan(low)  # (layers,)
+    top.bar(range(n_basis), share[defined].mean(axis=0) if defined.any() else np.zeros(n_basis), color="tab:blue")
     top.set_ylabel("mean share\nover layers")
     top.set_xlim(ax.get_xlim())
     top.set_xticks([])
-    right.barh(range(n_layers), low, color=["tab:orange" if v > even else "tab:blue" for v in low])
-    right.axvline(even, color="black", linewidth=1, linestyle=":")
-    right.text(even, -0.6, f" no preference\n {even:.2f}", fontsize=7, va="bottom")
-    for row, value in enumerate(low):
-        right.text(min(value, 0.8) + 0.02, row, f"{value:.2f}", va="center", fontsize=7)
-    right.set_xlim(0, 1)
-    right.set_xlabel("low-frequency share\n(3 lowest basis vectors)")
+    _draw_low_shares(right, layers, even)
     right.set_ylim(ax.get_ylim())
-    right.set_yticks([])
     weighting = "kernels weighted by their saliency on the data" if layers[0][1].saliency_weighted else "kernels averaged, no data"
     fig.align_ylabels([top, ax])
     fig.suptitle(f"How each {kh}x{kw} layer's kernel energy spreads over spatial frequencies\n({weighting})")
     save_figure(fig, path)
+
+
+def _draw_low_shares(right: Axes, layers: list[tuple[int, LayerSpectra]], even: float) -> None:
+    """The heatmap's right margin: each layer's low-frequency share as a bar against `even`, the
+    share of a layer without preference; a layer without energy gets no bar and the word undefined."""
+    low = np.array([s.low_frequency_share for _, s in layers])  # (layers,), NaN where undefined
+    right.barh(range(len(layers)), np.nan_to_num(low), color=["tab:orange" if v > even else "tab:blue" for v in low])
+    right.axvline(even, color="black", linewidth=1, linestyle=":")
+    right.text(even, -0.6, f" no preference\n {even:.2f}", fontsize=7, va="bottom")
+    for row, (value, (_, spectra)) in enumerate(zip(low, layers, strict=True)):
+        words = spectra.share_words() if spectra.share_defined else "undefined (all zero)"
+        right.text(min(np.nan_to_num(value), 0.8) + 0.02, row, words, va="center", fontsize=7)
+    right.set_xlim(0, 1)
+    right.set_xlabel("low-frequency share\n(3 lowest basis vectors)")
+    right.set_yticks([])
 
 
 def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
@@ -162,11 +175,15 @@ def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
     axes = fig.subplots(1, 3 if square else 2, sharey=True)
     depth = Normalize(vmin=layers[0][0], vmax=max(layers[-1][0], layers[0][0] + 1))
     cmap = colormaps["viridis"]
+    handles = []  # one per layer: the legend names layers, not the reference lines
     for index, s in layers:
         e_1 = np.array(s.e_1)  # (kh + kw,) vertical then horizontal frequencies
         curves = [e_1[:kh], e_1[kh:]] + ([np.array(s.e_0)] if s.e_0 is not None else [])
+        # A layer without energy has no profile: NaN draws nothing, and its legend entry says why.
+        label = _layer_label(index, s) + ("" if s.share_defined else " (all zero: undefined)")
         for ax, curve in zip(axes, curves, strict=True):
-            ax.plot(curve / (curve.sum() or 1.0), marker="o", color=cmap(depth(index)), label=_layer_label(index, s))
+            (line,) = ax.plot(curve / (curve.sum() or np.nan), marker="o", color=cmap(depth(index)), label=label)
+        handles.append(line)
     titles = ["vertical frequency (e_1, rows)", "horizontal frequency (e_1, columns)", "both directions (e_0)"]
     for ax, title, n in zip(axes, titles, (kh, kw, kh), strict=False):
         ax.axhline(1 / n, color="black", linewidth=1, linestyle=":")  # a flat profile: no preference
@@ -176,7 +193,7 @@ def draw_curves(layers: list[tuple[int, LayerSpectra]], path: Path) -> None:
     axes[0].set_ylabel("share of the curve's sum (sums to 1)\ndotted: a flat profile")
     # A legend names a few layers; for many, a depth colour bar is the only readable key.
     if len(layers) <= MAX_LEGEND_ENTRIES:
-        fig.legend(handles=axes[0].get_lines(), loc="outside right center", title="layer")
+        fig.legend(handles=handles, loc="outside right center", title="layer")
     else:
         key = fig.colorbar(ScalarMappable(depth, cmap), ax=axes, label="layer depth (input → output)")
         key.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -281,12 +298,21 @@ def draw_kernels(name: str, weight: np.ndarray, path: Path) -> None:
 
 
 def draw_kernel_saliency(
-    names: list[str], scores: list[np.ndarray], zeroed: list[np.ndarray], pct: float, total: tuple[int, int], path: Path
+    names: list[str],
+    scores: list[np.ndarray],
+    zeroed: list[np.ndarray],
+    pct: float,
+    total: tuple[int, int],
+    already_zero: list[np.ndarray],
+    prune_pct: float,
+    path: Path,
 ) -> None:
     """The saliency (docs/method.md §1) of every kernel of each spatial layer, (O, I/groups) per layer,
     laid out like `draw_kernels`, one panel per layer on one logarithmic colour scale (prune ranks
-    all layers together), with a red cross on each kernel a prune at `pct` would zero;
-    `total` is (zeroed, all) kernels in the model."""
+    all layers together), with a red cross on each of the `pct` % least salient kernels still
+    non-zero (`zeroed`); `total` is (crossed, non-zero) kernels in the model, `already_zero` the
+    masks of the kernels that are zero (a pruned model's), `prune_pct` the `prune --pct` that zeroes
+    both. Panel titles count per layer: crossed of non-zero, and the zero ones."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
@@ -306,12 +332,13 @@ def draw_kernel_saliency(
     axes = np.array(fig.subplots(rows, cols, squeeze=False, gridspec_kw={**margins, "wspace": 0.25, "hspace": 0.35})).flatten()
     cmap = colormaps["viridis"].with_extremes(bad="white", under="black")
     shown = None
-    for ax, name, grid, mark, z in zip(axes, names, grids, marks, zeroed, strict=False):
+    for ax, name, grid, mark, z, dead in zip(axes, names, grids, marks, zeroed, already_zero, strict=False):
         values = np.where(np.isnan(grid.values) | (grid.values > 0), grid.values, norm.vmin / 2)  # 0 -> under: black
         shown = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
         r, c = np.nonzero(mark == 1)
         ax.scatter(c, r, marker="x", color="red", s=max(4.0, 300 / max(grid.values.shape)), linewidths=1.0)
-        ax.set_title(f"{name}: {int(z.sum())} of {z.size}", fontsize=8)
+        zero = f", {int(dead.sum())} zero" if dead.any() else ""
+        ax.set_title(f"{name}: {int(z.sum())} of {int((~dead).sum())} non-zero crossed{zero}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel(grid.xlabel, fontsize=7)
@@ -322,8 +349,9 @@ def draw_kernel_saliency(
         key = fig.add_axes((1 - 1.0 / width, 0.2, 0.15 / width, 0.6))
         fig.colorbar(shown, cax=key, label="saliency  Σ|W · ∂L/∂W|  (log scale; black: 0)")
     fig.suptitle(
-        f"Saliency of each kernel, layer by layer; red crosses: the {total[0]:,} of {total[1]:,} kernels "
-        f"`explainfix prune --pct {pct:g}` would zero (the least salient over all layers)",
+        f"Saliency of each kernel, layer by layer; red crosses: the {pct:g} % least salient of the kernels still "
+        f"non-zero over all layers,\n{total[0]:,} of {total[1]:,}, which `explainfix prune --pct {prune_pct:.4g}` would zero"
+        + (f" with the {sum(int(d.sum()) for d in already_zero):,} already zero (black)" if any(d.any() for d in already_zero) else ""),
         fontsize=10,
     )
     save_figure(fig, path)

@@ -387,15 +387,17 @@ def finetune_file(
     device: str = "cpu",
     on_epoch: Callable[[EpochRecord], None] | None = None,
     force: bool = False,
+    teacher_file: str | None = None,
 ) -> FinetuneReport:
     """`finetune` a loaded model and write it to `out` with the step in its history (process 0 only).
 
-    The file keeps the (pruned) architecture and the fixed flags, so `load_model` rebuilds it.
+    The file keeps the (pruned) architecture and the fixed flags, so `load_model` rebuilds it;
+    `teacher_file` names the teacher's file in that step (None: no teacher, or not from a file).
     """
     check_target(Path(out), force)
     model, report = finetune(loaded.model, train, val, recipe=recipe, teacher=teacher, device=device, on_epoch=on_epoch)
     report.out = str(out)
     if rank_and_world()[0] == 0:
-        step = report.history_step()
+        step = {**report.history_step(), "teacher": teacher_file if teacher is not None else None}
         save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, preprocessing=loaded.preprocessing, force=force)
     return report

@@ -240,7 +240,7 @@ def _train(
     on_epoch: Callable[[EpochRecord], None] | None,
 ) -> FinetuneReport:
     rank, world = rank_and_world()
-    x_all, y_all = train.x[: train.num_samples], train.y[: train.num_samples]
+    n_train = train.num_samples
     kind = train.target_kind
     generator = torch.Generator().manual_seed(recipe.seed)
     net: nn.Module = model
@@ -249,8 +249,8 @@ def _train(
 
         net = DistributedDataParallel(model)
     optimizer = _optimizer(parameter_groups(model, params, recipe), recipe)
-    gates = _class_gates(model, x_all[:1].to(device), kind, world) if recipe.class_gates else None
-    steps = max(1, recipe.epochs * math.ceil(len(x_all) / train.batch_size))
+    gates = _class_gates(model, train.x[:1].to(device), kind, world) if recipe.class_gates else None
+    steps = max(1, recipe.epochs * math.ceil(n_train / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
     before = _validate(model, val, device)
@@ -264,15 +264,13 @@ def _train(
             break
         t0 = time.perf_counter()
         _set_train_mode(model, recipe.batch_norm)
-        order = torch.randperm(len(x_all), generator=generator)
+        order = torch.randperm(n_train, generator=generator)
         gated = gates is not None and uses_gates(epoch - 1)
         total, seen = 0.0, 0
-        for batch in order.split(train.batch_size):
-            if len(batch) < 2 * world:  # a batch norm in train mode cannot normalise one sample
-                continue
-            # each process a contiguous shard; its loss is its share of the global minibatch's mean
-            shard = batch.tensor_split(world)[rank]
-            x, y = x_all[shard].to(device), y_all[shard].to(device)
+        # each process reads a contiguous shard of every global minibatch (augmented: io/augment);
+        # its loss is its share of the minibatch's mean; one too small for batch norm is skipped
+        for batch, x, y in train.shuffled(order, world, rank, seed=recipe.seed * 10_007 + epoch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with gates.applied(model, y) if gated and gates is not None else nullcontext():
                 out = model_output(net, x)
             loss = task_loss(out, y, kind)  # (n,)
@@ -291,7 +289,7 @@ def _train(
             if gated and gates is not None:
                 gates.step(recipe.gate_lr)
             schedule.step()
-            total, seen = total + float(loss.detach().sum()), seen + len(shard)
+            total, seen = total + float(loss.detach().sum()), seen + len(x)
         seconds = time.perf_counter() - t0
         if world > 1:  # running statistics were updated on each process's shard: take process 0's, as DDP's next forward would
             _broadcast_buffers(model)
@@ -385,5 +383,5 @@ def finetune_file(
     report.out = str(out)
     if rank_and_world()[0] == 0:
         step = report.history_step()
-        save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, preprocessing=loaded.preprocessing, force=force)
+        save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, preprocessing=train.preprocessing or loaded.preprocessing, force=force)
     return report

@@ -231,7 +231,10 @@ def test_tensor_files_are_memory_mapped(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_grey_images_for_a_one_channel_model(tmp_path: Path) -> None:
+    from explainfix_cli.io.data import input_channels
+
     root = _folder(tmp_path / "imgs", n=2)
+    assert input_channels(open_model(_sample("resnet.safetensors")).model) == 1
     data = load_data(root, channels=1)
     assert data.x.shape[1] == 1 and data.preprocessing == Preprocessing((0.0,), (1.0,), 1, (8, 8))
     assert load_data(root, channels=3).x.shape[1] == 3

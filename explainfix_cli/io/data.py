@@ -29,7 +29,7 @@ from explainfix_cli.io.sources.images import IMAGE_SUFFIXES, Reading, class_fold
 from explainfix_cli.io.sources.lists import LIST_SUFFIXES, image_list
 from explainfix_cli.io.sources.masks import MaskSource, is_mask_folder
 
-__all__ = ["IMAGE_SUFFIXES", "Dataset", "Rows", "TargetKind", "default_workers", "load_data"]
+__all__ = ["IMAGE_SUFFIXES", "Dataset", "Rows", "TargetKind", "default_workers", "input_channels", "load_data"]
 MAP_BYTES = 64 << 20  # a data file's inputs above this size are memory-mapped, not read whole
 
 
@@ -149,8 +149,8 @@ class Dataset:
         for batch, (x, y) in zip(batches, self._stream(keys), strict=True):
             yield batch, x, y
 
-    def _stream(self, keys: list[Key]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        workers = min(self.workers, len(keys))
+    def _stream(self, keys: list[Key], in_process: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        workers = 0 if in_process else min(self.workers, len(keys))
         if workers == 0:
             items: Iterator[Any] = (self.source[k] for k in keys)
         else:
@@ -160,6 +160,8 @@ class Dataset:
         for item in items:
             if isinstance(item, Failed):
                 raise UserError(item.message)
+            if self.pin_memory and workers == 0 and not in_process:
+                item = (item[0].pin_memory(), item[1].pin_memory())
             yield item
 
     def read(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +169,7 @@ class Dataset:
         parts = [list(indices[k : k + self.batch_size]) for k in range(0, len(indices), self.batch_size)] or [[]]
         if parts == [[]]:
             return torch.zeros(0, *self.source.sample_shape), torch.zeros(0, *self.source.target_shape)
-        got = list(self._stream([(p, None, "none") for p in parts]))
+        got = list(self._stream([(p, None, "none") for p in parts], in_process=True))  # a few: no workers to start
         return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
 
     def describe(self, index: int) -> str:
@@ -194,6 +196,13 @@ class Dataset:
                 f"outputs {tuple(output.shape[1:])}; they must match."
             )
         return y.to(output.dtype)
+
+
+def input_channels(model: torch.nn.Module) -> int | None:
+    """The input channels of the model's first convolution: what `load_data(channels=...)` reads
+    images as (1: grey, 3: colour); None when the model has no convolution."""
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
 
 
 def load_data(

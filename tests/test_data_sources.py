@@ -240,3 +240,19 @@ def test_grey_images_for_a_one_channel_model(tmp_path: Path) -> None:
     assert load_data(root, channels=3).x.shape[1] == 3
     with pytest.raises(UserError, match="--grayscale reads one channel but the model's first convolution takes 3"):
         load_data(root, grayscale=True, channels=3)
+
+
+def test_images_and_masks_finetune_the_unet_with_augmentation(tmp_path: Path) -> None:
+    from explainfix_cli.training.finetune import Recipe, finetune_file
+
+    loaded = open_model(_sample("unet.safetensors"))
+    pre = loaded.preprocessing
+    assert pre is not None
+    root, _ = _nuclei_folder(tmp_path / "nuclei", pre, n=24)
+    train = load_data(root, preprocessing=pre, batch_size=8, augment="light")
+    val = load_data(root, preprocessing=pre, batch_size=8)
+    report = finetune_file(loaded, train, val, tmp_path / "tuned.safetensors", recipe=Recipe(epochs=1, lr=1e-3))
+    assert report.epochs == 1 and report.metric == "dice" and report.history[0].loss > 0
+    assert report.metric_after is not None and report.metric_before is not None and report.metric_after >= report.metric_before
+    assert train.source.decoded == 24 + 2 * 2  # one augmented epoch, plus x[:2] and y[:2] that check the fit
+    assert open_model(tmp_path / "tuned.safetensors").preprocessing == Preprocessing(pre.mean, pre.std, 1, (32, 32))

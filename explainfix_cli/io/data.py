@@ -22,11 +22,12 @@ import torch
 
 from explainfix_cli.errors import UserError
 from explainfix_cli.io.augment import check_augment
+from explainfix_cli.io.formats import is_images
 from explainfix_cli.io.preprocessing import Preprocessing
 from explainfix_cli.io.sources.arrays import ArraySource, class_names, read_arrays, validated
 from explainfix_cli.io.sources.base import Augment, Failed, Key, Source, TargetKind, as_is
 from explainfix_cli.io.sources.images import IMAGE_SUFFIXES, Reading, class_folder
-from explainfix_cli.io.sources.lists import LIST_SUFFIXES, image_list
+from explainfix_cli.io.sources.lists import image_list
 from explainfix_cli.io.sources.masks import MaskSource, is_mask_folder
 
 __all__ = ["IMAGE_SUFFIXES", "Dataset", "Rows", "TargetKind", "default_workers", "input_channels", "load_data"]
@@ -230,7 +231,7 @@ def load_data(
     """
     path = Path(path)
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    if path.is_dir() or path.suffix.lower() in LIST_SUFFIXES:
+    if is_images(path):
         if not path.exists():
             raise UserError(f"data {path} does not exist.")
         reading = _reading(path, image_size, grayscale, preprocessing, channels)

@@ -22,7 +22,6 @@ from explainfix_cli.errors import UserError
 from explainfix_cli.io.sources.images import ImageSource, Reading
 
 PATH_COLUMNS = ("path", "Path", "image", "file", "filename")
-LIST_SUFFIXES = {".csv", ".jsonl", ".json", ".ndjson"}
 UNCERTAIN = {"zeros": 0.0, "ones": 1.0}
 
 

@@ -256,3 +256,27 @@ def test_images_and_masks_finetune_the_unet_with_augmentation(tmp_path: Path) ->
     assert report.metric_after is not None and report.metric_before is not None and report.metric_after >= report.metric_before
     assert train.source.decoded == 24 + 2 * 2  # one augmented epoch, plus x[:2] and y[:2] that check the fit
     assert open_model(tmp_path / "tuned.safetensors").preprocessing == Preprocessing(pre.mean, pre.std, 1, (32, 32))
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def test_cli_reads_grey_images_as_the_state_dicts_first_convolution_takes_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from explainfix_cli.cli.app import app
+
+    def run(*args: str) -> dict:
+        result = CliRunner().invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    root = str(_sample("digits_images"))
+    state_dict = run("evaluate", str(_sample("resnet.pt")), "--arch", "explainfix_cli.zoo:resnet", "--data", root, "--workers", "2")
+    raw = run("evaluate", str(_sample("resnet.safetensors")), "--data", root, "--mean", "0", "--std", "1")  # the same weights, [0, 1] pixels
+    assert state_dict["model"]["value"] == raw["model"]["value"] and state_dict["model"]["samples"] == 100
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\n" + "".join(f"{os.path.relpath(p, tmp_path)},{p.parent.name}\n" for p in sorted(Path(root).glob("*/*.png"))))
+    listed = run("evaluate", str(_sample("resnet.safetensors")), "--data", str(listing), "--mean", "0", "--std", "1")
+    assert listed["model"]["value"] == raw["model"]["value"]
+    bad = CliRunner().invoke(app, ["finetune", str(_sample("resnet.safetensors")), "--data", root, "--val", root, "--augment", "heavy", "--out", str(tmp_path / "f.safetensors")])
+    assert bad.exit_code == 2 and "--augment must be one of none, light, standard" in bad.stderr
+    assert not (tmp_path / "f.safetensors").exists()

@@ -102,9 +102,9 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
-                if file.stem.isidentifier() and importlib.util.find_spec(file.stem) is not None:
-                    return resolve_factory(f"{file.stem}:{attr}")  # moved with its model: importable by name from here
-                raise UserError(f"`arch` {spec}: the file {file} does not exist (nor is a module {file.stem} importable from here); check the path.")
+                if file.stem.isidentifier():  # moved with its model: importable by name from here
+                    return resolve_factory(f"{file.stem}:{attr}")
+                raise UserError(f"`arch` {spec}: the file {file} does not exist.")
             mod_spec = importlib.util.spec_from_file_location(f"explainfix_arch_{file.stem}", file)
             assert mod_spec is not None and mod_spec.loader is not None
             module = importlib.util.module_from_spec(mod_spec)
@@ -218,7 +218,7 @@ def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> Lo
                 f"{path} is a pickled Python object, and loading it runs code from the file; "
                 "pass `trust_checkpoint` if you trust its source, or save a state dict and pass `arch`."
             ) from None
-        obj = _load_pickle(path, _script_folder(arch))
+        obj = _load_pickle(path)
     except Exception as e:  # the weights-only unpickler runs no code; any other failure means a damaged or foreign file
         raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: {type(e).__name__}: {e}).") from None
     if isinstance(obj, nn.Module):
@@ -230,29 +230,14 @@ def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> Lo
     return LoadedModel(_build_and_load(arch, state, path), arch, path)
 
 
-def _script_folder(arch: ArchSpec | None) -> Path | None:
-    """The folder of an `arch` given as path/to/script.py:Name, where that script's classes live."""
-    module_name = arch.factory.partition(":")[0] if arch is not None else ""
-    return Path(module_name).resolve().parent if module_name.endswith(".py") and Path(module_name).is_file() else None
-
-
-def _load_pickle(path: Path, script_folder: Path | None = None) -> Any:
-    """Unpickle a whole model (trusted). A class pickled from a user's script (module `script`) is
-    found when `arch` names that script: its folder is importable for this load only."""
-    added = script_folder is not None and str(script_folder) not in sys.path
-    if added:
-        sys.path.insert(0, str(script_folder))
+def _load_pickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as e:
-        hint = "" if script_folder is not None else ", or pass `arch` path/to/script.py:ClassName naming the script that defines it"
-        raise UserError(f"{path} refers to code that cannot be imported here ({e}); import or install it first{hint}.") from None
+        raise UserError(f"{path} refers to code that cannot be imported here ({e}); import or install it first.") from None
     except Exception as e:  # unpickling arbitrary objects can fail in any way
         raise UserError(f"{path} could not be unpickled ({type(e).__name__}: {e}).") from None
-    finally:
-        if added:
-            sys.path.remove(str(script_folder))
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:

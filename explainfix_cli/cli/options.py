@@ -45,6 +45,7 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Minibatch size.
 BatchesOpt = Annotated[int | None, typer.Option("--batches", help="Use only the first N minibatches.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Resize images of an image folder to this square size.")]
 GrayscaleOpt = Annotated[bool, flag("--grayscale", help="Read images as one channel (default: as the model's first convolution takes them).")]
+UncertainOpt = Annotated[str, typer.Option("--uncertain", help="A list's uncertain labels (-1): zeros (U-Zeros) or ones (U-Ones); empty ones count as 0.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="DataLoader processes decoding images (default: the cores less one, at most 8; 0: in this process).", show_default=False)]
 AugmentOpt = Annotated[str, typer.Option("--augment", help="Training augmentation: none, light (random resized crop of 75-100 % of the area + horizontal flip) or standard (8-100 %); masks take their image's crop. Default: light for images, none for tensor files.", show_default=False)]
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract from an image folder's [0, 1] pixels, e.g. 0.485,0.456,0.406 (default: the model file's own).")]
@@ -78,6 +79,7 @@ SHARED_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {  # group → name → 
     "data": {
         "batch_size": (BatchSizeOpt, 64), "batches": (BatchesOpt, None), "image_size": (ImageSizeOpt, None),
         "grayscale": (GrayscaleOpt, False), "mean": (MeanOpt, None), "std": (StdOpt, None), "workers": (WorkersOpt, None),
+        "uncertain": (UncertainOpt, "zeros"),
     },
     "run": {"as_json": (JsonOpt, False), "seed": (SeedOpt, 0), "device": (DeviceOpt, "cpu"), "debug": (DebugOpt, False)},
 }  # fmt: skip

@@ -80,6 +80,7 @@ def load_data(
     model: LoadedModel | None = None,
     workers: int | None = None,
     augment: str = "none",
+    uncertain: str = "zeros",
 ) -> Dataset | None:
     """The data, images normalised by --mean/--std or else by the model file's own record, read
     grey or colour as the model's first convolution takes them."""
@@ -92,7 +93,7 @@ def load_data(
     channels = input_channels(model.model) if model is not None and is_images(data) else None
     return load_data(
         data, batch_size, batches, image_size, grayscale, override_preprocessing(recorded, explicit),
-        channels=channels, workers=workers, augment=augment,  # type: ignore[arg-type]
+        channels=channels, workers=workers, augment=augment, uncertain=uncertain,  # type: ignore[arg-type]
     )
 
 
@@ -179,6 +180,7 @@ class Inputs:
     device: str = "cpu"
     debug: bool = False
     workers: int | None = None
+    uncertain: str = "zeros"
 
     def load_model(self, path: Path, eager: bool = True) -> LoadedModel:
         return load_model(path, self.arch, self.arch_kwargs, self.trust_checkpoint, eager)
@@ -187,7 +189,7 @@ class Inputs:
         """`path` as data, normalised the model's way; `every_batch` ignores --batches (held-out
         data); `augment` for training data (finetune --augment)."""
         batches = None if every_batch else self.batches
-        return load_data(path, self.batch_size, batches, self.image_size, self.grayscale, self.mean, self.std, model, self.workers, augment)
+        return load_data(path, self.batch_size, batches, self.image_size, self.grayscale, self.mean, self.std, model, self.workers, augment, self.uncertain)
 
     def check_batches(self) -> None:
         check_batches(self.batch_size, self.batches, self.image_size)

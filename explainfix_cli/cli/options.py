@@ -40,11 +40,14 @@ ModelArg = Annotated[Path, typer.Argument(help="Model: .safetensors written by e
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture factory module.path:name (or file.py:name) for state dicts, e.g. explainfix_cli.zoo:resnet.")]
 ArchKwargsOpt = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")]
 TrustOpt = Annotated[bool, flag("--trust-checkpoint", help="Allow loading a pickled module (this runs code from the file).")]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Data: .npz/.safetensors with x (N,C,H,W) and y, or a folder with one sub-folder of images per class.")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Data: .npz/.safetensors with x (N,C,H,W) and y; a folder with one sub-folder of images per class; a .csv/.jsonl list of image paths with a label column or 0/1 label columns; or a folder with images/ and masks/.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Minibatch size.")]
 BatchesOpt = Annotated[int | None, typer.Option("--batches", help="Use only the first N minibatches.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Resize images of an image folder to this square size.")]
-GrayscaleOpt = Annotated[bool, flag("--grayscale", help="Read images of an image folder as one channel.")]
+GrayscaleOpt = Annotated[bool, flag("--grayscale", help="Read images as one channel (default: as the model's first convolution takes them).")]
+UncertainOpt = Annotated[str, typer.Option("--uncertain", help="A list's uncertain labels (-1): zeros (U-Zeros) or ones (U-Ones); empty ones count as 0.")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="DataLoader processes decoding images (default: the cores less one, at most 8; 0: in this process).", show_default=False)]
+AugmentOpt = Annotated[str, typer.Option("--augment", help="Training augmentation: none, light (random resized crop of 75-100 % of the area + horizontal flip) or standard (8-100 %); masks take their image's crop. Default: light for images, none for tensor files.", show_default=False)]
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract from an image folder's [0, 1] pixels, e.g. 0.485,0.456,0.406 (default: the model file's own).")]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std to divide an image folder's pixels by, with --mean (default: the model file's own).")]
 JsonOpt = Annotated[bool, flag("--json", help="Print exactly one JSON object on stdout.")]
@@ -58,7 +61,7 @@ InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="Input si
 # The library names its parameters in backticks (`pct`); on the command line they are flags (--pct).
 LIBRARY_PARAMETERS = {
     "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
-    "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val",
+    "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val", "workers", "augment", "uncertain",
     "granularity", "latency_form", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
     "min_metric", "max_latency_ms",  # the gates of evaluate and bench
     "epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature", "max_minutes",  # finetune's recipe
@@ -75,7 +78,8 @@ SHARED_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {  # group → name → 
     "model": {"arch": (ArchOpt, None), "arch_kwargs": (ArchKwargsOpt, None), "trust_checkpoint": (TrustOpt, False)},
     "data": {
         "batch_size": (BatchSizeOpt, 64), "batches": (BatchesOpt, None), "image_size": (ImageSizeOpt, None),
-        "grayscale": (GrayscaleOpt, False), "mean": (MeanOpt, None), "std": (StdOpt, None),
+        "grayscale": (GrayscaleOpt, False), "mean": (MeanOpt, None), "std": (StdOpt, None), "workers": (WorkersOpt, None),
+        "uncertain": (UncertainOpt, "zeros"),
     },
     "run": {"as_json": (JsonOpt, False), "seed": (SeedOpt, 0), "device": (DeviceOpt, "cpu"), "debug": (DebugOpt, False)},
 }  # fmt: skip

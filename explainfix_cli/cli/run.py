@@ -17,6 +17,7 @@ from explainfix_cli import distributed
 from explainfix_cli.cli.options import in_flags
 from explainfix_cli.cli.render import emit
 from explainfix_cli.errors import UserError
+from explainfix_cli.io.formats import is_images
 
 if TYPE_CHECKING:
     from explainfix_cli.io.checkpoints import LoadedModel
@@ -82,15 +83,28 @@ def load_data(
     mean: str | None = None,
     std: str | None = None,
     model: LoadedModel | None = None,
+    workers: int | None = None,
+    augment: str = "none",
+    uncertain: str = "zeros",
 ) -> Dataset | None:
-    """The data, an image folder normalised by --mean/--std or else by the model file's own record."""
-    from explainfix_cli.io.data import load_data
+    """The data, images normalised by --mean/--std or else by the model file's own record, read
+    grey or colour as the model's first convolution takes them."""
+    from explainfix_cli.io.data import input_channels, load_data
 
     explicit = explicit_preprocessing(data, mean, std)
     if data is None:
         return None
     recorded = model.preprocessing if model is not None else None
-    return load_data(data, batch_size, batches, image_size, grayscale, override_preprocessing(recorded, explicit))
+    channels = input_channels(model.model) if model is not None and is_images(data) else None
+    return load_data(
+        data, batch_size, batches, image_size, grayscale, override_preprocessing(recorded, explicit),
+        channels=channels, workers=workers, augment=augment, uncertain=uncertain,  # type: ignore[arg-type]
+    )
+
+
+def default_augment(augment: str, data: Path) -> str:
+    """finetune --augment: as given, else light for images and none for tensor files."""
+    return augment or ("light" if is_images(data) else "none")
 
 
 def override_preprocessing(recorded: Preprocessing | None, explicit: Preprocessing | None) -> Preprocessing | None:
@@ -104,7 +118,7 @@ def override_preprocessing(recorded: Preprocessing | None, explicit: Preprocessi
 
 def folder_preprocessing(data: Path | None, mean: str | None, std: str | None, model: LoadedModel) -> dict[str, Any] | None:
     """The normalisation `load_data` applies to `data`: only an image folder gets one."""
-    applied = override_preprocessing(model.preprocessing, explicit_preprocessing(data, mean, std)) if data is not None and data.is_dir() else None
+    applied = override_preprocessing(model.preprocessing, explicit_preprocessing(data, mean, std)) if data is not None and is_images(data) else None
     return None if applied is None else applied.to_json()
 
 
@@ -113,8 +127,8 @@ def explicit_preprocessing(data: Path | None, mean: str | None, std: str | None)
     from explainfix_cli.io.preprocessing import parse_preprocessing
 
     explicit = parse_preprocessing(mean, std)
-    if explicit is not None and data is not None and not data.is_dir():
-        raise UserError(f"--mean/--std normalise a folder of images; the x of {data} is used as stored (already preprocessed), so drop them.")
+    if explicit is not None and data is not None and not is_images(data):
+        raise UserError(f"--mean/--std normalise images (a folder or a list); the x of {data} is used as stored (already preprocessed), so drop them.")
     return explicit
 
 
@@ -170,13 +184,17 @@ class Inputs:
     seed: int = 0
     device: str = "cpu"
     debug: bool = False
+    workers: int | None = None
+    uncertain: str = "zeros"
 
     def load_model(self, path: Path, eager: bool = True) -> LoadedModel:
         return load_model(path, self.arch, self.arch_kwargs, self.trust_checkpoint, eager)
 
-    def load_data(self, path: Path | None, model: LoadedModel | None = None, every_batch: bool = False) -> Dataset | None:
-        """`path` as data, normalised the model's way; `every_batch` ignores --batches (held-out data)."""
-        return load_data(path, self.batch_size, None if every_batch else self.batches, self.image_size, self.grayscale, self.mean, self.std, model)
+    def load_data(self, path: Path | None, model: LoadedModel | None = None, every_batch: bool = False, augment: str = "none") -> Dataset | None:
+        """`path` as data, normalised the model's way; `every_batch` ignores --batches (held-out
+        data); `augment` for training data (finetune --augment)."""
+        batches = None if every_batch else self.batches
+        return load_data(path, self.batch_size, batches, self.image_size, self.grayscale, self.mean, self.std, model, self.workers, augment, self.uncertain)
 
     def check_batches(self) -> None:
         check_batches(self.batch_size, self.batches, self.image_size)

@@ -10,6 +10,7 @@ import typer
 
 from explainfix_cli import distributed
 from explainfix_cli.cli.options import (
+    AugmentOpt,
     BatchNormOpt,
     ForceOpt,
     InitOpt,
@@ -27,6 +28,7 @@ from explainfix_cli.cli.render import (
 )
 from explainfix_cli.cli.run import (
     Inputs,
+    default_augment,
     explicit_preprocessing,
     parse_input_size,
 )
@@ -86,6 +88,7 @@ def finetune(
     distill_weight: Annotated[float, typer.Option("--distill-weight", help="Share of the distillation loss with --teacher, in [0, 1].")] = 0.5,
     temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature of the distillation.")] = 4.0,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop before an epoch that would end past this many minutes.")] = None,
+    augment: AugmentOpt = "",
     class_gates: Annotated[bool, flag("--class-gates", help="Class-specific gate training (docs/method.md §6): a channel-by-class gate on the classifier's input, one standard epoch then two gated; the written model keeps its architecture.")] = False,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)
@@ -108,7 +111,7 @@ def finetune(
         rank = distributed.setup(o.device)
         loaded = o.load_model(model)
         teacher_model = o.load_model(teacher).model if teacher else None
-        train_data = o.load_data(data, loaded)
+        train_data = o.load_data(data, loaded, augment=default_augment(augment, data))
         val_data = o.load_data(val, loaded, every_batch=True)
         progress = None
         if not o.as_json and rank == 0 and sys.stderr.isatty():

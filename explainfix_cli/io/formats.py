@@ -65,6 +65,14 @@ def _cut_short_safetensors(path: Path) -> tuple[int, int] | None:
     return (8 + header_len, size) if 8 + header_len > size else None
 
 
+IMAGE_LIST_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")  # a list of image paths with labels (io/sources/lists)
+
+
+def is_images(path: Path) -> bool:
+    """Is `path` images (a folder, or a list of image files) rather than tensors in a file?"""
+    return path.is_dir() or path.suffix.lower() in IMAGE_LIST_SUFFIXES
+
+
 def is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"

@@ -238,7 +238,7 @@ def _loop(model: nn.Module, params: list[nn.Parameter], train: Dataset, recipe: 
         net = DistributedDataParallel(model)
     optimizer = _optimizer(parameter_groups(model, params, recipe), recipe)
     gates = _class_gates(model, train.x[:1].to(device), train.target_kind, world) if recipe.class_gates else None
-    steps = max(1, recipe.epochs * math.ceil(len(train.x[: train.num_samples]) / train.batch_size))
+    steps = max(1, recipe.epochs * math.ceil(train.num_samples / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return _Loop(model, net, optimizer, schedule, gates, teacher, recipe, rank, world, device)
 
@@ -294,18 +294,15 @@ def _epoch(loop: _Loop, train: Dataset, val: Dataset, epoch: int, generator: tor
     """One pass over `train` in a seeded order (gated after the paper's schedule), then validation."""
     t0 = time.perf_counter()
     _set_train_mode(loop.model, loop.recipe.batch_norm)
-    x_all, y_all = train.x[: train.num_samples], train.y[: train.num_samples]
-    order = torch.randperm(len(x_all), generator=generator)
+    order = torch.randperm(train.num_samples, generator=generator)
     gated = loop.gates is not None and uses_gates(epoch - 1)
     total, seen = 0.0, 0
-    for batch in order.split(train.batch_size):
-        if len(batch) < 2 * loop.world:  # a batch norm in train mode cannot normalise one sample
-            continue
-        # each process a contiguous shard; its loss is its share of the global minibatch's mean
-        shard = batch.tensor_split(loop.world)[loop.rank]
-        x, y = x_all[shard].to(loop.device), y_all[shard].to(loop.device)
-        loss = _step(loop, x, y, train.target_kind, gated, len(shard) * loop.world / len(batch))
-        total, seen = total + loss * len(shard), seen + len(shard)
+    # each process reads a contiguous shard of every global minibatch (augmented: io/augment); its
+    # loss is its share of the minibatch's mean; one too small for batch norm is skipped
+    for batch, x_shard, y_shard in train.shuffled(order, loop.world, loop.rank, seed=loop.recipe.seed * 10_007 + epoch):
+        x, y = x_shard.to(loop.device, non_blocking=True), y_shard.to(loop.device, non_blocking=True)
+        loss = _step(loop, x, y, train.target_kind, gated, len(x) * loop.world / len(batch))
+        total, seen = total + loss * len(x), seen + len(x)
     seconds = time.perf_counter() - t0
     if loop.world > 1:  # running statistics were updated on each process's shard: take process 0's, as DDP's next forward would
         _broadcast_buffers(loop.model)
@@ -399,5 +396,5 @@ def finetune_file(
     report.out = str(out)
     if rank_and_world()[0] == 0:
         step = {**report.history_step(), "teacher": teacher_file if teacher is not None else None}
-        save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, preprocessing=loaded.preprocessing, force=force)
+        save_model(model, out, arch=loaded.arch, history=[*loaded.history, step], report=step, preprocessing=train.preprocessing or loaded.preprocessing, force=force)
     return report

@@ -1,0 +1,166 @@
+"""Real-size data: peak memory (the whole process tree, workers included) and wall time of the
+commands on generated RGB image folders, next to a plain PyTorch script streaming the same folder.
+
+    PYTHONPATH=$PWD python benchmarks/real_size.py --sizes 256,1024,8192 --image-size 128
+
+Folders are generated once with PIL under --cache (reused across runs). The model is the bundled
+ResNet factory (explainfix_cli.zoo:resnet, in_channels=3, 10 classes). Each command runs as its
+own process; memory is the peak of the summed RSS of it and its descendants, polled every 20 ms.
+`finetune` validates on a 64-image folder before and after its epoch. The plain script's "fwd+bwd" pass makes one forward and backward per minibatch (what a saliency
+pass costs); "train epoch" one SGD epoch with shuffling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PLAIN = r'''
+import sys, time, torch, numpy as np
+from pathlib import Path
+from PIL import Image
+from explainfix_cli.io.checkpoints import open_model
+root, mode, workers, bs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+items = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+class Folder(torch.utils.data.Dataset):
+    def __len__(self): return len(items)
+    def __getitem__(self, i):
+        f, k = items[i]
+        with Image.open(f) as img:
+            x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        return x, k
+model = open_model(sys.argv[5]).model
+loader = torch.utils.data.DataLoader(Folder(), batch_size=bs, shuffle=mode == "train", num_workers=workers)
+if mode == "train":
+    model.train(); opt = torch.optim.Adam(model.parameters(), 1e-3)
+for x, y in loader:
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    if mode == "train":
+        opt.zero_grad(); loss.backward(); opt.step()
+    else:
+        loss.backward()
+'''
+
+
+def make_folder(root: Path, n: int, size: int) -> Path:
+    """`n` RGB images of `size`x`size` in 10 class folders (smooth noise: PNG-decodable, not trivial)."""
+    import numpy as np
+    from PIL import Image
+
+    done = root / ".done"
+    if done.exists():
+        return root
+    g = np.random.default_rng(n)
+    for k in range(n):
+        cls = root / f"c{k % 10}"
+        cls.mkdir(parents=True, exist_ok=True)
+        small = g.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR).save(cls / f"{k:06d}.png")
+    done.write_text("ok")
+    return root
+
+
+def tree_rss(pid: int) -> int:
+    """Summed resident memory (bytes) of `pid` and its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            parents[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            continue
+    keep, frontier = {pid}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in keep:
+                keep.add(child)
+                frontier.append(child)
+    return sum(rss.get(p, 0) for p in keep)
+
+
+def measure(cmd: list[str], timeout: float) -> tuple[float, float, int]:
+    """(peak GiB of the process tree, wall seconds, exit code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc.pid))
+        if time.perf_counter() - t0 > timeout:
+            proc.kill()
+            break
+        time.sleep(0.02)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode not in (0, None) and err:
+        print(f"  ! {' '.join(cmd[2:5])}: {err.strip().splitlines()[-1][:200]}", file=sys.stderr)
+    return peak / 2**30, time.perf_counter() - t0, proc.returncode if proc.returncode is not None else -9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="256,1024,2048,8192")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: explainfix's default)")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "explainfix-real-size")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per command")
+    p.add_argument("--only", default="", help="comma-separated subset of rows to run")
+    args = p.parse_args()
+
+    from explainfix_cli.io.checkpoints import save_model
+    from explainfix_cli.io.data import default_workers
+    from explainfix_cli.zoo import resnet
+
+    workers = default_workers() if args.workers is None else args.workers
+    os.environ["EXPLAINFIX_WORKERS"] = str(workers)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    model = args.cache / "resnet3.safetensors"
+    if not model.exists():
+        import torch
+
+        from explainfix_cli.io.checkpoints import ArchSpec as Spec
+
+        torch.manual_seed(0)
+        save_model(resnet(num_classes=10, in_channels=3), model, arch=Spec("explainfix_cli.zoo:resnet", {"num_classes": 10, "in_channels": 3}))
+    py, cli = sys.executable, [sys.executable, "-m", "explainfix_cli"]
+    bs = ["--batch-size", str(args.batch_size)]
+    print(f"workers {workers}, batch {args.batch_size}, {args.image_size}x{args.image_size} RGB, {os.cpu_count()} cores")
+    print("| N | command | peak GiB | wall s | vs plain |\n| ---: | --- | ---: | ---: | ---: |")
+    val = make_folder(args.cache / f"rgb{args.image_size}-64", 64, args.image_size)  # finetune validates on it (twice)
+    for n in [int(s) for s in args.sizes.split(",")]:
+        folder = make_folder(args.cache / f"rgb{args.image_size}-{n}", n, args.image_size)
+        out = Path(tempfile.mkdtemp(prefix="rs-", dir=args.cache))
+        rows = {
+            "plain fwd+bwd": [py, "-c", PLAIN, str(folder), "eval", str(workers), str(args.batch_size), str(model)],
+            "plain train epoch": [py, "-c", PLAIN, str(folder), "train", str(workers), str(args.batch_size), str(model)],
+            "prune --batches 4": [*cli, "prune", str(model), "--data", str(folder), "--batches", "4", *bs, "--out", str(out / "p4.safetensors")],
+            "prune": [*cli, "prune", str(model), "--data", str(folder), *bs, "--out", str(out / "p.safetensors")],
+            "explain --no-figures": [*cli, "explain", str(model), "--data", str(folder), "--no-figures", *bs, "--out", str(out / "ex")],
+            "evaluate": [*cli, "evaluate", str(model), "--data", str(folder), *bs, "--json"],
+            "finetune 1 epoch": [*cli, "finetune", str(model), "--data", str(folder), "--val", str(val), "--epochs", "1", *bs, "--out", str(out / "f.safetensors")],
+        }
+        plain: dict[str, float] = {}
+        for name, cmd in rows.items():
+            if args.only and name not in args.only.split(","):
+                continue
+            gib, wall, rc = measure(cmd, args.timeout)
+            base = plain.get("plain train epoch" if name.startswith("finetune") else "plain fwd+bwd")
+            if name.startswith("plain"):
+                plain[name] = wall
+            ratio = f"{wall / base:.2f}x" if base and not name.startswith("plain") else ""
+            print(f"| {n:,} | {name}{'' if rc == 0 else f' (exit {rc})'} | {gib:.2f} | {wall:.1f} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

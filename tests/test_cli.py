@@ -583,7 +583,7 @@ def test_ctrl_c_says_so_in_one_sentence_and_leaves_nothing(command: str, small_t
     if command == "finetune":
         from explainfix_cli.training import finetune
 
-        monkeypatch.setattr(finetune, "task_loss", _interrupt)  # inside the first training step
+        monkeypatch.setattr(finetune, "batch_loss", _interrupt)  # inside the first training step
         out = tmp_path / "t.safetensors"
         args = ["finetune", _sample("resnet.safetensors"), "--data", str(small_train), "--val", str(small_train), "--epochs", "1", "--out", str(out)]
     else:

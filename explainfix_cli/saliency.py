@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import get_args
+from dataclasses import asdict, dataclass
+from typing import Any, get_args
 
 import torch
 from torch import nn
@@ -132,14 +133,32 @@ def saliency_and_gradient_weights(
     return {k: v[0] for k, v in sums.items()}, {k: v[1] for k, v in sums.items()}
 
 
-def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, criterion: Criterion) -> None:
-    """Write score matrices to safetensors (reusable by `prune --saliency`)."""
+@dataclass
+class SaliencySummary:
+    """What `explainfix saliency` reports of the score matrices it wrote: per layer, shape, sum and maximum."""
+
+    out: str
+    criterion: Criterion
+    layers: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, scores: dict[str, torch.Tensor], out: str, criterion: Criterion) -> SaliencySummary:
+        layers = {name: {"shape": list(s.shape), "total": float(s.sum()), "max": float(s.max())} for name, s in scores.items()}
+        return cls(out, criterion, layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def save_saliency(scores: dict[str, torch.Tensor], path: str, force: bool, criterion: Criterion) -> SaliencySummary:
+    """Write score matrices to safetensors (reusable by `prune --saliency`); returns their summary."""
     from safetensors.torch import save_file
 
     from explainfix_cli.io.outputs import atomic_file
 
     with atomic_file(path, force) as tmp:  # type: ignore[arg-type]
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"criterion": criterion})
+    return SaliencySummary.of(scores, path, criterion)
 
 
 def load_saliency(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], Criterion]:

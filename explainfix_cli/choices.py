@@ -16,6 +16,6 @@ AttributionMethod = Literal["saliency", "integrated-gradients"]
 FigureFormat = Literal["png", "svg", "pdf"]
 LatencyForm = Literal["eager", "deployment"]  # the model as written, or batch norms folded and channels-last (bench)
 Init = Literal["keep", "dct2", "ghaar", "random"]  # §4, steered initialisation of fixed filters
-Trainable = Literal["unfixed", "all"]  # what finetune trains
+Trainable = Literal["auto", "unfixed", "masked", "all"]  # what finetune trains (training.trainable)
 BatchNormMode = Literal["train", "frozen"]
 OptimizerName = Literal["adam", "adamw", "sgd"]

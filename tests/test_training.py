@@ -92,7 +92,7 @@ def test_finetune_recovers_a_pruned_model_and_keeps_the_best_epoch(pruned: Path,
     model = load_model(pruned)
     fixed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     state = torch.get_rng_state()
-    model, report = finetune(model, small_train, small_val, recipe=Recipe(epochs=3))
+    model, report = finetune(model, small_train, small_val, recipe=Recipe(epochs=3, train="unfixed"))  # the spatially fixed form, asked for
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
     assert report.metric_after > report.metric_before + 0.3  # pruned at 90 % it starts near chance
     # the model returned is the best epoch's, and the report says so

@@ -173,6 +173,8 @@ def render_target(payload: dict[str, Any]) -> None:
             f"({payload['metric']} on the data {tuned['metric_before']:.4f} → {tuned['metric_after']:.4f})"
         )
     stdout_console().print(f"pct {payload['pct_chosen']:g} meets {limits}{' after fine-tuning' if payload['finetune'] else ''}: {found}.")
+    if payload.get("note"):
+        print(f"explainfix: {payload['note']}", file=sys.stderr)
 
 
 def columns_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

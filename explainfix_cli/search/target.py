@@ -29,6 +29,7 @@ from explainfix_cli.io.outputs import check_target
 from explainfix_cli.numbers import finite
 from explainfix_cli.pruning.pipeline import PruneReport, PruneSettings, save_pruned
 from explainfix_cli.search.curve import PruneCurve
+from explainfix_cli.search.notes import params_removed, target_note
 
 GRID = list(range(100))  # the 1 % grid of pcts a target is searched on
 PATIENCE = 5  # grid steps past the last point that met a target before the search gives up
@@ -89,7 +90,8 @@ class TargetReport:
     def to_json(self) -> dict[str, Any]:
         return {
             **self.report.to_json(), "target": self.target.to_json(), "pct_chosen": self.pct_chosen, "probes": self.probes,
-            "seconds": self.seconds, "finetune": self.finetune,
+            "seconds": self.seconds, "finetune": self.finetune, "params_removed": params_removed(self.report),
+            "note": target_note(self.report, self.target.max_drop, self.finetune is not None),
         }  # fmt: skip
 
 

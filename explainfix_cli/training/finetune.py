@@ -31,6 +31,7 @@ from explainfix_cli.models import model_output
 from explainfix_cli.numbers import finite
 from explainfix_cli.training.losses import distill_loss, loss_for
 from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
+from explainfix_cli.training.trainable import choose_trainable, trained_as
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Recipe:
     norm_lr_scale: float = 1.0  # normalisation layers' scales and shifts learn at this multiple of lr (docs/method.md §4)
     weight_decay: float = 0.0
     optimizer: OptimizerName = "adam"
-    train: Trainable = "unfixed"  # "all" unfreezes the fixed spatial filters too
+    train: Trainable = "auto"  # "auto": "unfixed" or "masked" by what is left to learn (training.trainable); "all" unfreezes everything
     batch_norm: BatchNormMode = "train"  # "frozen": running statistics kept, affine still learned
     distill_weight: float = 0.5  # share of the distillation term when a teacher is given
     temperature: float = 4.0  # softening of the teacher's and the student's logits
@@ -93,6 +94,8 @@ class FinetuneReport:
     recipe: dict[str, Any]
     history: list[EpochRecord] = field(default_factory=list)
     out: str | None = None
+    trainable: str = "unfixed"  # what was trained: "unfixed", "masked" or "all" (training.trainable)
+    trainable_reason: str = ""  # why, in one sentence
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,21 +196,19 @@ def finetune(
     `model` is changed in place, returned in eval mode.
     """
     recipe = recipe or Recipe()
-    if recipe.train == "all":
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("every parameter of the model is fixed, so there is nothing to train; train all of them instead.")
     model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval()
-    _check_fits(model, train, val, teacher, device)
-    # fixed convolutions skip all-zero input slices, and what feeds only zero depthwise kernels is not computed
-    with torch.random.fork_rng(devices=[]), reading_used_inputs(model), skipping_unread_channels(model):
-        torch.manual_seed(recipe.seed)
-        report = _train(model, params, train, val, recipe, teacher, device, on_epoch)
+    choice = choose_trainable(model, recipe.train)  # docs/method.md §4: what is left to learn decides
+    with trained_as(model, choice) as params:
+        if not params:
+            raise UserError("every parameter of the model is fixed, so there is nothing to train; train all of them instead.")
+        if teacher is not None:
+            teacher.to(device).eval()
+        _check_fits(model, train, val, teacher, device)
+        # fixed convolutions skip all-zero input slices, and what feeds only zero depthwise kernels is not computed
+        with torch.random.fork_rng(devices=[]), reading_used_inputs(model), skipping_unread_channels(model):
+            torch.manual_seed(recipe.seed)
+            report = _train(model, params, train, val, recipe, teacher, device, on_epoch)
+    report.trainable, report.trainable_reason = choice.mode, choice.reason
     model.eval()
     return model, report
 

@@ -18,7 +18,7 @@ from user_nets import digits, halves, trained
 from explainfix_cli.evaluation.measure import metric, outputs
 from explainfix_cli.models import spatial_convs
 from explainfix_cli.pruning.pipeline import prune
-from explainfix_cli.search.sweep import Target, prune_to_target
+from explainfix_cli.search.target import Target, prune_to_target
 from explainfix_cli.training.finetune import Recipe, finetune
 from explainfix_cli.training.fixed import fix
 from explainfix_cli.training.trainable import MIN_TRAINABLE_SHARE, choose_trainable

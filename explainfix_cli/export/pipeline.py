@@ -113,7 +113,7 @@ def export(
     val: Dataset | None = None,
     seed: int = 0,
     force: bool = False,
-    per_channel: bool = True,
+    per_channel: bool = False,
     history: list[dict[str, Any]] | None = None,
     preprocessing: Preprocessing | None = None,
 ) -> ExportReport:
@@ -122,7 +122,8 @@ def export(
     `deployment_form` folds batch norms into the convolutions first (as `bench` does). The float
     check compares the file's outputs with `model`'s at batch 1 and 3 within RELATIVE_TOLERANCE of
     the largest output magnitude; a mismatch raises ExportMismatch and writes nothing. `quantize`
-    ("int8", ONNX only) calibrates on `calib`; `val` reports the metric before and after.
+    ("int8", ONNX only) calibrates on `calib` (`per_channel`: one weight scale per output channel
+instead of per tensor); `val` reports the metric before and after.
     `history` and `preprocessing` (the model file's) are recorded in the written file.
     """
     started = time.perf_counter()

@@ -115,7 +115,8 @@ def test_bench_runs_the_onnx_beside_the_eager_model(models, tmp_path: Path) -> N
     loaded = open_model(out)
     assert loaded.input_size == size  # recorded in the file
     report = bench(loaded.model, size, name="small.onnx", path=out, vs=model, batch_size=4, repeats=2, warmup=1, threads=1)
-    assert report.model.params == report.vs.params - sum(m.num_features * 2 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    # folded: each batch norm's scale and shift (2 per channel) become its conv's bias (1 per channel)
+    assert report.model.params == report.vs.params - sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert report.model.macs <= report.vs.macs and report.model.file_bytes == out.stat().st_size
     assert all(v > 0 for v in report.model.latency_ms.values())
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from explainfix_cli import distributed
-from explainfix_cli.cli import app as cli
+from explainfix_cli.cli.run import run_body
 from explainfix_cli.io.checkpoints import open_model
 from explainfix_cli.io.data import load_data
 from explainfix_cli.pruning.pipeline import prune
@@ -49,7 +49,7 @@ def one_fails() -> None:
             raise RuntimeError("process 1 gave up")
         dist.barrier()  # process 0 waits for a peer that never comes
 
-    cli._run(False, body)
+    run_body(False, body)
 
 
 if __name__ == "__main__":

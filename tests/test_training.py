@@ -17,6 +17,7 @@ from helpers import SAMPLES
 from typer.testing import CliRunner
 
 from explainfix_cli.cli import app as cli
+from explainfix_cli.cli import train as cli_train
 from explainfix_cli.errors import UserError
 from explainfix_cli.evaluation.measure import metric, outputs
 from explainfix_cli.io.checkpoints import load_model, open_model
@@ -140,7 +141,7 @@ def test_max_minutes_stops_after_the_first_epoch(pruned: Path, tmp_path: Path) -
 
 
 def test_cli_defaults_are_the_recipe() -> None:
-    defaults = {name: p.default for name, p in inspect.signature(cli.finetune).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(cli_train.finetune).parameters.items()}
     recipe = Recipe()
     for name in ("epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature"):
         assert defaults[name] == getattr(recipe, name)

@@ -142,3 +142,71 @@ def test_missing_onnxruntime_says_how_to_install(tmp_path: Path, monkeypatch: py
     with pytest.raises(UserError, match=r"pip install explainfix\[export\]"):
         export(nn.Conv2d(1, 1, 3), "onnx", tmp_path / "m.onnx", input_shape=(1, 8, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the command line -------------------------------------------------------------------------
+def _invoke(*args: str):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from explainfix_cli.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _json(result) -> dict:  # type: ignore[no-untyped-def]
+    import json
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1, "stdout must be one JSON line"
+    return json.loads(result.stdout)
+
+
+@needs_ort
+def test_cli_exports_then_evaluate_and_bench_run_the_file(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    resnet, held_out = str(SAMPLES / "resnet.safetensors"), str(SAMPLES / "digits_train.npz")
+    small = tmp_path / "small.onnx"
+    report = _json(_invoke("export", resnet, "--format", "onnx", "--out", str(small), "--json"))
+    assert report["format"] == "onnx" and report["opset"] == 18 and report["input_size"] == [1, 16, 16]
+    assert report["max_abs_diff"] <= report["tolerance"] and report["file_bytes"] == small.stat().st_size
+    again = _invoke("export", resnet, "--format", "onnx", "--out", str(small))
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    scored = _json(_invoke("evaluate", str(small), "--data", held_out, "--json"))["model"]["value"]
+    data = np.load(held_out)
+    session = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
+    by_ort = float((session.run(None, {"input": data["x"]})[0].argmax(1) == data["y"]).mean())
+    assert scored == by_ort
+    bench_report = _json(_invoke("bench", str(small), "--vs", resnet, "--json", "--repeats", "2", "--warmup", "1", "--batch-size", "4", "--threads", "1"))
+    assert bench_report["model"]["file_bytes"] == small.stat().st_size and bench_report["vs"]["folded_batch_norms"] > 0
+    assert bench_report["model"]["macs"] == bench_report["vs"]["macs"] and bench_report["input_size"] == [1, 16, 16]
+    refused = _invoke("prune", str(small), "--data", held_out)
+    assert refused.exit_code == 2 and "is an ONNX model" in refused.stderr
+
+
+BAD_ARCH = '''
+import torch
+from torch import nn
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.mean() > 0 else -x
+
+
+def make():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), DataDependent(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3))
+'''
+
+
+def test_cli_unsupported_layer_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    script = tmp_path / "bad_arch.py"
+    script.write_text(BAD_ARCH)
+    torch.manual_seed(0)
+    state = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Identity(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3)).state_dict()
+    torch.save(state, tmp_path / "bad.pt")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _invoke("export", str(tmp_path / "bad.pt"), "--arch", f"{script}:make", "--format", "pt2", "--out", str(tmp_path / "bad.pt2"), "--input-size", "1,16,16")
+    assert result.exit_code == 2, result.output
+    assert "cannot export layer 1 (DataDependent)" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -8,7 +8,11 @@ held-out data instead (`quantize`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +69,9 @@ def exporter_failure(model: nn.Module, x: torch.Tensor, error: Exception, export
 
 def _first_line(error: Exception) -> str:
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300].rstrip(".")
+    # some exporters open their message with the graph they traced (`def forward(...)`): skip code
+    said = [ln for ln in lines if not ln.startswith(("def ", "#", "File ", "return ")) and "=" not in ln.split(" ")[0]]
+    return ((said or lines or [type(error).__name__])[0])[:300].rstrip(".")
 
 
 def _culprit(model: nn.Module, x: torch.Tensor, attempt: Callable[[nn.Module, tuple[Any, ...]], Any]) -> tuple[str, nn.Module]:
@@ -99,3 +105,26 @@ def _fails(attempt: Callable[[nn.Module, tuple[Any, ...]], Any], module: nn.Modu
     except Exception:  # any failure marks the layer
         return True
     return False
+
+
+QUIET_LOGGERS = ("torch.onnx", "onnxscript", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "torch.fx.experimental.symbolic_shapes", "torch._subclasses")
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporters' own warnings and log lines (registry notes, guards, deprecations):
+    stderr carries our one sentence, stdout our results."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    # torch.export prints the graph it failed on to stderr, and the ONNX exporter its progress to stdout
+    with warnings.catch_warnings(), redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        logging.disable(logging.CRITICAL)  # torch.export logs the graph it failed on, from loggers of its own making
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)

@@ -7,15 +7,13 @@ program). explainfix's record goes into the model's metadata_props under `explai
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from explainfix_cli.export.check import exporter_failure
+from explainfix_cli.export.check import exporter_failure, quiet
 from explainfix_cli.export.runtime import METADATA_KEY
 
 OPSET = 18
@@ -30,7 +28,7 @@ def write_onnx(model: nn.Module, program: torch.export.ExportedProgram, x: torch
         return torch.onnx.export(source, args, None, dynamo=True, opset_version=OPSET, optimize=True,
                                  input_names=["input"], output_names=["output"], verbose=False)
 
-    with _quiet():
+    with quiet():
         try:
             onnx_program = attempt(model, (x,))
         except Exception as e:  # the exporter raises many types; `exporter_failure` finds the layer and words it
@@ -49,20 +47,3 @@ def set_metadata(path: Path, metadata: dict[str, Any]) -> None:
     proto.metadata_props.extend(kept)
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata, sort_keys=True))
     onnx.save(proto, str(path))
-
-
-class _quiet:
-    """Silence the exporter's progress lines and warnings (registry notes, deprecations): stdout is for results."""
-
-    def __enter__(self) -> None:
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        self._loggers = [(lg, lg.level) for lg in (logging.getLogger("torch.onnx"), logging.getLogger("onnxscript"), logging.getLogger("torch.export"))]
-        for lg, _ in self._loggers:
-            lg.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        for lg, level in self._loggers:
-            lg.setLevel(level)
-        self._warnings.__exit__(*exc)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from explainfix_cli.export.check import exporter_failure
+from explainfix_cli.export.check import exporter_failure, quiet
 from explainfix_cli.export.runtime import PT2_EXTRA
 
 MAX_BATCH = 1 << 16  # the dynamic batch axis's upper bound (torch.export needs one to reason with)
@@ -26,10 +26,11 @@ def trace(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
     def attempt(module: nn.Module, args: tuple[Any, ...]) -> Any:
         return torch.export.export(module, args, dynamic_shapes=({0: batch},) if module is model else None)
 
-    try:
-        return attempt(model, (x,))
-    except Exception as e:  # the exporter raises many types; `exporter_failure` finds the layer and words it
-        raise exporter_failure(model, x, e, "torch.export", attempt) from None
+    with quiet():
+        try:
+            return attempt(model, (x,))
+        except Exception as e:  # the exporter raises many types; `exporter_failure` finds the layer and words it
+            raise exporter_failure(model, x, e, "torch.export", attempt) from None
 
 
 def save_program(program: torch.export.ExportedProgram, path: Path, metadata: dict[str, Any]) -> None:

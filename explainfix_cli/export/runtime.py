@@ -108,7 +108,10 @@ class ProgramModel(ExportedModel):
 
 def open_onnx(path: Path) -> OnnxModel:
     """An `.onnx` file as a model, with the metadata explainfix wrote into it (if any)."""
-    require_onnx()
+    try:
+        require_onnx()
+    except UserError as e:
+        raise UserError(f"{path} is an ONNX model; {e}") from None
     import onnx
 
     try:

@@ -5,6 +5,7 @@ The program is also what the ONNX exporter translates, so both formats share one
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -35,4 +36,6 @@ def trace(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
 
 def save_program(program: torch.export.ExportedProgram, path: Path, metadata: dict[str, Any]) -> None:
     """Write `program` loadable by `torch.export.load`, with explainfix's record as an extra file."""
-    torch.export.save(program, str(path), extra_files={PT2_EXTRA: json.dumps(metadata, sort_keys=True)})
+    buffer = io.BytesIO()  # torch.export wants a name ending in .pt2; the temporary file beside `out` has none
+    torch.export.save(program, buffer, extra_files={PT2_EXTRA: json.dumps(metadata, sort_keys=True)})
+    path.write_bytes(buffer.getvalue())

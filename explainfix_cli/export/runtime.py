@@ -7,6 +7,7 @@ export: input size, preprocessing, parameters, MACs, history) travels with it.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,8 @@ def open_program(path: Path) -> ProgramModel:
     """A `.pt2` torch.export program as a model, with the metadata explainfix saved beside it (if any)."""
     extra = {PT2_EXTRA: ""}
     try:
-        program = torch.export.load(str(path), extra_files=extra)
+        with open(path, "rb") as f:  # a buffer: torch.export.load goes by the name, and a file's name may say anything
+            program = torch.export.load(io.BytesIO(f.read()), extra_files=extra)
     except Exception as e:  # torch.export raises many types for foreign or damaged files
         raise UserError(f"{path} is not a readable torch.export program ({type(e).__name__}).") from None
     return ProgramModel(path, program, json.loads(extra[PT2_EXTRA]) if extra[PT2_EXTRA] else {})

@@ -73,6 +73,8 @@ class OnnxModel(ExportedModel):
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
             options.log_severity_level = 3  # warnings about unused initialisers are not for users
+            # no busy-waiting between runs: it would take the CPU from whatever runs next (bench's --vs model)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own types for damaged or foreign files

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from explainfix_cli.cli import check, classes, explain, model, prune, train
+from explainfix_cli.cli import check, classes, explain, export, model, prune, train
 from explainfix_cli.cli.options import SHARED_OPTIONS
 from explainfix_cli.cli.run import Inputs
 
@@ -89,7 +89,7 @@ def with_shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 COMMANDS = (  # in the order --help lists them
     model.info, model.saliency, prune.prune, explain.explain, check.evaluate, check.bench,
-    train.fix, train.finetune, classes.classes, classes.extract, prune.sweep,
+    train.fix, train.finetune, classes.classes, classes.extract, prune.sweep, export.export,
 )
 for _command in COMMANDS:  # every command shows flags as flags and receives its shared options as one Inputs
     app.command(cls=_Command)(with_shared_options(_command))

@@ -52,8 +52,8 @@ def evaluate(
         check_gate_limits(min_metric, max_drop)  # before any model is loaded
         explicit_preprocessing(data, o.mean, o.std)
         o.setup()
-        loaded = o.load_model(model)
-        other = o.load_model(vs).model.to(o.device) if vs else None
+        loaded = o.load_model(model, eager=False)  # an exported .onnx / .pt2 runs as it ships (docs/export.md)
+        other = o.load_model(vs, eager=False).model.to(o.device) if vs else None
         dataset = o.load_data(data, loaded)
         with working("evaluating"):
             report = evaluate_model(loaded.model.to(o.device), dataset, name=str(model), vs=other, vs_name=str(vs), min_metric=min_metric, max_drop=max_drop, device=o.device)
@@ -134,8 +134,8 @@ def bench(
             raise UserError("bench measures CPU latency; run it with --device cpu.")
         check_gate_limits(max_latency_ms, max_params, max_macs)  # before any model is loaded
         o.setup()
-        loaded = o.load_model(model)
-        other = o.load_model(vs) if vs else None
+        loaded = o.load_model(model, eager=False)  # an exported .onnx / .pt2 runs as it ships (docs/export.md)
+        other = o.load_model(vs, eager=False) if vs else None
         size = parse_input_size(input_size) or loaded.input_size or (other.input_size if other else None)
         if size is None:
             raise UserError(f"{model} does not record its input size; pass --input-size C,H,W.")

@@ -68,9 +68,11 @@ def load_model(model: Path, arch: str | None, arch_kwargs: str | None, trust: bo
     from explainfix_cli.io.checkpoints import open_model, parse_arch
     from explainfix_cli.io.formats import model_format
 
-    if eager and model_format(model) == "torch-export":
-        # an exported program keeps no nn.Conv2d modules to score, cut or explain
-        raise UserError(f"{model} is a torch.export program, which only `info` reads; pass the model's state dict with --arch instead.")
+    fmt = model_format(model) if eager else None
+    if fmt in ("torch-export", "onnx"):
+        # an exported file keeps no nn.Conv2d modules to score, cut or explain
+        what = "a torch.export program" if fmt == "torch-export" else "an ONNX model"
+        raise UserError(f"{model} is {what}, which only info, evaluate and bench read; pass the model's safetensors file, or its state dict with --arch, instead.")
     return open_model(model, parse_arch(arch, arch_kwargs), trust)
 
 

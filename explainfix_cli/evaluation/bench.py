@@ -44,6 +44,8 @@ def deployment_form(model: nn.Module) -> Deployment:
     channels-last layout. A model torch.fx cannot trace keeps its batch norms (the note says so)."""
     from torch.fx.experimental.optimization import fuse
 
+    if getattr(model, "runs_as_exported", False):  # an exported file (export/runtime.py) runs as it was exported
+        return Deployment(model, 0, "an exported file runs as it was exported (export folds batch norms with deployment_form)")
     copied = copy.deepcopy(model).eval()
     norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in copied.modules())
     note = None
@@ -160,14 +162,21 @@ class BenchReport:
 
 
 def _costs(name: str, model: nn.Module, path: str | Path | None, x: torch.Tensor, deployed: Deployment) -> Bench:
-    macs = count_macs(model, tuple(x.shape[1:]))  # first: a clear error when the input size does not fit
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    activations = peak_forward_bytes(model, x)
+    recorded = getattr(model, "recorded_size", None)  # an exported file: its graph has no layers to hook (export/runtime.py)
+    if recorded is not None:
+        model_output(model, x)  # a clear error when the input size does not fit
+        params, macs, weights = recorded
+        activations = None  # the runtime's allocations are not torch's, which the profiler sees
+    else:
+        macs = count_macs(model, tuple(x.shape[1:]))  # first: a clear error when the input size does not fit
+        params = sum(p.numel() for p in model.parameters())
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        activations = peak_forward_bytes(model, x)
     with torch.no_grad():
         change = model_output(deployed.model, x.contiguous(memory_format=torch.channels_last)) - model_output(model, x)
     return Bench(
         model=name,
-        params=sum(p.numel() for p in model.parameters()),
+        params=params,
         macs=macs,
         file_bytes=os.path.getsize(path) if path is not None and Path(path).is_file() else None,
         weight_bytes=weights,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from explainfix_cli.errors import UserError
-from explainfix_cli.io.formats import model_format
+from explainfix_cli.io.formats import ModelFormat, model_format
 from explainfix_cli.io.outputs import atomic_file
 from explainfix_cli.io.preprocessing import Preprocessing
 
@@ -158,11 +158,11 @@ def open_model(
     fmt = model_format(path)  # by content: a file's name may say anything
     if fmt == "safetensors":
         loaded = _open_safetensors(path, arch)
-    elif fmt == "torch-export":
-        loaded = _open_exported(path)
+    elif fmt in ("torch-export", "onnx"):
+        loaded = _open_exported(path, fmt)
     else:
         loaded = _open_torch(path, arch, trust_checkpoint)
-    if fmt != "torch-export":  # an exported program's mode is fixed at export; its module refuses eval()
+    if fmt not in ("torch-export", "onnx"):  # an exported program's mode is fixed at export; its module refuses eval()
         loaded.model.eval()
     return loaded
 
@@ -205,12 +205,12 @@ def _open_safetensors(path: Path, arch: ArchSpec | None) -> LoadedModel:
     return LoadedModel(model, spec, path, meta)
 
 
-def _open_exported(path: Path) -> LoadedModel:
-    try:
-        program = torch.export.load(str(path))
-    except Exception as e:  # torch.export raises many types for foreign or damaged files
-        raise UserError(f"{path} is not a readable torch.export program ({type(e).__name__}).") from None
-    return LoadedModel(program.module(), None, path)
+def _open_exported(path: Path, fmt: ModelFormat) -> LoadedModel:
+    """An exported file (`.pt2`, `.onnx`) as a module that runs it, with the record explainfix wrote into it (docs/export.md)."""
+    from explainfix_cli.export.runtime import open_onnx, open_program
+
+    model = open_onnx(path) if fmt == "onnx" else open_program(path)
+    return LoadedModel(model, None, path, model.metadata)
 
 
 def _open_torch(path: Path, arch: ArchSpec | None, trust_checkpoint: bool) -> LoadedModel:

@@ -93,8 +93,6 @@ def model_format(path: Path) -> ModelFormat:
     if found is None:
         raise UserError(
             f"{path} is in an unrecognised model format; explainfix reads safetensors, PyTorch checkpoints "
-            "(torch.save) and torch.export programs (.pt2)."
+            "(torch.save), torch.export programs (.pt2) and, for evaluate and bench, ONNX files."
         )
-    if found == "onnx":
-        raise UserError(f"{path} is an ONNX model, which explainfix does not read; give it the PyTorch model's state dict and its architecture.")
-    return found
+    return found  # an ONNX model is read by evaluate and bench (export/runtime.py); the other commands refuse it

@@ -359,7 +359,9 @@ def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> Non
     """`prune --max-drop X --finetune-epochs K --train T`: the target met after fine-tuning. The
     answer is at least the pct met without fine-tuning, every fine-tuned probe above it fails, and
     the probe one pct up is what `prune --pct` then `finetune` (same seed) gives, independently.
-    One epoch on 64 training digits per probe (a dozen probes): cheap, and enough to prune more."""
+    One epoch on the 1,437 training digits per probe (a dozen probes), held out on 64 of them: enough
+    to prune more. (On 64 training digits the default, which trains the surviving kernels of this
+    sample, overfits them and the search keeps the unadapted pct, 54; the fixed form reached 57.)"""
     import numpy as np
 
     from explainfix_cli.training.finetune import Recipe, finetune
@@ -369,7 +371,7 @@ def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> Non
     train = tmp_path / "train64.npz"
     np.savez(train, x=digits["x"][:64], y=digits["y"][:64])
     out = tmp_path / "tuned.safetensors"
-    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.02", "--finetune-epochs", "1", "--train", str(train), "--val", str(train), "--json", "--out", str(out)))
+    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.02", "--finetune-epochs", "1", "--train", str(SAMPLES / "digits_train.npz"), "--val", str(train), "--json", "--out", str(out)))
     chosen = int(report["pct_chosen"])
     [unadapted] = [p["pct"] for p in report["probes"] if p["model"] == "pruned"]  # the answer without fine-tuning
     assert chosen > unadapted  # one fine-tuning epoch (batch norm in train mode) brings back enough to prune more
@@ -394,7 +396,7 @@ def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> Non
     up = next(p for p in tuned if p["pct"] == chosen + 1)
     pruned, _ = prune(copy.deepcopy(model), data, pct=chosen + 1, fix=False)
     fix_spatial_filters(pruned)
-    finetune(pruned, load_data(train), data, recipe=Recipe(epochs=1), teacher=copy.deepcopy(model))
+    finetune(pruned, load_data(SAMPLES / "digits_train.npz"), data, recipe=Recipe(epochs=1), teacher=copy.deepcopy(model))
     assert metric(data, outputs(pruned, data)) == pytest.approx(up["metric"], abs=1e-6)
     assert not up["meets"]
     for refused in (["--pct", "80"], []):  # a pct is fine-tuned by `finetune`; epochs need --train

@@ -2,7 +2,10 @@
 
     python examples/own_model/train.py OUT.pt [--epochs 8]
 
-Plain PyTorch, nothing from explainfix: this stands for the model you already have.
+Plain PyTorch, nothing from explainfix: this stands for the model you already have. Beside OUT it
+also writes the two halves of the bundled validation digits, as a user has a validation and a
+test split: `val_a.npz` (for the prune's saliency and fine-tuning's best epoch) and `test_b.npz`
+(touched by nothing that chooses, so the accuracy measured there is not a selection figure).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def main() -> None:
             accuracy = (model(torch.from_numpy(val["x"])).argmax(1) == torch.from_numpy(val["y"])).float().mean().item()
         print(f"epoch {epoch + 1}: held-out accuracy {accuracy:.3f}", file=sys.stderr)
     torch.save(model.state_dict(), args.out)
+    half = len(val["y"]) // 2
+    np.savez(args.out.with_name("val_a.npz"), x=val["x"][:half], y=val["y"][:half])
+    np.savez(args.out.with_name("test_b.npz"), x=val["x"][half:], y=val["y"][half:])
 
 
 if __name__ == "__main__":

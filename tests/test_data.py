@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import committed_sample
 from PIL import Image
 
 from explainfix_cli.errors import UserError
@@ -15,12 +16,6 @@ from explainfix_cli.io.preprocessing import Preprocessing, parse_preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
-
-def _sample(name: str) -> Path:
-    path = SAMPLES / name
-    if not path.exists():
-        pytest.fail(f"the committed sample {name} is missing (sample_models/make_samples.py makes it)")
-    return path
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -52,7 +47,7 @@ def test_float_labels_that_are_integers_are_accepted(tmp_path: Path) -> None:
 
 
 def test_sample_digits() -> None:
-    data = load_data(_sample("digits_val.npz"))
+    data = load_data(committed_sample("digits_val.npz"))
     assert data.x.shape[1:] == (1, 16, 16)
     assert data.target_kind == "labels"
     assert len(data.y) == len(data.x)
@@ -85,7 +80,7 @@ def test_multilabel_passthrough(tmp_path: Path) -> None:
 
 
 def test_sample_multilabel() -> None:
-    data = load_data(_sample("digits_multilabel_val.npz"))
+    data = load_data(committed_sample("digits_multilabel_val.npz"))
     assert data.target_kind == "multilabel"
     assert data.y.shape == (len(data.x), 4)
 
@@ -104,7 +99,7 @@ def test_masks_passthrough(tmp_path: Path) -> None:
 
 
 def test_sample_nuclei_masks() -> None:
-    data = load_data(_sample("nuclei_val.npz"))
+    data = load_data(committed_sample("nuclei_val.npz"))
     assert data.target_kind == "mask"
     assert data.y.shape == data.x.shape[:1] + data.y.shape[1:2] + data.x.shape[2:]
 
@@ -153,7 +148,7 @@ def test_bad_batching_options(tmp_path: Path, batch_size: int, batches: int | No
 
 # ---- image folders ------------------------------------------------------------------------------
 def test_sample_image_folder() -> None:
-    root = _sample("digits_images")
+    root = committed_sample("digits_images")
     assert any(root.glob("*/*.png")), "the committed sample folder digits_images holds no images"
     data = load_data(root, grayscale=True, batch_size=16)
     assert data.classes == sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -318,11 +313,11 @@ def test_sample_folder_normalised_is_the_npz() -> None:
     digits_val.npz's x up to the 8-bit rounding, 0.5/255/std."""
     from explainfix_cli.io.checkpoints import open_model
 
-    root = _sample("digits_images")
-    loaded = open_model(_sample("resnet.safetensors"))
+    root = committed_sample("digits_images")
+    loaded = open_model(committed_sample("resnet.safetensors"))
     assert loaded.preprocessing is not None
     data = load_data(root, preprocessing=loaded.preprocessing)
-    val = load_data(_sample("digits_val.npz"))
+    val = load_data(committed_sample("digits_val.npz"))
     index = [int(f.stem) for c in data.classes or [] for f in sorted((root / c).iterdir())]  # files are named by val index
     assert data.x.shape == (100, 1, 16, 16)
     assert float((data.x[:] - val.x[index]).abs().max()) <= 0.5 / 255 / loaded.preprocessing.std[0] + 1e-6
@@ -332,7 +327,7 @@ def test_sample_folder_normalised_is_the_npz() -> None:
 def test_class_names_of_a_data_file(tmp_path: Path) -> None:
     path = _npz(tmp_path / "d.npz", x=_x(2), y=np.eye(2, 3, dtype=np.float32), classes=np.array(["cat", "dog", "owl"]))
     assert load_data(path).classes == ["cat", "dog", "owl"]
-    assert load_data(_sample("digits_multilabel_val.npz")).classes == ["even", "at_least_5", "prime", "multiple_of_3"]
+    assert load_data(committed_sample("digits_multilabel_val.npz")).classes == ["even", "at_least_5", "prime", "multiple_of_3"]
     with pytest.raises(UserError, match="class names"):
         load_data(_npz(tmp_path / "e.npz", x=_x(2), y=np.arange(2), classes=np.arange(2)))
     from safetensors.numpy import save_file

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import committed_sample
 from PIL import Image
 
 from explainfix_cli.errors import UserError
@@ -23,12 +24,6 @@ from explainfix_cli.io.preprocessing import Preprocessing
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
-
-def _sample(name: str) -> Path:
-    path = SAMPLES / name
-    if not path.exists():
-        pytest.skip(f"sample {name} is not there (yet)")
-    return path
 
 
 def _folder(root: Path, n: int = 6, size: int = 8) -> Path:
@@ -45,8 +40,8 @@ def _folder(root: Path, n: int = 6, size: int = 8) -> Path:
 
 # ---- lists --------------------------------------------------------------------------------------
 def test_csv_list_scores_what_the_folder_scores(tmp_path: Path) -> None:
-    root = _sample("digits_images")
-    loaded = open_model(_sample("resnet.safetensors"))
+    root = committed_sample("digits_images")
+    loaded = open_model(committed_sample("resnet.safetensors"))
     folder = load_data(root, preprocessing=loaded.preprocessing, batch_size=32)
     listing = tmp_path / "list.csv"
     files = sorted(root.glob("*/*.png"))[::-1]  # another order: the score does not depend on it
@@ -96,7 +91,7 @@ def test_multilabel_list_uncertain_and_missing(tmp_path: Path) -> None:
 # ---- images with masks --------------------------------------------------------------------------
 def _nuclei_folder(root: Path, pre: Preprocessing, n: int = 40) -> tuple[Path, np.ndarray]:
     """The first `n` val samples as 8-bit PNGs (pixels un-normalised the model's way) and masks."""
-    arrays = np.load(_sample("nuclei_val.npz"))
+    arrays = np.load(committed_sample("nuclei_val.npz"))
     x, y = arrays["x"][:n], arrays["y"][:n]
     pixels = np.clip(np.round((x * pre.std[0] + pre.mean[0]) * 255), 0, 255).astype(np.uint8)  # (n, 1, H, W)
     (root / "images").mkdir(parents=True)
@@ -108,14 +103,14 @@ def _nuclei_folder(root: Path, pre: Preprocessing, n: int = 40) -> tuple[Path, n
 
 
 def test_images_and_masks_evaluate_the_unet(tmp_path: Path) -> None:
-    loaded = open_model(_sample("unet.safetensors"))
+    loaded = open_model(committed_sample("unet.safetensors"))
     pre = loaded.preprocessing
     assert pre is not None
     root, pixels = _nuclei_folder(tmp_path / "nuclei", pre)
     folder = load_data(root, preprocessing=pre, batch_size=16)
     assert folder.target_kind == "mask" and folder.x.shape == (40, 1, 32, 32) and folder.y.shape == (40, 1, 32, 32)
     x = (torch.from_numpy(pixels.astype(np.float32) / 255.0) - pre.mean[0]) / pre.std[0]
-    y = torch.from_numpy(np.load(_sample("nuclei_val.npz"))["y"][:40])
+    y = torch.from_numpy(np.load(committed_sample("nuclei_val.npz"))["y"][:40])
     a = asdict(evaluate_model(loaded.model, folder))
     b = asdict(evaluate_model(loaded.model, Dataset(x, y, batch_size=16)))
     assert a["value"] == b["value"] and a["value"] > 0.5  # the U-Net finds the nuclei on the PNGs too
@@ -234,7 +229,7 @@ def test_grey_images_for_a_one_channel_model(tmp_path: Path) -> None:
     from explainfix_cli.io.data import input_channels
 
     root = _folder(tmp_path / "imgs", n=2)
-    assert input_channels(open_model(_sample("resnet.safetensors")).model) == 1
+    assert input_channels(open_model(committed_sample("resnet.safetensors")).model) == 1
     data = load_data(root, channels=1)
     assert data.x.shape[1] == 1 and data.preprocessing == Preprocessing((0.0,), (1.0,), 1, (8, 8))
     assert load_data(root, channels=3).x.shape[1] == 3
@@ -245,7 +240,7 @@ def test_grey_images_for_a_one_channel_model(tmp_path: Path) -> None:
 def test_images_and_masks_finetune_the_unet_with_augmentation(tmp_path: Path) -> None:
     from explainfix_cli.training.finetune import Recipe, finetune_file
 
-    loaded = open_model(_sample("unet.safetensors"))
+    loaded = open_model(committed_sample("unet.safetensors"))
     pre = loaded.preprocessing
     assert pre is not None
     root, _ = _nuclei_folder(tmp_path / "nuclei", pre, n=24)
@@ -269,14 +264,14 @@ def test_cli_reads_grey_images_as_the_state_dicts_first_convolution_takes_them(t
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
-    root = str(_sample("digits_images"))
-    state_dict = run("evaluate", str(_sample("resnet.pt")), "--arch", "explainfix_cli.zoo:resnet", "--data", root, "--workers", "2")
-    raw = run("evaluate", str(_sample("resnet.safetensors")), "--data", root, "--mean", "0", "--std", "1")  # the same weights, [0, 1] pixels
+    root = str(committed_sample("digits_images"))
+    state_dict = run("evaluate", str(committed_sample("resnet.pt")), "--arch", "explainfix_cli.zoo:resnet", "--data", root, "--workers", "2")
+    raw = run("evaluate", str(committed_sample("resnet.safetensors")), "--data", root, "--mean", "0", "--std", "1")  # the same weights, [0, 1] pixels
     assert state_dict["model"]["value"] == raw["model"]["value"] and state_dict["model"]["samples"] == 100
     listing = tmp_path / "list.csv"
     listing.write_text("path,label\n" + "".join(f"{os.path.relpath(p, tmp_path)},{p.parent.name}\n" for p in sorted(Path(root).glob("*/*.png"))))
-    listed = run("evaluate", str(_sample("resnet.safetensors")), "--data", str(listing), "--mean", "0", "--std", "1")
+    listed = run("evaluate", str(committed_sample("resnet.safetensors")), "--data", str(listing), "--mean", "0", "--std", "1")
     assert listed["model"]["value"] == raw["model"]["value"]
-    bad = CliRunner().invoke(app, ["finetune", str(_sample("resnet.safetensors")), "--data", root, "--val", root, "--augment", "heavy", "--out", str(tmp_path / "f.safetensors")])
+    bad = CliRunner().invoke(app, ["finetune", str(committed_sample("resnet.safetensors")), "--data", root, "--val", root, "--augment", "heavy", "--out", str(tmp_path / "f.safetensors")])
     assert bad.exit_code == 2 and "--augment must be one of none, light, standard" in bad.stderr
     assert not (tmp_path / "f.safetensors").exists()

@@ -77,7 +77,7 @@ def finetune(
     data: Annotated[Path, typer.Option("--data", help="Training data (same formats as --data elsewhere).")],
     val: Annotated[Path, typer.Option("--val", help="Validation data: the best epoch by its metric is kept.")],
     out: OutModelOpt,
-    train: Annotated[TrainOpt, typer.Option("--train", help="auto: unfixed, or masked when the model is pruned and fixing leaves under 45 %% of its live parameters to learn (docs/method.md §4); unfixed: train only what is not fixed; masked: the surviving spatial kernels too, the pruned ones held at zero; all: unfreeze every parameter.")] = TrainOpt.auto,
+    train: Annotated[TrainOpt, typer.Option("--train", help="auto: unfixed, or masked when the model is pruned and fixing leaves under 60 %% of its live parameters to learn (docs/method.md §4); unfixed: train only what is not fixed; masked: the surviving spatial kernels too, the pruned ones held at zero; all: unfreeze every parameter.")] = TrainOpt.auto,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs to train.")] = 20,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule to zero).")] = 1e-2,
     norm_lr_scale: Annotated[float, typer.Option("--norm-lr-scale", help="Normalisation layers' scales and shifts learn at this multiple of --lr; 10 helps a model left with little but batch norms to learn (README).")] = 1.0,

@@ -16,6 +16,8 @@ from explainfix_cli.cli.app import app
 from explainfix_cli.errors import UserError
 from explainfix_cli.evaluation.measure import outputs
 from explainfix_cli.io.checkpoints import load_model
+from explainfix_cli.io.data import Dataset
+from explainfix_cli.io.sources.arrays import ArraySource
 from explainfix_cli.models import spatial_convs
 from explainfix_cli.pruning.pipeline import fill_zeroed, prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
@@ -121,6 +123,26 @@ def test_exact_removal_holds_on_data_the_prune_never_saw(name: str, pct: float, 
         assert torch.equal(ours > 0, zeroed > 0)
     assert report.zeroed_kernels == int(pct / 100 * report.spatial_kernels_before)
     assert all(not m.weight.requires_grad for m in reloaded.modules() if isinstance(m, nn.Conv2d) and min(m.kernel_size) > 1)
+
+
+@pytest.mark.parametrize(("options", "passes"), [({}, 2), ({"fill": "reset"}, 2), ({"removal": "calibrated"}, 3)])
+def test_a_prune_reads_the_data_as_few_times_as_it_must(options: dict[str, str], passes: int) -> None:
+    # the saliency pass (its forwards: the metric before), then the zeroed, removed and filled
+    # models together on each minibatch; calibrated removal reads it once more for its ranges.
+    # val: the original's pass, then the later stages together. Counted in samples decoded.
+    memory = sample_data("resnet")
+    x, y = memory.x[:80], memory.y[:80]
+    data, val = Dataset(source=ArraySource(x[:48], y[:48]), batch_size=16), Dataset(source=ArraySource(x[48:], y[48:]), batch_size=16)
+    pruned, report = prune(sample_model("resnet").model, data, pct=70, val=val, **options)
+    assert data.source.decoded == passes * 48 + 1  # + the example that traces the model
+    assert val.source.decoded == 2 * 32
+    # the exactness check still covers every sample of both
+    zeroed = _zeroed_on("resnet", 70, Dataset(x[:48], y[:48], batch_size=16), Dataset(x, y, batch_size=16))
+    change = (outputs(pruned, Dataset(x, y, batch_size=16)) - zeroed).abs() if options.get("fill") is None else None
+    assert report.channels_removed == 43 and report.predictions_changed == 0 and report.val_predictions_changed == 0
+    if change is not None:  # a fill changes the model written, not the removal compared
+        assert report.max_logit_change == pytest.approx(float(change[:48].max()), abs=1e-7)
+        assert report.val_max_logit_change == pytest.approx(float(change[48:].max()), abs=1e-7)
 
 
 def test_calibrated_removal_goes_further_and_reports_the_held_out_change() -> None:

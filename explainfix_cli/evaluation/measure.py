@@ -80,11 +80,24 @@ def median_latency_ms(models: Sequence[nn.Module], x: torch.Tensor, repeats: int
     return [statistics.median(t) for t in times]
 
 
-@torch.no_grad()
 def outputs(model: nn.Module, data: Dataset, device: str = "cpu") -> torch.Tensor:
     """The model's outputs on every sample of `data`, concatenated on the CPU."""
-    model.eval()
-    return torch.cat([model_output(model, x.to(device)).cpu() for x, _ in data])
+    return outputs_together([model], data, device)[0]
+
+
+@torch.no_grad()
+def outputs_together(models: Sequence[nn.Module], data: Dataset, device: str = "cpu") -> list[torch.Tensor]:
+    """Each model's outputs on every sample of `data` (concatenated on the CPU), from one pass
+    over it: every minibatch is read once and run through the models in turn, so several stages
+    of a prune cost one reading of the data, not one each."""
+    for model in models:
+        model.eval()
+    seen: list[list[torch.Tensor]] = [[] for _ in models]
+    for x, _ in data:
+        x = x.to(device)
+        for model, out in zip(models, seen, strict=True):
+            out.append(model_output(model, x).cpu())
+    return [torch.cat(out) for out in seen]
 
 
 def metric(data: Dataset, out: torch.Tensor) -> float:

@@ -80,7 +80,7 @@ class ChannelRemoval:
     folded: int = 0  # of those, channels whose constant output was folded into readers' biases
     blocked: Counter[str] = field(default_factory=Counter)  # groups left alone, by reason
     kept: dict[str, KeptChannels] = field(default_factory=dict)  # per Conv2d, by module name
-    outputs_before: torch.Tensor | None = None  # the model's outputs on the data before removal, if measured
+    outputs_before: torch.Tensor | None = None  # the outputs before removal, from the calibration pass (calibrated, aggressive with data)
 
     def to_json(self) -> dict[str, object]:
         return {"removed": self.removed, "folded": self.folded, "blocked_groups": dict(sorted(self.blocked.items()))}

@@ -37,7 +37,6 @@ import torch_pruning as tp
 from torch import nn
 
 from explainfix_cli.choices import Removal
-from explainfix_cli.evaluation.measure import outputs
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output
 from explainfix_cli.pruning.channels import (
@@ -226,6 +225,11 @@ def remove_dead_channels(
     reads it, with no fold where a fold would not be exact, and normalisation across channels does
     not stop it (for users who fine-tune afterwards). Each mode removes everything the one before
     removes, folded the same way, and more. Without `data` only silent channels count as constant.
+
+    Exact removal reads no data (its constants follow from the structure, read off `example` and
+    noise); the other two read it once, and keep the model's outputs from that pass in
+    `outputs_before`. A caller checking that exact removal changed nothing measures the model
+    before and after itself (`pipeline` keeps a copy and runs both in one pass).
     """
     result = ChannelRemoval()
     graph = traced(model, example, result)
@@ -234,8 +238,6 @@ def remove_dead_channels(
     by_structure = removal == "exact" or data is None  # only silent channels count as constant
     if by_structure:  # their constants, read off two unrelated inputs
         ranges.measure(model, [_probe(example)], device)
-        if data is not None:
-            result.outputs_before = outputs(model, data, device)
     else:  # one pass over the calibration data: reader input ranges, and the outputs to compare with afterwards
         result.outputs_before = ranges.measure(model, (x for x, _ in data), device)
     if graph is None:

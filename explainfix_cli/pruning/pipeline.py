@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from explainfix_cli import progress
 from explainfix_cli.choices import Criterion, Fill, Granularity, Removal
 from explainfix_cli.distributed import rank_and_world
 from explainfix_cli.errors import UserError, check_pct
-from explainfix_cli.evaluation.measure import Size, metric, model_size, outputs
+from explainfix_cli.evaluation.measure import Size, metric, model_size, outputs, outputs_together
 from explainfix_cli.io.checkpoints import ArchSpec, save_model
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.io.outputs import check_target
@@ -293,7 +294,14 @@ class _Stages:
 
 
 def _stages(model: nn.Module, data: Dataset | None, s: PruneSettings, sample_shape: tuple[int, ...]) -> _Stages:
-    """§1 score, §2 zero, §3 remove and fill, §4 fix, in place, measuring the outputs after each."""
+    """§1 score, §2 zero, §3 remove and fill, §4 fix, in place, measuring the outputs after each.
+
+    The data is read twice: §1's forward and backward passes (their forwards are the original
+    model's outputs), then one pass that runs the zeroed model (a copy kept before removal), the
+    removed one and, with a `fill`, the filled one on each minibatch (`_measured`). Calibrated and
+    aggressive removal read it once more, between the two, for the zeroed model's input ranges.
+    `val` is read twice: by the original model, and by the later stages together.
+    """
     convs = require_spatial_convs(model)
     device, val = s.device, s.val
     # §1 score (its forward passes are the original model's outputs on the data)
@@ -307,18 +315,21 @@ def _stages(model: nn.Module, data: Dataset | None, s: PruneSettings, sample_sha
     # §2 zero, §3 remove: failures after the original model ran on the data are the prune's own
     example = (data.x[:1] if data is not None else torch.zeros(1, *sample_shape)).to(device)
     with surgery_failures():
-        masks, removed, zeroed_out, collapsed = _zero_and_remove(
+        masks, removed, zeroed, collapsed = _zero_and_remove(
             model, scores, example, data, val, device, granularity=s.granularity, pct=s.pct, removal=s.removal,
             min_kernels_per_layer=s.min_kernels_per_layer, original_out=original_out,
         )  # fmt: skip
-        with progress.stage("measuring the pruned model"):
-            removed_out = _Outputs.of(model, data, val, device)
+        measured = data is not None or val is not None
+        unfilled = _Stage(copy.deepcopy(model) if measured and s.fill != "zero" else None)  # §3's model, before the fill
         # §3 the zeroed kernels that stay, §4 fix
         kept = {name: removed.kept[name].original(w) for name, w in original.items()}
         fill_zeroed(model, kept, s.fill, torch.Generator().manual_seed(s.seed))
         fixed = fix_spatial_filters(model) if s.fix else []
         after = model_size(model, sample_shape)
-        written_out = removed_out if s.fill == "zero" else _Outputs.of(model, data, val, device)
+        with progress.stage("measuring the pruned model"):
+            written = _Stage(model if measured else None)
+            removed_stage = unfilled if s.fill != "zero" else written  # without a fill, the model written is §3's
+            zeroed_out, removed_out, written_out = _measured([zeroed, removed_stage, written], data, val, device)
     return _Stages(before, after, masks, removed, collapsed, len(fixed), original_out, zeroed_out, removed_out, written_out)
 
 
@@ -336,6 +347,30 @@ class _Outputs:
         return cls(on_data, None if val is None else outputs(model, val, device))
 
 
+@dataclass
+class _Stage:
+    """A stage of a prune still to measure: the model as it was then (a copy, or the model itself
+    for the last stage; None when nothing needs measuring), and what is already known of its outputs."""
+
+    model: nn.Module | None
+    known: _Outputs = field(default_factory=_Outputs)
+
+
+def _measured(stages: Sequence[_Stage], data: Dataset | None, val: Dataset | None, device: str) -> list[_Outputs]:
+    """Each stage's outputs on `data` and on `val`, reading each of them once (`outputs_together`):
+    outputs already known are taken as they are, and a model in two stages runs once."""
+    found = [replace(stage.known) for stage in stages]
+    for part, dataset in (("data", data), ("val", val)):
+        if dataset is None:
+            continue
+        todo = {id(st.model): st.model for st in stages if st.model is not None and getattr(st.known, part) is None}
+        for key, out in zip(todo, outputs_together(list(todo.values()), dataset, device), strict=True):
+            for stage, outs in zip(stages, found, strict=True):
+                if id(stage.model) == key and getattr(stage.known, part) is None:
+                    setattr(outs, part, out)
+    return found
+
+
 def _zero_and_remove(
     model: nn.Module,
     scores: dict[str, torch.Tensor],
@@ -349,22 +384,25 @@ def _zero_and_remove(
     removal: Removal,
     min_kernels_per_layer: int,
     original_out: _Outputs,
-) -> tuple[dict[str, torch.Tensor], ChannelRemoval, _Outputs, list[str]]:
+) -> tuple[dict[str, torch.Tensor], ChannelRemoval, _Stage, list[str]]:
     """§2-3 in place: zero the least salient kernels, then remove the channels that may go (kernel
     granularity); or remove the least salient channels (channel granularity). Returns the zeroing
-    masks, what the removal did, the outputs it is measured against (the zeroed model's, or the
-    original's for channel granularity) and the layers left with no kernel."""
+    masks, what the removal did, the stage the removal is measured against (the zeroed model,
+    kept as a copy where its outputs are still to measure, or the original for channel
+    granularity) and the layers left with no kernel."""
     if granularity == "channel":
         with progress.stage("removing channels"):
             removed = remove_least_salient_channels(model, example, scores, pct)
-        return {}, removed, original_out, collapsed_layers(model)
+        return {}, removed, _Stage(None, original_out), collapsed_layers(model)
     with progress.stage("zeroing"):
         masks = zero_least_salient(model, scores, pct, min_kernels_per_layer)
         collapsed = collapsed_layers(model)
-        zeroed_val = None if val is None else outputs(model, val, device)
+    calibrates = data is not None and removal != "exact"  # removal's own pass gives the zeroed model's outputs on the data
+    keep = val is not None or (data is not None and not calibrates)
+    zeroed = copy.deepcopy(model) if keep else None  # one model more in memory, for one reading of the data less
     with progress.stage("removing channels"):
         removed = remove_dead_channels(model, example, data, device, removal)
-    return masks, removed, _Outputs(removed.outputs_before, zeroed_val), collapsed
+    return masks, removed, _Stage(zeroed, _Outputs(removed.outputs_before)), collapsed
 
 
 def _metric(data: Dataset | None, out: torch.Tensor | None) -> float | None:

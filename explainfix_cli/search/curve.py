@@ -64,8 +64,8 @@ class PruneCurve:
 
     def point(self, pct: float) -> tuple[nn.Module, Point]:
         """A copy pruned at `pct` (§2 zeroing and §3 removal, no fill, filters left as they are)
-        and its measurements, for one forward pass over the data where `prune` makes two (the
-        zeroed model, and the removed one to compare with it). Exact removal needs no
+        and its measurements, for one model's forward pass over the data where `prune` runs two
+        (the zeroed model, and the removed one to compare with it). Exact removal needs no
         data (its constants follow from the structure) and does not change what the zeroed model
         computes (`prune` checks it and reports the difference, float rounding), so the metric is
         measured after the cut, on the smaller model. Calibrated removal measures the zeroed

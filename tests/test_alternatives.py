@@ -10,7 +10,13 @@ from helpers import committed_sample, sample_data, sample_model
 from typer.testing import CliRunner
 
 from explainfix_cli.cli.app import app
-from explainfix_cli.pruning.alternatives import ENOUGH, emptied_channels, prune_with_alternatives, recommendation, removed_share
+from explainfix_cli.pruning.alternatives import (
+    ENOUGH,
+    emptied_channels,
+    prune_with_alternatives,
+    recommendation,
+    removed_share,
+)
 from explainfix_cli.pruning.pipeline import PruneSettings, prune
 from explainfix_cli.saliency import spatial_saliency
 
@@ -24,7 +30,7 @@ def convnext() -> tuple:
 
 def test_layernorm_network_is_told_that_channel_granularity_shrinks_it(convnext: tuple) -> None:
     model, data, scores = convnext
-    pruned, report, advice = prune_with_alternatives(copy.deepcopy(model), data, PruneSettings(pct=90, scores=scores))
+    _, report, advice = prune_with_alternatives(copy.deepcopy(model), data, PruneSettings(pct=90, scores=scores))
     assert report.params_after == report.params_before  # exact removal takes nothing past a LayerNorm
     assert report.blocked_groups["normalisation across channels"] >= 1
     by_mode = {(a.granularity, a.removal): a for a in advice.alternatives}

@@ -31,7 +31,7 @@ BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 SKIPPED = ("torchvision", "-m pytest", "prune-and-gate.sh")  # the CI script has its own test (test_ci_example.py)
 FAST = (  # (as written, as run here): the own-model walk, shortened
     ("train.py out/net.pt", "train.py out/net.pt --epochs 2"),
-    ("--train all --out", "--train all --epochs 1 --batches 4 --out"),
+    ("--arch examples/own_model/net.py:Net --out out/net-tuned", "--arch examples/own_model/net.py:Net --epochs 1 --batches 4 --out out/net-tuned"),
     ("--arch examples/own_model/net.py:Net --max-drop 0.02", "--arch examples/own_model/net.py:Net --max-drop 1"),
     ("--data out/test_b.npz --min-metric 0.95", "--data out/test_b.npz --min-metric 0"),
 )

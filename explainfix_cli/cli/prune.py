@@ -113,11 +113,13 @@ def _check_prune(pct: float | None, goal: Any, min_kernels_per_layer: int, finet
 def _prune_or_search(model: Any, dataset: Dataset | None, pct: float | None, goal: Any, options: dict[str, Any], adapt: Callable[[], Any] | None) -> dict[str, Any]:
     """Prune at `pct` (default 50) or to the target `goal` (fine-tuning each candidate with `adapt()`'s
     function when given); prints the report's warnings, returns the JSON payload."""
-    from explainfix_cli.pruning.pipeline import prune as prune_model
+    from explainfix_cli.pruning.alternatives import prune_with_alternatives
+    from explainfix_cli.pruning.pipeline import PruneSettings
 
+    advice = None
     with working("pruning"):
         if goal is None:
-            _, report = prune_model(model, dataset, pct=50.0 if pct is None else pct, **options)
+            _, report, advice = prune_with_alternatives(model, dataset, PruneSettings(pct=50.0 if pct is None else pct, **options))
         else:
             if adapt is not None:
                 options["adapt"] = adapt()
@@ -125,7 +127,11 @@ def _prune_or_search(model: Any, dataset: Dataset | None, pct: float | None, goa
             report = found.report
     for warning in report.warnings():
         print(f"explainfix: warning: {warning}", file=sys.stderr)
-    return report.to_json() if goal is None else found.to_json()
+    if advice is None:
+        return {**found.to_json(), "alternatives": [], "recommendation": None}
+    if (line := advice.line(report)) is not None:
+        print(f"explainfix: note: {line}", file=sys.stderr)
+    return {**report.to_json(), **advice.to_json()}
 
 
 @shared_options('model', 'data', 'run')

@@ -120,7 +120,7 @@ def finetune(
         report = finetune_file(
             loaded, train_data, val_data, out, recipe=recipe, teacher=teacher_model, teacher_file=None if teacher is None else str(teacher), device=o.device, on_epoch=progress, force=force,
         )
-        if rank == 0 and report.trainable == "masked" and train.value == "auto":
+        if rank == 0 and train.value == "auto" and report.trainable in ("masked", "all"):
             print(f"explainfix: {report.trainable_reason}.", file=sys.stderr)
         payload = report.to_json()
         rows = [(k, str(v) if isinstance(v, bool) else v) for k, v in payload.items() if k not in ("history", "recipe")]

@@ -97,6 +97,9 @@ class Reader:
 
 
 
+NORM_ACROSS_CHANNELS = "normalisation across channels"  # a `blocked_groups` reason: a LayerNorm/GroupNorm reads the group
+
+
 def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph, removal: Removal) -> str | None:
     for item in group.items:
         node, module = item.dep.target, item.dep.target.module
@@ -107,7 +110,7 @@ def _blocking_reason(group: tp.Group, DG: tp.DependencyGraph, removal: Removal) 
         if is_grouped(module) and module.transposed:
             return "grouped transposed convolution"
         if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and removal != "aggressive":
-            return "normalisation across channels"
+            return NORM_ACROSS_CHANNELS
     return None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,15 @@ from explainfix_cli.models import model_output
 from explainfix_cli.numbers import finite
 from explainfix_cli.training.losses import distill_loss, loss_for
 from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
-from explainfix_cli.training.trainable import choose_trainable, trained_as
+from explainfix_cli.training.trainable import (
+    ESCALATION_GAP,
+    FORM_IN_WORDS,
+    TrainableChoice,
+    choose_trainable,
+    escalates,
+    next_form,
+    trained_as,
+)
 
 
 @dataclass(frozen=True)
@@ -197,20 +205,87 @@ def finetune(
     """
     recipe = recipe or Recipe()
     model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    _check_fits(model, train, val, teacher, device)
     choice = choose_trainable(model, recipe.train)  # docs/method.md §4: what is left to learn decides
+    report = _train_as(model, choice, train, val, recipe, teacher, device, on_epoch)
+    if choice.option == "auto" and teacher is not None:
+        report = _escalated(model, report, train, val, recipe, teacher, device, on_epoch)
+    model.eval()
+    return model, report
+
+
+def _escalated(
+    model: nn.Module,
+    report: FinetuneReport,
+    train: Dataset,
+    val: Dataset,
+    recipe: Recipe,
+    teacher: nn.Module,
+    device: str,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> FinetuneReport:
+    """`--train auto` with a teacher: while the form trained ends more than `ESCALATION_GAP` below
+    the teacher on the validation data, continue from its best weights with the next form
+    (`next_form`) for as many epochs again (docs/method.md §4); the best epoch of all is kept."""
+    goal = _validate(teacher, val, device)
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    while not report.stopped_early and escalates(goal, report.metric_after):
+        form = next_form(model, report.trainable, smaller_than_teacher=sum(p.numel() for p in model.parameters()) < teacher_params)
+        if form is None:
+            break
+        shortfall = f"{report.trainable_reason}; that ended at {report.metric_after:.3f} on the validation data, more than {ESCALATION_GAP:g} below the teacher's {goal:.3f}"
+        more = _train_as(model, choose_trainable(model, form), train, val, recipe, teacher, device, _shifted(on_epoch, report.epochs))
+        kept = report.trainable
+        report = _continued(report, more)
+        if more.best_epoch == 0:
+            report.trainable, report.trainable_reason = kept, f"{shortfall}, and {more.epochs} more epochs with --train {form} did not beat it, so that model is kept"
+            break
+        report.trainable_reason = f"{shortfall}, so {more.epochs} more epochs trained {FORM_IN_WORDS[form]}: {more.metric_after:.3f}"
+    return report
+
+
+def _train_as(
+    model: nn.Module,
+    choice: TrainableChoice,
+    train: Dataset,
+    val: Dataset,
+    recipe: Recipe,
+    teacher: nn.Module | None,
+    device: str,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> FinetuneReport:
+    """`_train` the parameters `choice` says, with the narrowings of a fixed network."""
     with trained_as(model, choice) as params:
         if not params:
             raise UserError("every parameter of the model is fixed, so there is nothing to train; train all of them instead.")
-        if teacher is not None:
-            teacher.to(device).eval()
-        _check_fits(model, train, val, teacher, device)
         # fixed convolutions skip all-zero input slices, and what feeds only zero depthwise kernels is not computed
         with torch.random.fork_rng(devices=[]), reading_used_inputs(model), skipping_unread_channels(model):
             torch.manual_seed(recipe.seed)
             report = _train(model, params, train, val, recipe, teacher, device, on_epoch)
     report.trainable, report.trainable_reason = choice.mode, choice.reason
-    model.eval()
-    return model, report
+    return report
+
+
+def _shifted(on_epoch: Callable[[EpochRecord], None] | None, offset: int) -> Callable[[EpochRecord], None] | None:
+    """`on_epoch` for a continued fine-tune: its epochs numbered after the first one's."""
+    if on_epoch is None:
+        return None
+    return lambda r: on_epoch(replace(r, epoch=r.epoch + offset))
+
+
+def _continued(first: FinetuneReport, second: FinetuneReport) -> FinetuneReport:
+    """One report for a fine-tune continued by another from the first one's best weights: epochs
+    numbered on, the best epoch of both (the second's epoch 0 is the first's best)."""
+    history = [*first.history, *(replace(r, epoch=r.epoch + first.epochs) for r in second.history)]
+    best_epoch = first.best_epoch if second.best_epoch == 0 else second.best_epoch + first.epochs
+    return replace(
+        second, metric_before=first.metric_before, best_epoch=best_epoch, epochs=first.epochs + second.epochs, history=history,
+        seconds_per_epoch=round(sum(r.seconds for r in history) / len(history), 4) if history else 0.0,
+        stopped_early=first.stopped_early or second.stopped_early,
+        trainable_params=first.trainable_params if second.best_epoch == 0 else second.trainable_params,
+    )  # fmt: skip
 
 
 @dataclass

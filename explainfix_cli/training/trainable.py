@@ -27,6 +27,39 @@ from explainfix_cli.models import spatial_convs
 # U-Net sample 0.07, the ResNet sample 0.35 (fixed 0.978, masked 1.000 against 0.994 unpruned);
 # DenseNet keeps 0.53, DenseNet-BC 0.72, MobileNet 0.99, ConvNeXt 0.95, and recover fixed.
 MIN_TRAINABLE_SHARE = 0.6  # measured: benchmarks/adaptive_finetune.py, docs/method.md §4
+# A fine-tune (`--train auto` with a teacher) that ends more than this below the teacher on the
+# validation data goes on with the next form, unfixed -> masked -> all (`next_form`): the 3x3-only networks keep too few kernels
+# for masked training to recover (residual 0.944, examples/own_model 0.800 against 0.994 and 0.972)
+# and recover training everything at the same size (0.994, 0.978).
+ESCALATION_GAP = 0.01
+
+
+FORM_IN_WORDS = {
+    "masked": "the surviving spatial kernels too, the pruned ones held at zero",
+    "all": "every parameter (the zeroed kernels learn again; the size is the same)",
+}
+
+
+def next_form(model: nn.Module, trained: str, *, smaller_than_teacher: bool) -> str | None:
+    """The form to continue with after `trained` fell short of the teacher (docs/method.md §4), or
+    None: "unfixed" → "masked" for a pruned model (smaller than its teacher, or with zeroed kernels;
+    a network fixed to train from scratch stays fixed), "masked" → "all" where pruned kernels were
+    held at zero (without any, masked training already trained every kernel)."""
+    if trained == "unfixed":
+        return "masked" if _fixed_kernels(model) and (smaller_than_teacher or _pruned(model)) else None
+    if trained == "masked":
+        return "all" if _has_zero_kernels(model) else None
+    return None
+
+
+def _has_zero_kernels(model: nn.Module) -> bool:
+    return any(bool((c.weight == 0).flatten(2).all(dim=2).any()) for _, c in spatial_convs(model))
+
+
+def escalates(goal: float | None, reached: float | None) -> bool:
+    """Whether a fine-tune ended more than `ESCALATION_GAP` below the teacher's metric `goal` on the
+    validation data (docs/method.md §4), so that it goes on with the next form (`next_form`)."""
+    return goal is not None and reached is not None and goal - reached > ESCALATION_GAP
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from explainfix_cli.io.checkpoints import load_model
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.io.sources.arrays import ArraySource
 from explainfix_cli.models import spatial_convs
-from explainfix_cli.pruning.pipeline import fill_zeroed, prune, zero_least_salient
+from explainfix_cli.pruning.pipeline import REMOVAL_CHECK_SAMPLES, fill_zeroed, prune, zero_least_salient
 from explainfix_cli.saliency import spatial_saliency
 
 
@@ -115,7 +115,10 @@ def test_exact_removal_holds_on_data_the_prune_never_saw(name: str, pct: float, 
     zeroed = _zeroed_on(name, pct, seen, held_out)
     scale = float(zeroed.abs().max())
     assert float((ours - zeroed).abs().max()) <= 1e-5 * scale + 1e-6
-    assert report.val_max_logit_change == pytest.approx(float((outputs(pruned, held_out) - zeroed).abs().max()), abs=1e-6)
+    # the measured check covers the first REMOVAL_CHECK_SAMPLES held-out samples; the bound above, all of them
+    checked = report.val_removal_check_samples
+    assert checked == REMOVAL_CHECK_SAMPLES == 128 and report.removal_check_samples == 16
+    assert report.val_max_logit_change == pytest.approx(float((outputs(pruned, held_out) - zeroed)[:checked].abs().max()), abs=1e-6)
     assert report.calibration_samples == 16 and report.val_samples == 256 and report.val_predictions_changed == 0
     if held_out.target_kind == "labels":
         assert torch.equal(ours.argmax(dim=1), zeroed.argmax(dim=1))
@@ -140,9 +143,25 @@ def test_a_prune_reads_the_data_as_few_times_as_it_must(options: dict[str, str],
     zeroed = _zeroed_on("resnet", 70, Dataset(x[:48], y[:48], batch_size=16), Dataset(x, y, batch_size=16))
     change = (outputs(pruned, Dataset(x, y, batch_size=16)) - zeroed).abs() if options.get("fill") is None else None
     assert report.channels_removed == 43 and report.predictions_changed == 0 and report.val_predictions_changed == 0
+    assert report.removal_check_samples == 48 and report.val_removal_check_samples == 32
     if change is not None:  # a fill changes the model written, not the removal compared
         assert report.max_logit_change == pytest.approx(float(change[:48].max()), abs=1e-7)
         assert report.val_max_logit_change == pytest.approx(float(change[48:].max()), abs=1e-7)
+
+
+def test_the_zeroed_model_runs_on_the_first_samples_only() -> None:
+    # exact removal's check: the zeroed model on the first REMOVAL_CHECK_SAMPLES samples, the
+    # pruned model (the metric after) on all, in one reading of the data
+    memory = sample_data("resnet")
+    n = REMOVAL_CHECK_SAMPLES + 64
+    data = Dataset(source=ArraySource(memory.x[:n], memory.y[:n]), batch_size=32)
+    pruned, report = prune(sample_model("resnet").model, data, pct=70)
+    assert data.source.decoded == 2 * n + 1
+    assert report.removal_check_samples == REMOVAL_CHECK_SAMPLES and report.calibration_samples == n
+    zeroed = _zeroed_on("resnet", 70, Dataset(memory.x[:n], memory.y[:n], batch_size=32), Dataset(memory.x[:n], memory.y[:n], batch_size=32))
+    change = (outputs(pruned, Dataset(memory.x[:n], memory.y[:n], batch_size=32)) - zeroed).abs()
+    assert report.max_logit_change == pytest.approx(float(change[:REMOVAL_CHECK_SAMPLES].max()), abs=1e-7)
+    assert float(change.max()) <= 1e-4  # exact on the samples past the check too
 
 
 def test_calibrated_removal_goes_further_and_reports_the_held_out_change() -> None:

@@ -86,17 +86,24 @@ def outputs(model: nn.Module, data: Dataset, device: str = "cpu") -> torch.Tenso
 
 
 @torch.no_grad()
-def outputs_together(models: Sequence[nn.Module], data: Dataset, device: str = "cpu") -> list[torch.Tensor]:
+def outputs_together(
+    models: Sequence[nn.Module], data: Dataset, device: str = "cpu", limits: Sequence[int | None] | None = None
+) -> list[torch.Tensor]:
     """Each model's outputs on every sample of `data` (concatenated on the CPU), from one pass
     over it: every minibatch is read once and run through the models in turn, so several stages
-    of a prune cost one reading of the data, not one each."""
+    of a prune cost one reading of the data, not one each. `limits[i]`, when not None, stops model
+    i after the first minibatches that hold that many samples (its outputs are then on those only)."""
     for model in models:
         model.eval()
+    limits = list(limits) if limits is not None else [None] * len(models)
     seen: list[list[torch.Tensor]] = [[] for _ in models]
+    counts = [0] * len(models)
     for x, _ in data:
         x = x.to(device)
-        for model, out in zip(models, seen, strict=True):
-            out.append(model_output(model, x).cpu())
+        for i, (model, out) in enumerate(zip(models, seen, strict=True)):
+            if limits[i] is None or counts[i] < limits[i]:
+                out.append(model_output(model, x).cpu())
+                counts[i] += len(x)
     return [torch.cat(out) for out in seen]
 
 

@@ -163,6 +163,8 @@ class PruneReport:
     min_kernels_per_layer: int = 0
     collapsed_layers: list[str] = field(default_factory=list)  # spatial convs left with every kernel zero
     constant_output: bool | None = None  # the written model gives every sample of the data the same output
+    removal_check_samples: int | None = None  # samples of the data `max_logit_change` and `predictions_changed` cover
+    val_removal_check_samples: int | None = None  # the same on `val`
 
     def to_json(self) -> dict[str, Any]:
         return strict(asdict(self))
@@ -290,6 +292,8 @@ class _Stages:
             fixed_tensors=self.fixed, seconds=0.0, out=str(s.out) if s.out is not None else None,
             min_kernels_per_layer=s.min_kernels_per_layer, collapsed_layers=self.collapsed,
             constant_output=_constant(self.written_out.data),
+            removal_check_samples=_covered(self.removed_out.data, self.zeroed_out.data),
+            val_removal_check_samples=_covered(self.removed_out.val, self.zeroed_out.val),
         )  # fmt: skip
 
 
@@ -347,13 +351,23 @@ class _Outputs:
         return cls(on_data, None if val is None else outputs(model, val, device))
 
 
+# The zeroed model, what exact removal is checked against, runs on the first minibatches holding
+# this many samples of the data (and of `val`), not on all of them: exact removal is exact by
+# construction (§3) and this is its check, so on a large data set the prune costs its saliency pass
+# and one forward of the pruned model, as a plain PyTorch script would (docs/benchmarks.md).
+# Calibrated and aggressive removal compare on every sample: their calibration pass has them.
+REMOVAL_CHECK_SAMPLES = 128
+
+
 @dataclass
 class _Stage:
     """A stage of a prune still to measure: the model as it was then (a copy, or the model itself
-    for the last stage; None when nothing needs measuring), and what is already known of its outputs."""
+    for the last stage; None when nothing needs measuring), what is already known of its outputs,
+    and how many samples it needs to run on (None: all)."""
 
     model: nn.Module | None
     known: _Outputs = field(default_factory=_Outputs)
+    limit: int | None = None
 
 
 def _measured(stages: Sequence[_Stage], data: Dataset | None, val: Dataset | None, device: str) -> list[_Outputs]:
@@ -363,8 +377,9 @@ def _measured(stages: Sequence[_Stage], data: Dataset | None, val: Dataset | Non
     for part, dataset in (("data", data), ("val", val)):
         if dataset is None:
             continue
-        todo = {id(st.model): st.model for st in stages if st.model is not None and getattr(st.known, part) is None}
-        for key, out in zip(todo, outputs_together(list(todo.values()), dataset, device), strict=True):
+        todo = {id(st.model): st for st in stages if st.model is not None and getattr(st.known, part) is None}
+        models = [st.model for st in todo.values() if st.model is not None]
+        for key, out in zip(todo, outputs_together(models, dataset, device, [st.limit for st in todo.values()]), strict=True):
             for stage, outs in zip(stages, found, strict=True):
                 if id(stage.model) == key and getattr(stage.known, part) is None:
                     setattr(outs, part, out)
@@ -402,7 +417,7 @@ def _zero_and_remove(
     zeroed = copy.deepcopy(model) if keep else None  # one model more in memory, for one reading of the data less
     with progress.stage("removing channels"):
         removed = remove_dead_channels(model, example, data, device, removal)
-    return masks, removed, _Stage(zeroed, _Outputs(removed.outputs_before)), collapsed
+    return masks, removed, _Stage(zeroed, _Outputs(removed.outputs_before), REMOVAL_CHECK_SAMPLES), collapsed
 
 
 def _metric(data: Dataset | None, out: torch.Tensor | None) -> float | None:
@@ -443,13 +458,19 @@ def _constant(out: torch.Tensor | None) -> bool | None:
     return bool(spread <= 1e-5 * out.abs().max().clamp_min(1e-12))
 
 
+def _covered(a: torch.Tensor | None, b: torch.Tensor | None) -> int | None:
+    return None if a is None or b is None else min(len(a), len(b))
+
+
 def _max_change(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
-    return None if a is None or b is None else float((a - b).abs().max())
+    """Over the samples both have: `b` (the zeroed model's) may cover only the first ones."""
+    return None if a is None or b is None else float((a[: len(b)] - b).abs().max())
 
 
 def _predictions_changed(a: torch.Tensor | None, b: torch.Tensor | None, data: Dataset | None) -> int | None:
     if a is None or b is None or data is None:
         return None
+    a = a[: len(b)]
     if data.target_kind == "labels":
         return int((a.argmax(dim=1) != b.argmax(dim=1)).sum())
     return int(((a > 0) != (b > 0)).sum())

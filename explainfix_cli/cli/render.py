@@ -115,9 +115,9 @@ def render_prune(r: dict[str, Any]) -> None:
     removed = f"{r['channels_removed']:,} channels removed ({r['channels_folded']:,} folded into biases), --removal {r['removal']}"
     out.print(f"{zeroed}; {removed}.")
     if r["max_logit_change"] is not None:
-        change = f"largest output change from removal: {r['max_logit_change']:.2g} on {r['calibration_samples']:,} samples"
+        change = f"largest output change from removal: {r['max_logit_change']:.2g} on {r['removal_check_samples']:,} samples"
         if r.get("val_max_logit_change") is not None:
-            change += f", {r['val_max_logit_change']:.2g} on {r['val_samples']:,} held-out samples"
+            change += f", {r['val_max_logit_change']:.2g} on {r['val_removal_check_samples']:,} held-out samples"
         out.print(change + ".")
     for reason, count in r["blocked_groups"].items():
         out.print(f"{count:,} channel group{'s' if count != 1 else ''} kept whole: {BLOCKED_IN_WORDS.get(reason, reason)}.")

@@ -283,7 +283,8 @@ def test_look_ahead_finds_a_condition_that_comes_back() -> None:
 
 def test_max_drop_is_the_largest_pct_of_a_brute_force_scan(tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
-    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.01", "--out", str(out), "--json"))
+    # the scan on all of the data given (no check split: tests/test_holdout.py checks that one)
+    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.01", "--check-fraction", "0", "--out", str(out), "--json"))
     chosen = int(report["pct_chosen"])
     assert report["pct"] == chosen and report["target"] == {"max_drop": 0.01, "max_params": None, "max_macs": None}
     assert report["metric_before"] - report["metric_after"] <= 0.01 + 1e-9
@@ -371,7 +372,8 @@ def test_max_drop_after_fine_tuning_from_the_command_line(tmp_path: Path) -> Non
     train = tmp_path / "train64.npz"
     np.savez(train, x=digits["x"][:64], y=digits["y"][:64])
     out = tmp_path / "tuned.safetensors"
-    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.02", "--finetune-epochs", "1", "--train", str(SAMPLES / "digits_train.npz"), "--val", str(train), "--json", "--out", str(out)))
+    # --check-fraction 0: --val only reported, all of --data chooses (tests/test_holdout.py checks with it)
+    report = _json(_invoke("prune", MODEL, *DATA, "--max-drop", "0.02", "--finetune-epochs", "1", "--train", str(SAMPLES / "digits_train.npz"), "--val", str(train), "--check-fraction", "0", "--json", "--out", str(out)))
     chosen = int(report["pct_chosen"])
     [unadapted] = [p["pct"] for p in report["probes"] if p["model"] == "pruned"]  # the answer without fine-tuning
     assert chosen > unadapted  # one fine-tuning epoch (batch norm in train mode) brings back enough to prune more

@@ -5,7 +5,7 @@ The model is reduced to one score for the class (`OneVsRest`); the channels that
 (`reader_importance`, a gradient-times-activation pass of `analysis`) are removed with the
 channel-removal engine of `pruning.channels`: every coupled group keeps a share of its importance
 (`cut_for_class`), or a greedy search cuts while the one-vs-rest AUC stays within a bound
-(`greedy_cut`).
+(`greedy_cut`), on the data and on a check split that chose nothing (`search.holdout`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from explainfix_cli.classes.analysis import Probe, class_membership, gradient_ti
 from explainfix_cli.errors import UserError
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output
+from explainfix_cli.search.holdout import check_note
 
 
 class OneVsRest(nn.Module):
@@ -85,12 +86,20 @@ class ExtractReport:
     channels_removed: int
     data: dict[str, BinaryScore]  # "full" and "extracted" on the data the channels were chosen on
     val: dict[str, BinaryScore] | None  # the same on held-out data
-    bisection: list[dict[str, float | None]]  # with --max-drop, each candidate cut tried: (keep, AUC drop)
+    bisection: list[dict[str, float | None]]  # with --max-drop, each candidate cut tried: keep, AUC drop (and on the check split)
     seconds: float
     out: str | None
+    check: dict[str, BinaryScore] | None = None  # with --max-drop and a check split: "full" and "extracted" there
+    check_samples: int | None = None
+    check_note: str | None = None  # one sentence when the check split is too small to mean much
+
+    @property
+    def check_auc_drop(self) -> float | None:
+        full, sub = (None, None) if self.check is None else (self.check["full"].auc, self.check["extracted"].auc)
+        return None if full is None or sub is None else round(full - sub, 10)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "check_auc_drop": self.check_auc_drop}
 
 
 @dataclass
@@ -221,6 +230,7 @@ def greedy_cut(
     drop: Callable[[nn.Module], float],
     max_drop: float,
     tried: list[dict[str, float | None]],
+    check: Callable[[nn.Module], float] | None = None,
 ) -> GreedyCut:
     """`extract --max-drop` (docs/method.md §6): a copy of `model` cut in rounds, each channel
     ranked by its importance per parameter (`score` of the model as it is now). A candidate cut
@@ -228,7 +238,9 @@ def greedy_cut(
     smaller model is scored again and `n` doubles (at most `GREEDY_STEP` of the channels left).
     When it fails, `n` halves; when one channel alone fails, it is passed over and the next one
     is tried. Ends after `GREEDY_EVALUATIONS` candidates or when every channel was passed over.
-    `model` is not changed; `tried` gets every candidate's share of channels kept and its drop."""
+    With `check` (the drop on a check split), a candidate stays only when that drop is at most
+    `max_drop` too; it is measured only for candidates whose `drop` already is.
+    `model` is not changed; `tried` gets every candidate's share of channels kept and its drops."""
     import copy
 
     measured = score(model)
@@ -249,9 +261,10 @@ def greedy_cut(
             skip += n  # nothing there may leave (each group keeps a channel)
             continue
         d = drop(candidate)
+        held = None if check is None or d > max_drop else check(candidate)
         kept = (len(order) - removed) / channels_before
-        tried.append({"keep": round(kept, 10), "auc_drop": round(d, 10)})
-        if d <= max_drop:
+        tried.append({"keep": round(kept, 10), "auc_drop": round(d, 10), **({} if check is None else {"check_auc_drop": None if held is None else round(held, 10)})})
+        if d <= max_drop and (held is None or held <= max_drop):
             current, skip = candidate, 0
             measured = score(current)
             groups = group_scores(current, example, measured)
@@ -272,6 +285,7 @@ def extract(
     keep: float | None = None,
     max_drop: float | None = None,
     val: Dataset | None = None,
+    check: Dataset | None = None,
     arch: Any = None,
     history: list[dict[str, Any]] | None = None,
     out: str | Path | None = None,
@@ -283,8 +297,9 @@ def extract(
     channel-removal engine, and reduce the outputs to that one score. With `keep`, every coupled
     group keeps the fewest channels holding a share `keep` of its importance; with `max_drop`,
     `greedy_cut` removes channels in rounds while the one-vs-rest AUC on `data` stays at most
-    `max_drop` below the full model's. `model` is not changed; the sub-model is written to `out`
-    (rebuilt by `load_model`).
+    `max_drop` below the full model's, and on `check` too when given (samples that neither score
+    nor choose: `search.holdout.check_split` carves them from the data, or takes `val`). `model`
+    is not changed; the sub-model is written to `out` (rebuilt by `load_model`).
     """
     from explainfix_cli.evaluation.measure import model_size
     from explainfix_cli.io.outputs import check_target
@@ -299,8 +314,9 @@ def extract(
     full = OneVsRest(model, target, margin)
     full_score = binary_score(importance.scores, _truth(data, target, margin))  # the importance pass ran the full model on the data
     tried: list[dict[str, float | None]] = []
+    check = check if max_drop is not None else None
     if max_drop is not None:
-        greedy = _greedy(model, data, target, margin, importance, full_score, max_drop, tried, device)
+        greedy = _greedy(model, data, target, margin, importance, full_score, max_drop, tried, device, check)
         cut, keep, removed = greedy.model, greedy.kept, greedy.removed
     else:
         assert keep is not None
@@ -318,6 +334,9 @@ def extract(
         bisection=tried,
         seconds=0.0,
         out=None if out is None else str(out),
+        check=None if check is None else {"full": _binary(full, check, target, margin, device), "extracted": _binary(sub, check, target, margin, device)},
+        check_samples=None if check is None else check.num_samples,
+        check_note=check_note(check),
     )
     if out is not None:
         _save(sub, report, arch, history, shape, Path(out), force)
@@ -362,23 +381,33 @@ def _greedy(
     max_drop: float,
     tried: list[dict[str, float | None]],
     device: str,
+    check: Dataset | None = None,
 ) -> GreedyCut:
     """`greedy_cut` of `model`, each candidate's drop its one-vs-rest AUC below the full model's
-    on `data`, re-scored on `data` after each cut (`importance` is the full model's)."""
+    on `data` (and on `check`), re-scored on `data` after each cut (`importance` is the full model's)."""
     if full_score.auc is None:
         raise UserError(f"the data holds only one kind of sample for class {target}; an AUC cannot guide the cut.")
-    full_auc = full_score.auc
-    truth = _truth(data, target, margin)
 
-    def drop(m: nn.Module) -> float:
-        auc = binary_score(_scores(OneVsRest(m, target, margin), data, device), truth).auc
-        assert auc is not None
-        return full_auc - auc
+    def auc_drop(on: Dataset, full_auc: float) -> Callable[[nn.Module], float]:
+        truth = _truth(on, target, margin)
+
+        def drop(m: nn.Module) -> float:
+            auc = binary_score(_scores(OneVsRest(m, target, margin), on, device), truth).auc
+            assert auc is not None
+            return full_auc - auc
+
+        return drop
 
     def score(m: nn.Module) -> ReaderImportance:
         return importance if m is model else reader_importance(m, data, target, margin, device)
 
-    return greedy_cut(model, data.x[:1].to(device), score, drop, max_drop, tried)
+    held = None
+    if check is not None:
+        check_full = _binary(OneVsRest(model, target, margin), check, target, margin, device).auc
+        if check_full is None:
+            raise UserError(f"the check split holds only one kind of sample for class {target}, so the AUC drop cannot be checked there; give a larger `check_fraction`, other `val`, or `check_fraction` 0.")
+        held = auc_drop(check, check_full)
+    return greedy_cut(model, data.x[:1].to(device), score, auc_drop(data, full_score.auc), max_drop, tried, held)
 
 
 def _save(sub: OneVsRest, report: ExtractReport, arch: Any, history: list[dict[str, Any]] | None, shape: tuple[int, ...], out: Path, force: bool) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from explainfix_cli.cli.options import (
+    CheckFractionOpt,
     DataOpt,
     ForceOpt,
     ModelArg,
@@ -86,8 +88,9 @@ def extract(
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-classK.safetensors beside the input).")] = None,
     keep: Annotated[float | None, typer.Option("--keep", help="Share of the one-vs-rest importance kept in every coupled channel group, in [0, 1].")] = None,
-    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of --keep: the largest one-vs-rest AUC drop allowed on --data (greedy cut, re-scored after each step).")] = None,
-    val: Annotated[Path | None, typer.Option("--val", help="Held-out data to report the sub-model's AUC and accuracy on.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of --keep: the largest one-vs-rest AUC drop allowed on --data and on the check split (greedy cut, re-scored after each step).")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Held-out data to report the sub-model's AUC and accuracy on; with --max-drop, the check split the drop must also hold on.")] = None,
+    check_fraction: CheckFractionOpt = None,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
@@ -98,6 +101,8 @@ def extract(
             raise UserError("pass --keep F (share of the class's importance to keep) or --max-drop X (largest AUC drop).")
         if keep is not None and max_drop is not None:
             raise UserError("pass --keep or --max-drop, not both.")
+        if check_fraction is not None and max_drop is None:
+            raise UserError("--check-fraction keeps a part of --data to check a --max-drop limit on; give --max-drop X, or drop --check-fraction.")
         target_path = out or model.with_name(f"{model.stem}-class{target}.safetensors")
         check_paths(model, data, val)
         o.check_batches()
@@ -107,9 +112,15 @@ def extract(
         loaded = o.load_model(model)
         dataset = _require_data(data, o, loaded)
         held_out = o.load_data(val, loaded, every_batch=True)
+        check = None
+        if max_drop is not None:  # the drop must hold on samples that chose nothing
+            from explainfix_cli.search.holdout import check_split
+
+            split = check_split(dataset, held_out, check_fraction, o.seed)
+            dataset, check = split.calibration, split.check
         with working(f"extracting class {target}"):
             _, report = extract_class(
-                loaded.model.to(o.device), dataset, target, keep=keep, max_drop=max_drop, val=held_out, arch=loaded.arch,
+                loaded.model.to(o.device), dataset, target, keep=keep, max_drop=max_drop, val=held_out, check=check, arch=loaded.arch,
                 history=loaded.history, out=target_path, force=force, device=o.device,
             )
 
@@ -117,16 +128,23 @@ def extract(
             from rich.table import Table
 
             table = Table(title=f"extract class {target} → {target_path}  (keep {report.keep:.4g})")
-            for col in ("", "params", "MACs", "AUC", "acc.", "val AUC", "val acc."):
+            for col in ("", "params", "MACs", "AUC", "acc.", "val AUC", "val acc.", *(("check AUC",) if report.check else ())):
                 table.add_column(col, justify="right")
 
             def number(value: float | None) -> str:
                 return "" if value is None else f"{value:.4f}"
 
             for which, params, macs in (("full", report.params_before, report.macs_before), ("extracted", report.params_after, report.macs_after)):
-                d, v = report.data[which], (report.val or {}).get(which)
-                table.add_row(which, f"{params:,}", f"{macs:,}", number(d.auc), number(d.accuracy), number(v and v.auc), number(v and v.accuracy))
+                d, v, c = report.data[which], (report.val or {}).get(which), (report.check or {}).get(which)
+                checked = (number(c and c.auc),) if report.check else ()
+                table.add_row(which, f"{params:,}", f"{macs:,}", number(d.auc), number(d.accuracy), number(v and v.auc), number(v and v.accuracy), *checked)
             stdout_console().print(table)
+            if report.check is not None:
+                full, sub = report.data["full"].auc, report.data["extracted"].auc
+                chose = "" if full is None or sub is None else f"; on the samples that chose: {full - sub:+.4f}"
+                stdout_console().print(f"the AUC drop checked on {report.check_samples} samples kept out of scoring and choosing: {report.check_auc_drop:+.4f}{chose}.")
+            if report.check_note:
+                print(f"explainfix: {report.check_note}", file=sys.stderr)
 
         o.emit(report.to_json(), render)
 

@@ -63,6 +63,7 @@ LIBRARY_PARAMETERS = {
     "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
     "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val", "workers", "augment", "uncertain",
     "granularity", "latency_form", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
+    "check_fraction",  # the check split of a --max-drop target
     "min_metric", "max_latency_ms",  # the gates of evaluate and bench
     "epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature", "max_minutes",  # finetune's recipe
 }
@@ -113,3 +114,4 @@ MaxParamsOpt = Annotated[int | None, typer.Option("--max-params", help="Instead 
 MaxMacsOpt = Annotated[int | None, typer.Option("--max-macs", help="Instead of --pct: the smallest pct whose model needs at most this many MACs per sample.", show_default=False)]
 FinetuneEpochsOpt = Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune every pruned model this many epochs on --train before measuring it on --data (spatial filters fixed, the unpruned model as teacher); 0: none.")]
 TrainDataOpt = Annotated[Path | None, typer.Option("--train", help="Training data for --finetune-epochs (the metric is still measured on --data).")]
+CheckFractionOpt = Annotated[float | None, typer.Option("--check-fraction", help="With --max-drop and no --val: the share of --data kept out of scoring and choosing, on which the drop must hold too (default 0.25, stratified by class, drawn with --seed; 0: off, also with --val, and all of --data chooses). With --val, --val is the check split.", show_default=False)]

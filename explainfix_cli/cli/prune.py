@@ -13,6 +13,7 @@ import typer
 
 from explainfix_cli import distributed
 from explainfix_cli.cli.options import (
+    CheckFractionOpt,
     CriterionOpt,
     DataOpt,
     FigureFormat,
@@ -99,13 +100,15 @@ def _prune_to_target(model: Any, data: Dataset | None, target: Any, options: dic
         raise SystemExit(1) from None
 
 
-def _check_prune(pct: float | None, goal: Any, min_kernels_per_layer: int, finetune_epochs: int, train: Path | None, data: Path | None) -> None:
+def _check_prune(pct: float | None, goal: Any, min_kernels_per_layer: int, finetune_epochs: int, train: Path | None, data: Path | None, check_fraction: float | None) -> None:
     """prune's own argument checks, before torch is imported."""
     if pct is not None:
         check_pct("pct", pct)
     if min_kernels_per_layer < 0:
         raise UserError(f"--min-kernels-per-layer must be 0 or more, not {min_kernels_per_layer}.")
     _check_finetune_each(finetune_epochs, train, data)
+    if check_fraction is not None and (goal is None or goal.max_drop is None):
+        raise UserError("--check-fraction keeps a part of --data to check a --max-drop target on; give --max-drop X, or drop --check-fraction.")
     if finetune_epochs > 0 and goal is None:
         raise UserError("--finetune-epochs meets a target after fine-tuning (--max-drop, --max-params, --max-macs); to fine-tune a model pruned at a --pct, run `explainfix finetune` on it.")
 
@@ -138,7 +141,7 @@ def _prune_or_search(model: Any, dataset: Dataset | None, pct: float | None, goa
 def prune(
     model: ModelArg,
     data: DataOpt = None,
-    val: Annotated[Path | None, typer.Option("--val", help="Held-out data the prune never sees: the removal's change and the metrics are measured on it too.")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Held-out data the prune never sees: the removal's change and the metrics are measured on it too; with --max-drop, the check split the drop must also hold on.")] = None,
     pct: Annotated[float | None, typer.Option("--pct", help="Percentage of spatial kernels to zero, in [0, 100) (default 50, or chosen by a target).", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output .safetensors (default: MODEL-pruned.safetensors beside the input).")] = None,
     granularity: Annotated[Granularity, typer.Option("--granularity", help="kernel: zero kernels, remove dead channels. channel: remove the least salient channels.")] = Granularity.kernel,
@@ -151,6 +154,7 @@ def prune(
     max_drop: MaxDropOpt = None,
     max_params: MaxParamsOpt = None,
     max_macs: MaxMacsOpt = None,
+    check_fraction: CheckFractionOpt = None,
     finetune_epochs: FinetuneEpochsOpt = 0,
     train: TrainDataOpt = None,
     input_size: InputSizeOpt = None,
@@ -163,7 +167,7 @@ def prune(
         from explainfix_cli.io.outputs import check_target
 
         goal = _target(pct, max_drop, max_params, max_macs)
-        _check_prune(pct, goal, min_kernels_per_layer, finetune_epochs, train, data)
+        _check_prune(pct, goal, min_kernels_per_layer, finetune_epochs, train, data, check_fraction)
         if saliency_file is None:
             needs_data(criterion, data)
         target = out or model.with_name(f"{model.stem}-pruned.safetensors")
@@ -178,11 +182,19 @@ def prune(
         from explainfix_cli.saliency import load_saliency
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
+        held_out = o.load_data(val, loaded, every_batch=True)
+        checking: dict[str, Any] = {}
+        if goal is not None and goal.max_drop is not None and dataset is not None:  # the drop must hold on samples that chose nothing
+            from explainfix_cli.search.holdout import check_split
+
+            split = check_split(dataset, held_out, check_fraction, o.seed)
+            dataset, checking["check"] = split.calibration, split.check
         options: dict[str, Any] = {
             "granularity": granularity.value, "criterion": scored_by, "scores": scores, "fill": fill.value, "removal": removal.value,
             "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": target, "force": force, "seed": o.seed,
-            "device": o.device, "sample_shape": parse_input_size(input_size), "val": o.load_data(val, loaded, every_batch=True),
+            "device": o.device, "sample_shape": parse_input_size(input_size), "val": held_out,
             "preprocessing": override_preprocessing(loaded.preprocessing, explicit_preprocessing(data, o.mean, o.std)), "min_kernels_per_layer": min_kernels_per_layer,
+            **checking,
         }  # fmt: skip
         adapt = (lambda: _finetune_each(o, loaded, train, dataset, finetune_epochs, fix=not no_fix)) if train is not None and finetune_epochs > 0 else None
         payload = _prune_or_search(loaded.model, dataset, pct, goal, options, adapt)

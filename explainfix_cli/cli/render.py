@@ -173,8 +173,15 @@ def render_target(payload: dict[str, Any]) -> None:
             f"({payload['metric']} on the data {tuned['metric_before']:.4f} → {tuned['metric_after']:.4f})"
         )
     stdout_console().print(f"pct {payload['pct_chosen']:g} meets {limits}{' after fine-tuning' if payload['finetune'] else ''}: {found}.")
-    if payload.get("note"):
-        print(f"explainfix: {payload['note']}", file=sys.stderr)
+    if payload.get("check_samples") is not None:
+        before, after = payload["check_metric_before"], payload["check_metric_after"]
+        stdout_console().print(
+            f"the drop checked on {payload['check_samples']} samples kept out of scoring and ranking: {payload['metric']} {before:.4f} → {after:.4f} "
+            f"(drop {payload['check_drop']:+.4f}; on the {payload['calibration_samples']} that chose: {payload['metric_before'] - payload['metric_after']:+.4f})."
+        )
+    for sentence in (payload.get("note"), payload.get("check_note")):
+        if sentence:
+            print(f"explainfix: {sentence}", file=sys.stderr)
 
 
 def columns_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -25,7 +25,7 @@ from explainfix_cli.io.augment import check_augment
 from explainfix_cli.io.formats import is_images
 from explainfix_cli.io.preprocessing import Preprocessing
 from explainfix_cli.io.sources.arrays import ArraySource, class_names, read_arrays, validated
-from explainfix_cli.io.sources.base import Augment, Failed, Key, Source, TargetKind, as_is
+from explainfix_cli.io.sources.base import Augment, Failed, Key, Source, Subset, TargetKind, as_is
 from explainfix_cli.io.sources.images import IMAGE_SUFFIXES, Reading, class_folder
 from explainfix_cli.io.sources.lists import image_list
 from explainfix_cli.io.sources.masks import MaskSource, is_mask_folder
@@ -172,6 +172,17 @@ class Dataset:
             return torch.zeros(0, *self.source.sample_shape), torch.zeros(0, *self.source.target_shape)
         got = list(self._stream([(p, None, "none") for p in parts], in_process=True))  # a few: no workers to start
         return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+
+    def subset(self, indices: Sequence[int]) -> Dataset:
+        """The samples at `indices` (of those used, in that order) as a dataset of their own, read
+        alike: in memory when this one is, streamed from the same source otherwise."""
+        if self.in_memory:
+            rows = torch.as_tensor(list(indices), dtype=torch.long)
+            return Dataset(self.x[rows], self.y[rows], self.batch_size, None, self.classes, augment=self.augment, preprocessing=self.preprocessing)
+        return Dataset(
+            None, None, self.batch_size, None, self.classes, source=Subset(self.source, indices), workers=self.workers,
+            augment=self.augment, pin_memory=self.pin_memory, preprocessing=self.preprocessing,
+        )  # fmt: skip
 
     def describe(self, index: int) -> str:
         """The entry at `index` in words: a file, a row of a list, or 'sample i'."""

@@ -99,12 +99,14 @@ class PruneCurve:
             metric=measured, metric_drop=None if measured is None or self.metric is None else self.metric - measured,
         )  # fmt: skip
 
-    def zeroed_metric(self, pct: float, lowest: float = -math.inf) -> float | None:
+    def zeroed_metric(self, pct: float, lowest: float = -math.inf, on: Dataset | None = None) -> float | None:
         """The metric of the model with only §2's zeroing at `pct`, no channel removal: to float
         rounding what `prune` writes with exact removal and no fill (removal does not change the
-        outputs), for one forward pass over the data. The pass stops early, returning None,
-        once the metric cannot reach `lowest` any more (`measure.metric_upper_bound`)."""
-        assert self.data is not None
+        outputs), for one forward pass over the data (or over `on`, other samples: a check split).
+        The pass stops early, returning None, once the metric cannot reach `lowest` any more
+        (`measure.metric_upper_bound`)."""
+        data = self.data if on is None else on
+        assert data is not None
         if self._zeroed is None:
             self._zeroed = copy.deepcopy(self.model)
             self._weights = {name: conv.weight.detach().clone() for name, conv in spatial_convs(self._zeroed)}
@@ -114,11 +116,11 @@ class PruneCurve:
         zero_least_salient(self._zeroed, self.scores, pct, self.settings.min_kernels_per_layer)
         seen: list[torch.Tensor] = []
         with torch.no_grad():
-            for x, _ in self.data:
+            for x, _ in data:
                 seen.append(model_output(self._zeroed, x.to(self.device)).cpu())
-                if metric_upper_bound(self.data, torch.cat(seen)) < lowest - BOUND_MARGIN:
+                if metric_upper_bound(data, torch.cat(seen)) < lowest - BOUND_MARGIN:
                     return None
-        return finite(metric(self.data, torch.cat(seen)))
+        return finite(metric(data, torch.cat(seen)))
 
 
 @dataclass

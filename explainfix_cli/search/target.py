@@ -9,6 +9,11 @@ bisection stops at 34, far below the largest pct that keeps it (58). So `--max-d
 grid from the top down to the first pct that meets it, on the zeroed model alone (zeroing, then
 at most one forward pass over the data, stopped once the metric cannot reach its floor: no
 tracing, no channel removal), and confirms that pct with the real prune.
+
+A drop chosen on some samples must hold on others (`search.holdout`): given a `check` split, a
+pct meets `--max-drop` only when its drop is at most X on the data and on the check split. The
+check split is evaluated only for pcts that already meet on the data (on the zeroed model first,
+then on the confirming prune), so it costs a forward pass over a few samples per such pct.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from explainfix_cli.io.outputs import check_target
 from explainfix_cli.numbers import finite
 from explainfix_cli.pruning.pipeline import PruneReport, PruneSettings, save_pruned
 from explainfix_cli.search.curve import PruneCurve
+from explainfix_cli.search.holdout import check_note
 from explainfix_cli.search.notes import params_removed, target_note
 
 GRID = list(range(100))  # the 1 % grid of pcts a target is searched on
@@ -78,7 +84,8 @@ class TargetReport:
 
     With `adapt` (a fine-tune of every probe), `finetune` is the step `adapt` returned for the
     written model (`FinetuneReport.history_step()` from the command line), and the report's
-    `metric_after` / `val_metric_after` are the adapted model's."""
+    `metric_after` / `val_metric_after` are the adapted model's. With a check split, `check_*`
+    are the metric there of the unpruned and of the written model (None without one)."""
 
     report: PruneReport
     target: Target
@@ -86,12 +93,23 @@ class TargetReport:
     probes: list[dict[str, Any]]  # in the order measured; model "zeroed" (scan), "pruned" or "adapted"
     seconds: float
     finetune: dict[str, Any] | None = None
+    check_samples: int | None = None
+    check_metric_before: float | None = None
+    check_metric_after: float | None = None
+    check_note: str | None = None
+
+    @property
+    def check_drop(self) -> float | None:
+        before, after = self.check_metric_before, self.check_metric_after
+        return None if before is None or after is None else round(before - after, 10)
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.report.to_json(), "target": self.target.to_json(), "pct_chosen": self.pct_chosen, "probes": self.probes,
             "seconds": self.seconds, "finetune": self.finetune, "params_removed": params_removed(self.report),
             "note": target_note(self.report, self.target.max_drop, self.finetune is not None),
+            "check_samples": self.check_samples, "check_metric_before": self.check_metric_before,
+            "check_metric_after": self.check_metric_after, "check_drop": self.check_drop, "check_note": self.check_note,
         }  # fmt: skip
 
 
@@ -132,6 +150,7 @@ def prune_to_target(
     settings: PruneSettings | None = None,
     *,
     adapt: Callable[[nn.Module], dict[str, Any] | None] | None = None,
+    check: Dataset | None = None,
     **options: Any,
 ) -> TargetReport:
     """`pruning.prune` at the pct that meets `target`, found on the 1 % grid of one ranking (§2).
@@ -158,6 +177,10 @@ def prune_to_target(
     probe in place and returns a step for the written file's history: the target is then met
     after adapting (`_adapted_search`). `adapt` must never lower the metric on `data` (a
     fine-tune that validates on `data` and keeps the model as given when no epoch beats it).
+
+    `check`, samples that neither score, rank nor choose epochs (`search.holdout.check_split`
+    carves them from the data, or takes `val`): a pct then meets `max_drop` only when the metric
+    falls at most `max_drop` on `data` and on `check` too (module docstring).
     """
     start = time.perf_counter()
     s = PruneSettings.of(settings, options)
@@ -167,7 +190,7 @@ def prune_to_target(
         raise UserError("`max_drop` needs `data` to measure the metric on.")
     if s.out is not None:
         check_target(Path(s.out), s.force)
-    search = _Search(PruneCurve(model, data, s), target)
+    search = _Search(PruneCurve(model, data, s), target, check if target.max_drop is not None else None)
     search.check(data)
     chosen = search.choose()
     if adapt is not None:
@@ -177,16 +200,34 @@ def prune_to_target(
     )  # fmt: skip
     if not (target.keeps_metric(report) and target.fits(report)):  # the same pipeline as the probe: cannot differ
         raise RuntimeError(f"the model written at pct {chosen} does not meet the target its probe met.")
-    return TargetReport(report, target, float(chosen), search.trail, round(time.perf_counter() - start, 3))
+    return search.result(report, float(chosen), round(time.perf_counter() - start, 3), search.held.get(chosen))
 
 
 class _Search:
-    """The probes of one search on a curve: each pct pruned at most once, every probe in `trail`."""
+    """The probes of one search on a curve: each pct pruned at most once, every probe in `trail`;
+    with a check split (`holdout`), its metric for each pruned pct that met on the data (`held`)."""
 
-    def __init__(self, curve: PruneCurve, target: Target):
-        self.curve, self.target = curve, target
+    def __init__(self, curve: PruneCurve, target: Target, holdout: Dataset | None = None):
+        self.curve, self.target, self.holdout = curve, target, holdout
         self.probes: dict[int, PruneReport] = {}
+        self.held: dict[int, float | None] = {}
         self.trail: list[dict[str, Any]] = []
+        self.holdout_before = None if holdout is None else finite(metric(holdout, outputs(curve.model, holdout, curve.device)))
+
+    def holds(self, model: nn.Module) -> tuple[bool, float | None]:
+        """Does `model` keep the metric on the check split (always, without one), and its metric there."""
+        if self.holdout is None:
+            return True, None
+        value = finite(metric(self.holdout, outputs(model, self.holdout, self.curve.device)))
+        return self.target.drop_ok(self.holdout_before, value), value
+
+    def result(self, report: PruneReport, pct: float, seconds: float, held: float | None, finetune: dict[str, Any] | None = None) -> TargetReport:
+        """The search's `TargetReport` for the written model's `report` (`held`: its metric on the check split)."""
+        h = self.holdout
+        return TargetReport(
+            report, self.target, pct, self.trail, seconds, finetune=finetune, check_samples=None if h is None else h.num_samples,
+            check_metric_before=self.holdout_before, check_metric_after=held, check_note=check_note(h),
+        )  # fmt: skip
 
     def check(self, data: Dataset | None) -> None:
         target, curve = self.target, self.curve
@@ -194,29 +235,47 @@ class _Search:
             raise UserError("`max_drop` is searched along the kernel ranking; use kernel `granularity`, or `max_params` / `max_macs` with channel granularity.")
         if target.max_drop is not None and curve.metric is None:
             raise UserError(f"the {data.metric_name if data else 'metric'} is not defined on this data (e.g. a class with one kind of label only), so a drop cannot be measured.")
+        if self.holdout is not None and self.holdout_before is None:
+            raise UserError(f"the {self.holdout.metric_name} is not defined on the check split (e.g. one kind of label only), so a drop cannot be checked there; give a larger `check_fraction`, other `val`, or `check_fraction` 0.")
 
     def probe(self, pct: int) -> PruneReport:
         """The prune at `pct` (a copy, nothing written)."""
         if pct not in self.probes:
-            r = self.probes[pct] = self.curve.prune(pct)[1]
+            pruned, r = self.curve.prune(pct)
+            self.probes[pct] = r
             meets = self.target.keeps_metric(r) and self.target.fits(r)
-            self.trail.append({"pct": pct, "model": "pruned", "params": r.params_after, "macs": r.macs_after, "metric": finite(r.metric_after), "meets": meets})
+            if meets and self.holdout is not None:  # the check split only for a pct that met on the data
+                holds, self.held[pct] = self.holds(pruned)
+                meets = holds
+            self.trail.append({
+                "pct": pct, "model": "pruned", "params": r.params_after, "macs": r.macs_after, "metric": finite(r.metric_after),
+                "check_metric": self.held.get(pct), "meets": meets,
+            })  # fmt: skip
         return self.probes[pct]
+
+    def meets_drop(self, pct: int) -> bool:
+        """Does the prune at `pct` keep the metric on the data and on the check split (`probe`)?"""
+        report = self.probe(pct)
+        return self.target.keeps_metric(report) and (self.holdout is None or self.target.drop_ok(self.holdout_before, self.held.get(pct)))
 
     def scan(self, pct: int) -> bool:
         """Does the zeroed model at `pct` keep the metric? (One forward pass at most, stopped early.)"""
         curve, target = self.curve, self.target
         assert curve.metric is not None and target.max_drop is not None
         zeroed = curve.zeroed_metric(pct, lowest=curve.metric - target.max_drop - DROP_TOLERANCE)  # None: stopped, cannot meet
-        self.trail.append({"pct": pct, "model": "zeroed", "params": None, "macs": None, "metric": zeroed, "meets": target.drop_ok(curve.metric, zeroed)})
-        return target.drop_ok(curve.metric, zeroed)
+        meets, held = target.drop_ok(curve.metric, zeroed), None
+        if meets and self.holdout is not None and self.holdout_before is not None:  # the check split only where the data met
+            held = curve.zeroed_metric(pct, lowest=self.holdout_before - target.max_drop - DROP_TOLERANCE, on=self.holdout)
+            meets = target.drop_ok(self.holdout_before, held)
+        self.trail.append({"pct": pct, "model": "zeroed", "params": None, "macs": None, "metric": zeroed, "check_metric": held, "meets": meets})
+        return meets
 
     def choose(self) -> int:
         """The pct of the grid that meets the target (module docstring); `TargetNotMet` if none does."""
         target, probe = self.target, self.probe
         if target.max_drop is not None:
-            chosen = next((p for p in reversed(GRID) if self.scan(p) and target.keeps_metric(probe(p))), None)
-            failure = "even at pct 0 the metric falls by more than the largest drop"
+            chosen = next((p for p in reversed(GRID) if self.scan(p) and self.meets_drop(p)), None)
+            failure = "even at pct 0 the metric falls by more than the largest drop" + ("" if self.holdout is None else " on the data or on the check split")
         else:
             chosen = last_meeting(GRID[::-1], lambda p: target.fits(probe(p)))
             failure = f"even at pct {GRID[-1]} the model has {probe(GRID[-1]).params_after:,} parameters and {probe(GRID[-1]).macs_after:,} MACs, over the budget"
@@ -233,7 +292,8 @@ def _write_adapted(
 ) -> TargetReport:
     """The target met after `adapt` (`_adapted_search`), that model written to `s.out`, and its report."""
     curve, val = search.curve, s.val
-    model_out, report, step, adapted_metric = _adapted_search(curve, search.target, chosen, adapt, search.trail, fix=s.fix)
+    found = _adapted_search(search, chosen, adapt, fix=s.fix)
+    model_out, report, step = found.model, found.report, found.step
     if val is not None:  # the probes skip held-out data; the chosen pct's prune measures it once, for the report
         report = curve.prune(int(report.pct), fix=s.fix, val=val)[1]
     if s.out is not None:
@@ -241,47 +301,59 @@ def _write_adapted(
             model_out, report, s.out, arch=s.arch, history=s.history, seed=s.seed, sample_shape=curve.sample_shape,
             preprocessing=s.preprocessing, force=s.force, then=[step] if step else [],
         )  # fmt: skip
-    report.metric_after = adapted_metric  # the prune step written above keeps the metric before adapting
+    report.metric_after = found.metric  # the prune step written above keeps the metric before adapting
     report.val_metric_after = None if val is None else finite(metric(val, outputs(model_out, val, s.device)))
     report.out = None if s.out is None else str(s.out)
-    return TargetReport(report, search.target, float(report.pct), search.trail, round(time.perf_counter() - start, 3), finetune=step)
+    return search.result(report, float(report.pct), round(time.perf_counter() - start, 3), found.held, finetune=step)
 
 
-def _adapted_search(
-    curve: PruneCurve,
-    target: Target,
-    start: int,
-    adapt: Callable[[nn.Module], dict[str, Any] | None],
-    trail: list[dict[str, Any]],
-    *,
-    fix: bool,
-) -> tuple[nn.Module, PruneReport, dict[str, Any] | None, float | None]:
+@dataclass
+class _Adapted:
+    """`_adapted_search`'s answer: the model (pruned, then adapted unless `step` is None), its prune
+    report, the step `adapt` returned, its metric on the data and on the check split."""
+
+    pct: int
+    model: nn.Module
+    report: PruneReport
+    step: dict[str, Any] | None
+    metric: float | None
+    held: float | None
+
+
+def _adapted_search(search: _Search, start: int, adapt: Callable[[nn.Module], dict[str, Any] | None], *, fix: bool) -> _Adapted:
     """The target met after `adapt`: the last pct of the grid from `start` up whose adapted model
-    meets it, and that model (pruned with `fix`, then adapted), its prune report, the step
-    `adapt` returned and its metric on the data.
+    meets it, and that model (pruned with `fix`, then adapted).
 
     `start`, the answer without adapting, meets the target after adapting too (`adapt` never
     lowers the metric on the data; sizes do not change), so the search is `last_meeting` on the
     grid from `start`: bisection, then `PATIENCE` steps past the boundary, each probe a prune and
     an adapt. A budget alone (`max_params` / `max_macs`) does not depend on adapting, and only
-    the chosen model is adapted.
+    the chosen model is adapted. With a check split an adapted model must keep the metric there
+    too; `adapt` may lower it there (it chose its epoch on the data), so when no adapted model
+    meets, the answer is `start` as pruned, not adapted (it met on both).
     """
-    best: dict[str, Any] = {}  # the highest pct that met so far: model, report, step, metric
+    curve, target = search.curve, search.target
+    best: list[_Adapted] = []  # the highest pct that met so far
 
     def adapted(pct: int) -> bool:
         model, report = curve.prune(pct, fix=fix)
         step = adapt(model)
         data = curve.data
         value = None if data is None else finite(metric(data, outputs(model, data, curve.device)))
-        meets = target.drop_ok(curve.metric, value) and target.fits(report)
-        trail.append({"pct": pct, "model": "adapted", "params": report.params_after, "macs": report.macs_after, "metric": value, "meets": meets})
-        if meets and pct >= best.get("pct", -1):
-            best.update(pct=pct, model=model, report=report, step=step, metric=value)
+        meets, held = target.drop_ok(curve.metric, value) and target.fits(report), None
+        if meets and target.max_drop is not None:
+            meets, held = search.holds(model)
+        search.trail.append({"pct": pct, "model": "adapted", "params": report.params_after, "macs": report.macs_after, "metric": value, "check_metric": held, "meets": meets})
+        if meets and (not best or pct >= best[-1].pct):
+            best.append(_Adapted(pct, model, report, step, value, held))
         return meets
 
     grid = GRID[start:]
     if target.max_drop is not None:
         last_meeting(grid, lambda p: p == start or adapted(p))
     if not best and not adapted(start):  # nothing above `start` met, or a budget alone: adapt the answer itself
-        raise RuntimeError(f"the model at pct {start} does not meet the target after adapting, as it did before.")
-    return best["model"], best["report"], best["step"], best["metric"]
+        if search.holdout is None:
+            raise RuntimeError(f"the model at pct {start} does not meet the target after adapting, as it did before.")
+        model, report = curve.prune(start, fix=fix)  # adapting lost the metric on the check split: as pruned
+        return _Adapted(start, model, report, None, finite(report.metric_after), search.held.get(start))
+    return best[-1]

@@ -64,3 +64,23 @@ class Source(torch.utils.data.Dataset):  # type: ignore[type-arg]
 def as_is(item: object) -> object:
     """The DataLoader's collate function: a source already serves whole minibatches."""
     return item
+
+
+class Subset(Source):
+    """Some samples of another source, by index (a check split, `Dataset.subset`)."""
+
+    def __init__(self, parent: Source, indices: Sequence[int]) -> None:
+        self.parent, self.indices = parent, list(indices)
+        self.kind, self.sample_shape, self.target_shape = parent.kind, parent.sample_shape, parent.target_shape
+        self.labels = None if parent.labels is None else parent.labels[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self, index: int) -> str:
+        return self.parent.describe(self.indices[index])
+
+    def fetch(self, indices: Sequence[int], seed: int | None, augment: Augment) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.parent.fetch([self.indices[i] for i in indices], seed, augment)
+        self.decoded += len(x)
+        return x, y

@@ -330,18 +330,20 @@ def extract(
         params_before=before.params, params_after=after.params, macs_before=before.macs, macs_after=after.macs,
         channels_removed=removed,
         data={"full": full_score, "extracted": _binary(sub, data, target, margin, device)},
-        val=None if val is None else {"full": _binary(full, val, target, margin, device), "extracted": _binary(sub, val, target, margin, device)},
-        bisection=tried,
-        seconds=0.0,
-        out=None if out is None else str(out),
-        check=None if check is None else {"full": _binary(full, check, target, margin, device), "extracted": _binary(sub, check, target, margin, device)},
-        check_samples=None if check is None else check.num_samples,
-        check_note=check_note(check),
-    )
+        val=_both(full, sub, val, target, margin, device), bisection=tried, seconds=0.0, out=None if out is None else str(out),
+        check=_both(full, sub, check, target, margin, device), check_samples=None if check is None else check.num_samples, check_note=check_note(check),
+    )  # fmt: skip
     if out is not None:
         _save(sub, report, arch, history, shape, Path(out), force)
     report.seconds = round(time.perf_counter() - start, 3)
     return sub, report
+
+
+def _both(full: nn.Module, sub: nn.Module, data: Dataset | None, target: int, margin: bool, device: str) -> dict[str, BinaryScore] | None:
+    """The full model's and the sub-model's one-vs-rest scores on `data` (None without it)."""
+    if data is None:
+        return None
+    return {"full": _binary(full, data, target, margin, device), "extracted": _binary(sub, data, target, margin, device)}
 
 
 def _check_cut(keep: float | None, max_drop: float | None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -81,6 +81,29 @@ def classes(
     o.run(body)
 
 
+def _render_extract(report: Any, target: int, target_path: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"extract class {target} → {target_path}  (keep {report.keep:.4g})")
+    for col in ("", "params", "MACs", "AUC", "acc.", "val AUC", "val acc.", *(("check AUC",) if report.check else ())):
+        table.add_column(col, justify="right")
+
+    def number(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    for which, params, macs in (("full", report.params_before, report.macs_before), ("extracted", report.params_after, report.macs_after)):
+        d, v, c = report.data[which], (report.val or {}).get(which), (report.check or {}).get(which)
+        checked = (number(c and c.auc),) if report.check else ()
+        table.add_row(which, f"{params:,}", f"{macs:,}", number(d.auc), number(d.accuracy), number(v and v.auc), number(v and v.accuracy), *checked)
+    stdout_console().print(table)
+    if report.check is not None:
+        full, sub = report.data["full"].auc, report.data["extracted"].auc
+        chose = "" if full is None or sub is None else f"; on the samples that chose: {full - sub:+.4f}"
+        stdout_console().print(f"the AUC drop checked on {report.check_samples} samples kept out of scoring and choosing: {report.check_auc_drop:+.4f}{chose}.")
+    if report.check_note:
+        print(f"explainfix: {report.check_note}", file=sys.stderr)
+
+
 @shared_options('model', 'data', 'run')
 def extract(
     model: ModelArg,
@@ -124,29 +147,7 @@ def extract(
                 history=loaded.history, out=target_path, force=force, device=o.device,
             )
 
-        def render() -> None:
-            from rich.table import Table
-
-            table = Table(title=f"extract class {target} → {target_path}  (keep {report.keep:.4g})")
-            for col in ("", "params", "MACs", "AUC", "acc.", "val AUC", "val acc.", *(("check AUC",) if report.check else ())):
-                table.add_column(col, justify="right")
-
-            def number(value: float | None) -> str:
-                return "" if value is None else f"{value:.4f}"
-
-            for which, params, macs in (("full", report.params_before, report.macs_before), ("extracted", report.params_after, report.macs_after)):
-                d, v, c = report.data[which], (report.val or {}).get(which), (report.check or {}).get(which)
-                checked = (number(c and c.auc),) if report.check else ()
-                table.add_row(which, f"{params:,}", f"{macs:,}", number(d.auc), number(d.accuracy), number(v and v.auc), number(v and v.accuracy), *checked)
-            stdout_console().print(table)
-            if report.check is not None:
-                full, sub = report.data["full"].auc, report.data["extracted"].auc
-                chose = "" if full is None or sub is None else f"; on the samples that chose: {full - sub:+.4f}"
-                stdout_console().print(f"the AUC drop checked on {report.check_samples} samples kept out of scoring and choosing: {report.check_auc_drop:+.4f}{chose}.")
-            if report.check_note:
-                print(f"explainfix: {report.check_note}", file=sys.stderr)
-
-        o.emit(report.to_json(), render)
+        o.emit(report.to_json(), lambda: _render_extract(report, target, target_path))
 
     o.run(body)
 

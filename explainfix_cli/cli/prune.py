@@ -137,6 +137,16 @@ def _prune_or_search(model: Any, dataset: Dataset | None, pct: float | None, goa
     return {**report.to_json(), **advice.to_json()}
 
 
+def _carve_check(goal: Any, dataset: Dataset | None, held_out: Dataset | None, fraction: float | None, seed: int) -> tuple[Dataset | None, dict[str, Any]]:
+    """With --max-drop, the drop must hold on samples that chose nothing: (the calibration part, {"check": the check split})."""
+    if goal is None or goal.max_drop is None or dataset is None:
+        return dataset, {}
+    from explainfix_cli.search.holdout import check_split
+
+    split = check_split(dataset, held_out, fraction, seed)
+    return split.calibration, {"check": split.check}
+
+
 @shared_options('model', 'data', 'run')
 def prune(
     model: ModelArg,
@@ -183,12 +193,7 @@ def prune(
 
         scores, scored_by = load_saliency(str(saliency_file), loaded.model) if saliency_file else (None, criterion.value)
         held_out = o.load_data(val, loaded, every_batch=True)
-        checking: dict[str, Any] = {}
-        if goal is not None and goal.max_drop is not None and dataset is not None:  # the drop must hold on samples that chose nothing
-            from explainfix_cli.search.holdout import check_split
-
-            split = check_split(dataset, held_out, check_fraction, o.seed)
-            dataset, checking["check"] = split.calibration, split.check
+        dataset, checking = _carve_check(goal, dataset, held_out, check_fraction, o.seed)
         options: dict[str, Any] = {
             "granularity": granularity.value, "criterion": scored_by, "scores": scores, "fill": fill.value, "removal": removal.value,
             "fix": not no_fix, "arch": loaded.arch, "history": loaded.history, "out": target, "force": force, "seed": o.seed,

@@ -4,7 +4,8 @@
 
 Gradients are taken only for spatial conv weights: every other parameter is frozen for the pass,
 so autograd builds nothing it does not need. Under `torchrun` each process takes every
-world_size-th minibatch and the score matrices are all-reduced, so the sum is the same.
+world_size-th minibatch (and reads only those: `Dataset.shard`) and the score matrices are
+all-reduced, so the sum is the same.
 """
 
 from __future__ import annotations
@@ -51,10 +52,8 @@ def spatial_gradients(
     rank, world = rank_and_world()
     model.eval()
     with torch.enable_grad(), _only_spatial_weights_trainable(model, weights):
-        for b, (x, y) in enumerate(data):
-            if b % world != rank:
-                continue
-            x, y = x.to(device), y.to(device)
+        for x_shard, y_shard in data.shard(rank, world):  # this process's minibatches only
+            x, y = x_shard.to(device), y_shard.to(device)
             out = model_output(model, x)
             objective = (data.targets(out, y) * out).sum()
             grads = torch.autograd.grad(objective, weights, allow_unused=True)

@@ -102,3 +102,30 @@ def test_gradient_weights_are_sum_of_absolute_gradients() -> None:
         (g,) = torch.autograd.grad((nn.functional.one_hot(y, 10) * out).sum(), conv.weight)
         expected += g.abs().sum(dim=(2, 3))
     torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_under_torchrun_each_process_reads_only_its_own_minibatches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # world 2: process r decodes minibatches r, r+2, ...; the two processes' gradients add up to
+    # the single process's (what the all-reduce then sums), and no minibatch is read twice
+    from explainfix_cli import saliency
+    from explainfix_cli.io.sources.arrays import ArraySource
+
+    memory = sample_data("resnet")
+    model = sample_model("resnet").model
+    x, y = memory.x[:80], memory.y[:80]  # 5 minibatches of 16
+
+    def summed(rank: int, world: int) -> tuple[dict[str, torch.Tensor], int]:
+        monkeypatch.setattr(saliency, "rank_and_world", lambda: (rank, world))
+        data = Dataset(source=ArraySource(x, y), batch_size=16)
+        total: dict[str, torch.Tensor] = {}
+        for grads, _ in saliency.spatial_gradients(model, data):
+            for name, g in grads.items():
+                total[name] = total.get(name, 0) + g.double()
+        return total, data.source.decoded
+
+    alone, read_alone = summed(0, 1)
+    first, read_first = summed(0, 2)
+    second, read_second = summed(1, 2)
+    assert (read_alone, read_first, read_second) == (80, 48, 32)
+    for name, g in alone.items():
+        assert torch.allclose(first[name] + second[name], g, atol=1e-9)

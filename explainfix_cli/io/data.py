@@ -132,8 +132,13 @@ class Dataset:
         return min(len(self.source), len(self) * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.shard(0, 1)
+
+    def shard(self, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The minibatches b with b % world == rank, in order: under torchrun each process reads
+        only its own (the others are not decoded), and together they read each minibatch once."""
         n = len(self.source)
-        spans = [range(b * self.batch_size, min(n, (b + 1) * self.batch_size)) for b in range(len(self))]
+        spans = [range(b * self.batch_size, min(n, (b + 1) * self.batch_size)) for b in range(rank, len(self), world)]
         if self.in_memory:
             for span in spans:
                 yield self.x[span.start : span.stop], self.y[span.start : span.stop]  # type: ignore[misc]

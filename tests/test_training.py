@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SAMPLES
+from helpers import SAMPLES, sample_data, sample_model
+from torch import nn
 from typer.testing import CliRunner
 
 from explainfix_cli.cli import app as cli
@@ -326,3 +327,24 @@ def test_finetune_class_gates_is_class_gated_step(small_val: Dataset) -> None:
         schedule.step()
     assert [r.loss for r in report.history] == pytest.approx(losses, rel=1e-6, abs=2e-6)  # float32, rounded to 6 places
     assert len(set(losses)) == 3
+
+
+def test_amp_trains_in_half_precision_and_keeps_float32_weights() -> None:
+    # --amp: the forward passes of training run in bfloat16 on the CPU (float16 with loss scaling
+    # on CUDA); the weights, the written model and the validation stay float32
+    from explainfix_cli.training.precision import Precision
+
+    model = sample_model("resnet").model
+    data = sample_data("resnet", batch_size=32, batches=3)
+    seen: set[torch.dtype] = set()
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    handle = first.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if m.training else None)
+    tuned, report = finetune(model, data, data, recipe=Recipe(epochs=1, amp=True, train="all"))
+    handle.remove()
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in tuned.parameters())
+    assert report.recipe["amp"] is True and all(math.isfinite(r.loss) for r in report.history)
+    assert report.metric_after is not None and report.metric_after >= report.metric_before
+    assert Precision(True, "cpu").scaler is None and Precision(False, "cpu").autocast() is not None
+    with pytest.raises(UserError, match="mixed precision and class-specific gate training"):
+        Recipe(amp=True, class_gates=True)

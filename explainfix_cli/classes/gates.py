@@ -16,6 +16,7 @@ from torch import nn
 from explainfix_cli.classes.analysis import find_classifier
 from explainfix_cli.errors import UserError
 from explainfix_cli.models import model_output
+from explainfix_cli.training.precision import Precision
 
 
 class ClassGates(nn.Module):
@@ -96,6 +97,7 @@ def class_gated_step(
     sparsity: float = GATE_SPARSITY,
     gate_lr: float = GATE_LR,
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    precision: Precision | None = None,
 ) -> float:
     """One training step on a minibatch `x`, `y` (class labels when gated): the standard path
     (`loss` of the model's output, by default its cross-entropy against `y`) or the gated path (the same loss with
@@ -103,19 +105,21 @@ def class_gated_step(
     class, then the gate's own step). `finetune` runs every step through here (`gates` None
     without `--class-gates`: a plain step). `optimizer` holds the model's trainable parameters (not
     the gate). A model in eval mode is put in train mode; one already training keeps the modes of
-    its layers (finetune's frozen batch norms). Returns the loss, with the penalty on gated steps."""
+    its layers (finetune's frozen batch norms). `precision`: float32 by default, or mixed
+    (`training.precision`, `finetune --amp`). Returns the loss, with the penalty on gated steps."""
     if gated and gates is None:
         raise ValueError("a gated step needs the gates.")
     if not model.training:
         model.train()
     optimizer.zero_grad(set_to_none=True)
-    with gates.applied(model, y) if gated and gates is not None else nullcontext():
-        out = model_output(model, x)  # (N, K)
-    value = nn.functional.cross_entropy(out, y) if loss is None else loss(out)
+    precision = precision or Precision(False, "cpu")
+    with precision.autocast():
+        with gates.applied(model, y) if gated and gates is not None else nullcontext():
+            out = model_output(model, x)  # (N, K)
+        value = nn.functional.cross_entropy(out, y) if loss is None else loss(out)
     if gated and gates is not None:
         value = value + sparsity * gates.penalty()
-    value.backward()
-    optimizer.step()
+    precision.step(value, optimizer)
     if gated and gates is not None:
         gates.step(gate_lr)
     return float(value.detach())

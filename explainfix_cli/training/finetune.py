@@ -31,6 +31,7 @@ from explainfix_cli.models import model_output
 from explainfix_cli.numbers import finite
 from explainfix_cli.training.losses import distill_loss, loss_for
 from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
+from explainfix_cli.training.precision import Precision
 from explainfix_cli.training.trainable import (
     ESCALATION_GAP,
     FORM_IN_WORDS,
@@ -57,6 +58,7 @@ class Recipe:
     temperature: float = 4.0  # softening of the teacher's and the student's logits
     max_minutes: float | None = None
     seed: int = 0
+    amp: bool = False  # mixed precision: float16 with loss scaling on CUDA, bfloat16 on the CPU (training.precision)
     class_gates: bool = False  # docs/method.md §6: CSG training, one standard epoch then two gated
     gate_sparsity: float = GATE_SPARSITY  # weight of the gate's L1 norm on gated steps (measured on the ResNet sample)
     gate_lr: float = GATE_LR  # the gate's own plain gradient step
@@ -69,6 +71,8 @@ class Recipe:
             check_range(name, getattr(self, name), 0)
         check_range("distill_weight", self.distill_weight, 0, 1)
         check_range("gate_sparsity", self.gate_sparsity, 0)
+        if self.amp and self.class_gates:
+            raise UserError("mixed precision and class-specific gate training do not go together (the gate's own step reads unscaled gradients); drop amp or class_gates.")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -297,6 +301,7 @@ class _Loop:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     gates: ClassGates | None
+    precision: Precision
     teacher: nn.Module | None
     recipe: Recipe
     rank: int
@@ -316,7 +321,7 @@ def _loop(model: nn.Module, params: list[nn.Parameter], train: Dataset, recipe: 
     gates = _class_gates(model, train.x[:1].to(device), train.target_kind, world) if recipe.class_gates else None
     steps = max(1, recipe.epochs * math.ceil(train.num_samples / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    return _Loop(model, net, optimizer, schedule, gates, teacher, recipe, rank, world, device)
+    return _Loop(model, net, optimizer, schedule, gates, Precision(recipe.amp, device), teacher, recipe, rank, world, device)
 
 
 def _train(
@@ -392,7 +397,7 @@ def _step(loop: _Loop, x: torch.Tensor, y: torch.Tensor, kind: TargetKind, gated
     step; returns its `batch_loss` (without the gate's penalty)."""
     soft = None
     if loop.teacher is not None:
-        with torch.no_grad():
+        with torch.no_grad(), loop.precision.autocast():
             soft = model_output(loop.teacher, x)
     losses: list[float] = []
 
@@ -401,7 +406,7 @@ def _step(loop: _Loop, x: torch.Tensor, y: torch.Tensor, kind: TargetKind, gated
         losses.append(float(value.detach()))
         return value * scale  # DistributedDataParallel averages gradients over processes: scale so they add up
 
-    class_gated_step(loop.net, loop.gates, x, y, loop.optimizer, gated, loop.recipe.gate_sparsity, loop.recipe.gate_lr, objective)
+    class_gated_step(loop.net, loop.gates, x, y, loop.optimizer, gated, loop.recipe.gate_sparsity, loop.recipe.gate_lr, objective, loop.precision)
     loop.schedule.step()
     return losses[0]
 

@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--pct", type=float, default=90.0)
     parser.add_argument("--models", default="resnet,densenet,unet,plain,residual")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--compare", default="auto,unfixed,masked,all", help="forms to run: auto (the default, which goes on to the next form when it ends more than 0.01 below the teacher on half A) and the forms it chooses from")
+    parser.add_argument("--compare", default="auto,unfixed,masked,all", help="forms to run: auto (the default, which hands the second half of its epochs to the next form when it is more than 0.01 below the teacher on half A halfway) and the forms it chooses from")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"pct {args.pct:g}, {args.epochs} epochs, teacher = the unpruned model; select on half A, judge on half B")

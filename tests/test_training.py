@@ -122,7 +122,7 @@ def test_cli_finetune_writes_a_loadable_pruned_fixed_model_same_bytes_for_same_s
     reports = [
         _finetune(str(pruned), "--data", str(SAMPLES / "digits_train.npz"), "--batches", "4", "--batch-size", "32",
                   "--val", str(SAMPLES / "digits_val.npz"), "--epochs", "2", "--teacher", str(SAMPLES / "resnet.safetensors"),
-                  "--out", str(out))
+                  "--train", "unfixed", "--out", str(out))
         for out in outs
     ]  # fmt: skip
     assert set(reports[0]) >= FIELDS

@@ -213,41 +213,63 @@ def finetune(
         teacher.to(device).eval()
     _check_fits(model, train, val, teacher, device)
     choice = choose_trainable(model, recipe.train)  # docs/method.md §4: what is left to learn decides
-    report = _train_as(model, choice, train, val, recipe, teacher, device, on_epoch)
-    if choice.option == "auto" and teacher is not None:
-        report = _escalated(model, report, train, val, recipe, teacher, device, on_epoch)
+    goal = _validate(teacher, val, device) if choice.option == "auto" and teacher is not None else None
+    report = _in_forms(model, choice, train, val, recipe, teacher, device, on_epoch, goal)
     model.eval()
     return model, report
 
 
-def _escalated(
+@dataclass(frozen=True)
+class _Handover:
+    """Where a form's fine-tune may hand over to the next form: after epoch `at`, when its best
+    metric on the validation data is more than `ESCALATION_GAP` below the teacher's `goal`."""
+
+    at: int
+    goal: float | None
+
+    def due(self, epoch: int, best: float | None) -> bool:
+        return epoch == self.at and escalates(self.goal, best)
+
+
+def _in_forms(
     model: nn.Module,
-    report: FinetuneReport,
+    choice: TrainableChoice,
     train: Dataset,
     val: Dataset,
     recipe: Recipe,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     device: str,
     on_epoch: Callable[[EpochRecord], None] | None,
+    goal: float | None,
 ) -> FinetuneReport:
-    """`--train auto` with a teacher: while the form trained ends more than `ESCALATION_GAP` below
-    the teacher on the validation data, continue from its best weights with the next form
-    (`next_form`) for as many epochs again (docs/method.md §4); the best epoch of all is kept."""
-    goal = _validate(teacher, val, device)
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    while not report.stopped_early and escalates(goal, report.metric_after):
-        form = next_form(model, report.trainable, smaller_than_teacher=sum(p.numel() for p in model.parameters()) < teacher_params)
-        if form is None:
-            break
-        shortfall = f"{report.trainable_reason}; that ended at {report.metric_after:.3f} on the validation data, more than {ESCALATION_GAP:g} below the teacher's {goal:.3f}"
-        more = _train_as(model, choose_trainable(model, form), train, val, recipe, teacher, device, _shifted(on_epoch, report.epochs))
-        kept = report.trainable
-        report = _continued(report, more)
-        if more.best_epoch == 0:
-            report.trainable, report.trainable_reason = kept, f"{shortfall}, and {more.epochs} more epochs with --train {form} did not beat it, so that model is kept"
-            break
-        report.trainable_reason = f"{shortfall}, so {more.epochs} more epochs trained {FORM_IN_WORDS[form]}: {more.metric_after:.3f}"
-    return report
+    """`recipe.epochs` epochs of the form `choice`; with a teacher's `goal` (`--train auto`), a form
+    that is still more than `ESCALATION_GAP` short of it halfway through its epochs hands the rest
+    over to the next form (`next_form`: fixed → masked → all), from its best weights (docs/method.md §4).
+    The epochs in all stay `recipe.epochs`; the best epoch of all is kept."""
+    teacher_params = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
+    report: FinetuneReport | None = None
+    left = recipe.epochs
+    while True:
+        smaller = sum(p.numel() for p in model.parameters()) < teacher_params
+        then = next_form(model, choice.mode, smaller_than_teacher=smaller) if goal is not None and left >= 2 else None
+        handover = _Handover(left // 2, goal) if then is not None else None
+        done = 0 if report is None else report.epochs
+        phase, handed = _train_as(model, choice, train, val, replace(recipe, epochs=left), teacher, device, _shifted(on_epoch, done), handover)
+        if report is None:
+            report = phase
+        else:
+            report = _continued(report, phase)
+            if phase.best_epoch == 0:
+                report.trainable_reason += "; they did not beat it, so that model is kept"
+        if not handed or then is None:
+            report.recipe = recipe.to_json()
+            return report
+        report.trainable_reason = (
+            f"{report.trainable_reason}; after {phase.epochs} epochs that was at {phase.metric_after:.3f} on the validation data, more than "
+            f"{ESCALATION_GAP:g} below the teacher's {goal:.3f}, so the other {left - phase.epochs} epochs train {FORM_IN_WORDS[then]}"
+        )
+        left -= phase.epochs
+        choice = choose_trainable(model, then)
 
 
 def _train_as(
@@ -259,17 +281,18 @@ def _train_as(
     teacher: nn.Module | None,
     device: str,
     on_epoch: Callable[[EpochRecord], None] | None,
-) -> FinetuneReport:
-    """`_train` the parameters `choice` says, with the narrowings of a fixed network."""
+    handover: _Handover | None = None,
+) -> tuple[FinetuneReport, bool]:
+    """`_train` the parameters `choice` says, with the narrowings of a fixed network; and whether it handed over."""
     with trained_as(model, choice) as params:
         if not params:
             raise UserError("every parameter of the model is fixed, so there is nothing to train; train all of them instead.")
         # fixed convolutions skip all-zero input slices, and what feeds only zero depthwise kernels is not computed
         with torch.random.fork_rng(devices=[]), reading_used_inputs(model), skipping_unread_channels(model):
             torch.manual_seed(recipe.seed)
-            report = _train(model, params, train, val, recipe, teacher, device, on_epoch)
+            report, handed = _train(model, params, train, val, recipe, teacher, device, on_epoch, handover)
     report.trainable, report.trainable_reason = choice.mode, choice.reason
-    return report
+    return report, handed
 
 
 def _shifted(on_epoch: Callable[[EpochRecord], None] | None, offset: int) -> Callable[[EpochRecord], None] | None:
@@ -289,6 +312,7 @@ def _continued(first: FinetuneReport, second: FinetuneReport) -> FinetuneReport:
         seconds_per_epoch=round(sum(r.seconds for r in history) / len(history), 4) if history else 0.0,
         stopped_early=first.stopped_early or second.stopped_early,
         trainable_params=first.trainable_params if second.best_epoch == 0 else second.trainable_params,
+        trainable=first.trainable if second.best_epoch == 0 else second.trainable, trainable_reason=first.trainable_reason,
     )  # fmt: skip
 
 
@@ -333,16 +357,17 @@ def _train(
     teacher: nn.Module | None,
     device: str,
     on_epoch: Callable[[EpochRecord], None] | None,
-) -> FinetuneReport:
-    """`recipe.epochs` epochs (fewer when out of time), each followed by validation; the model ends
-    with the best epoch's weights."""
+    handover: _Handover | None = None,
+) -> tuple[FinetuneReport, bool]:
+    """`recipe.epochs` epochs (fewer when out of time, or when `handover` is due), each followed by
+    validation; the model ends with the best epoch's weights. Returns whether it handed over."""
     loop = _loop(model, params, train, recipe, teacher, device)
     generator = torch.Generator().manual_seed(recipe.seed)
     before = _validate(model, val, device)
     best, best_epoch = before, 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[EpochRecord] = []
-    started, stopped = time.perf_counter(), False
+    started, stopped, handed = time.perf_counter(), False, False
     for epoch in range(1, recipe.epochs + 1):
         if history and _out_of_time(started, history[-1].seconds + history[-1].val_seconds, recipe.max_minutes, loop.world):
             stopped = True
@@ -354,6 +379,9 @@ def _train(
         if _better(record.metric, best):
             best, best_epoch = record.metric, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if handover is not None and handover.due(epoch, best):
+            handed = True
+            break
     model.load_state_dict(best_state)
     return FinetuneReport(
         metric=val.metric_name,
@@ -368,7 +396,7 @@ def _train(
         processes=loop.world,
         recipe=recipe.to_json(),
         history=history,
-    )
+    ), handed
 
 
 def _epoch(loop: _Loop, train: Dataset, val: Dataset, epoch: int, generator: torch.Generator) -> EpochRecord:

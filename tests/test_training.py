@@ -168,7 +168,7 @@ def test_a_number_out_of_range_is_refused_before_anything_is_loaded(option: str,
 def test_normalisation_parameters_learn_at_their_own_rate() -> None:
     # Adam's first step moves every parameter with a gradient by lr * g / (|g| + eps), i.e. by lr:
     # a conv or linear weight by 1e-2, a batch norm's scale and shift by 10 x 1e-2
-    from explainfix_cli.training.finetune import _optimizer, parameter_groups
+    from explainfix_cli.training.optimizer import optimizer_for, parameter_groups
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
@@ -177,7 +177,7 @@ def test_normalisation_parameters_learn_at_their_own_rate() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = parameter_groups(model, params, recipe)
     assert [len(g["params"]) for g in groups] == [2, 2] and [g["lr"] for g in groups] == [1e-2, pytest.approx(1e-1)]
-    optimizer = _optimizer(groups, recipe)
+    optimizer = optimizer_for(groups, recipe)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_for("labels")(model(torch.randn(8, 1, 2, 2)), torch.tensor([0, 1] * 4)).backward()
     optimizer.step()
@@ -301,7 +301,7 @@ def test_finetune_class_gates_is_class_gated_step(small_val: Dataset) -> None:
     settings: three epochs of one minibatch (standard, gated, gated) give the losses of three
     direct calls with the same optimiser and schedule. The third depends on the gate's step."""
     from explainfix_cli.classes.gates import GATE_SPARSITY, ClassGates, class_gated_step, uses_gates
-    from explainfix_cli.training.finetune import parameter_groups
+    from explainfix_cli.training.optimizer import parameter_groups
 
     loaded = open_model(SAMPLES / "resnet.safetensors")
     batch = Dataset(small_val.x[:48], small_val.y[:48], batch_size=48)

@@ -31,6 +31,7 @@ from explainfix_cli.models import model_output
 from explainfix_cli.numbers import finite
 from explainfix_cli.training.losses import distill_loss, loss_for
 from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
+from explainfix_cli.training.optimizer import optimizer_for, parameter_groups
 from explainfix_cli.training.precision import Precision
 from explainfix_cli.training.trainable import (
     ESCALATION_GAP,
@@ -141,32 +142,6 @@ def _check_fits(model: nn.Module, train: Dataset, val: Dataset, teacher: nn.Modu
         train.targets(out, y)  # raises when the targets do not fit the output
         if teacher is not None and model_output(teacher, x).shape != out.shape:
             raise UserError(f"the teacher's outputs have shape {tuple(model_output(teacher, x).shape[1:])} but the model's {tuple(out.shape[1:])}; they must match.")
-
-
-NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def parameter_groups(model: nn.Module, params: list[nn.Parameter], recipe: Recipe) -> list[dict[str, Any]]:
-    """The trainable `params` in two groups: normalisation layers' scales and shifts at
-    `recipe.lr * recipe.norm_lr_scale`, everything else at `recipe.lr` (docs/method.md §4: an
-    optimiser step moves a parameter by about the rate, and a scale is of order 1 where a
-    convolution weight is of order 1/sqrt(fan_in))."""
-    norms = {id(p) for m in model.modules() if isinstance(m, NORMALISATIONS) for p in m.parameters(recurse=False)}
-    groups = [
-        {"params": [p for p in params if id(p) not in norms], "lr": recipe.lr},
-        {"params": [p for p in params if id(p) in norms], "lr": recipe.lr * recipe.norm_lr_scale},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def _optimizer(groups: list[dict[str, Any]], recipe: Recipe) -> torch.optim.Optimizer:
-    if recipe.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
-    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; choose adam, adamw or sgd.")
 
 
 def _set_train_mode(model: nn.Module, batch_norm: BatchNormMode) -> None:
@@ -341,7 +316,7 @@ def _loop(model: nn.Module, params: list[nn.Parameter], train: Dataset, recipe: 
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model)
-    optimizer = _optimizer(parameter_groups(model, params, recipe), recipe)
+    optimizer = optimizer_for(parameter_groups(model, params, recipe), recipe)
     gates = _class_gates(model, train.x[:1].to(device), train.target_kind, world) if recipe.class_gates else None
     steps = max(1, recipe.epochs * math.ceil(train.num_samples / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)

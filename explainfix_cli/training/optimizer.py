@@ -3,13 +3,19 @@ the weights and a multiple of it for normalisation layers' scales and shifts."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from explainfix_cli.training.finetune import Recipe
+
+class Recipe(Protocol):
+    """What the optimiser reads of `training.finetune.Recipe`."""
+
+    lr: float
+    norm_lr_scale: float
+    weight_decay: float
+    optimizer: str
 
 NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 

@@ -30,8 +30,8 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 HALVES_SEED = 2022  # the A / B split; the check split inside A is drawn with --seed 0, as the CLI does
 
 
-def _halves(data: Dataset) -> tuple[Dataset, Dataset]:
-    b = set(check_indices(data, 0.5, HALVES_SEED))
+def _halves(data: Dataset, seed: int = HALVES_SEED) -> tuple[Dataset, Dataset]:
+    b = set(check_indices(data, 0.5, seed))
     return data.subset([i for i in range(data.num_samples) if i not in b]), data.subset(sorted(b))
 
 
@@ -43,11 +43,12 @@ def _drop(scores: dict | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-drop", type=float, default=0.01)
+    parser.add_argument("--halves-seed", type=int, default=HALVES_SEED, help="the A / B split (2022 chose extract's DROP_MARGIN_SE; judge it on another)")
     parser.add_argument("--models", nargs="*", default=["resnet", "densenet"], help="none: only the prune rows")
     parser.add_argument("--check-fraction", type=float, default=None, help="of A, kept for checking (default: the CLI's)")
     args = parser.parse_args()
     x = args.max_drop
-    a, b = _halves(load_data(SAMPLES / "digits_val.npz", batch_size=256))
+    a, b = _halves(load_data(SAMPLES / "digits_val.npz", batch_size=256), args.halves_seed)
     split = check_split(a, None, args.check_fraction, seed=0)
     assert split.check is not None
     print(f"A {a.num_samples} samples (after: {split.calibration.num_samples} calibrate, {split.check.num_samples} check), B {b.num_samples}; --max-drop {x}, B within {x + 0.01:g}")

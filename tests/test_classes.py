@@ -135,8 +135,11 @@ def test_extract_max_drop_keeps_the_auc(resnet_and_data) -> None:
     assert report.data["full"].auc is not None and report.data["extracted"].auc is not None
     assert report.data["full"].auc - report.data["extracted"].auc <= 0.01
     assert report.params_after < 0.5 * report.params_before
-    stayed = [t for t in report.bisection if t["auc_drop"] is not None and t["auc_drop"] <= 0.01]
+    # a candidate stays when its drop plus DROP_MARGIN_SE standard errors (DeLong) is within the limit
+    stayed = [t for t in report.bisection if t["auc_drop_bound"] <= 0.01]
     assert stayed and stayed[-1]["keep"] == report.keep < 1.0
+    assert all(t["auc_drop_bound"] >= t["auc_drop"] for t in report.bisection)
+    assert any(t["auc_drop"] <= 0.01 < t["auc_drop_bound"] for t in report.bisection)  # the margin refused a cut the drop alone took
 
 
 def _invoke(*args: str):  # type: ignore[no-untyped-def]

@@ -38,3 +38,25 @@ def test_bound_holds_and_is_reached(kind: str) -> None:
 def test_no_bound_for_auc() -> None:
     data = Dataset(torch.zeros(4, 1, 2, 2), torch.tensor([[0.0, 1], [1, 0], [1, 1], [0, 0]]))
     assert metric_upper_bound(data, torch.zeros(2, 2)) == 1.0
+
+
+def test_paired_auc_drop_is_delong_on_the_same_samples() -> None:
+    # the drop is the AUC difference; its standard error, DeLong's, matches a bootstrap of the samples
+    from explainfix_cli.evaluation.measure import paired_auc_drop, roc_auc
+
+    g = torch.Generator().manual_seed(0)
+    positive = torch.rand(200, generator=g) < 0.1
+    full = torch.randn(200, generator=g) + 2 * positive
+    other = full + 0.5 * torch.randn(200, generator=g)
+    paired = paired_auc_drop(full, other, positive)
+    assert paired is not None
+    drop, se = paired
+    assert drop == pytest.approx(roc_auc(full, positive) - roc_auc(other, positive), abs=1e-12)
+    draws = []
+    for _ in range(1000):
+        i = torch.randint(0, 200, (200,), generator=g)
+        if int(positive[i].sum()) >= 2:
+            draws.append(roc_auc(full[i], positive[i]) - roc_auc(other[i], positive[i]))
+    assert se == pytest.approx(float(torch.tensor(draws).std()), rel=0.1)
+    assert paired_auc_drop(full, full, positive) == (0.0, 0.0)
+    assert paired_auc_drop(full, other, torch.zeros(200, dtype=torch.bool)) is None

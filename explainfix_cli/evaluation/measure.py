@@ -135,6 +135,27 @@ def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
     return float((greater + 0.5 * ties) / (n_pos * n_neg))
 
 
+def paired_auc_drop(full: torch.Tensor, other: torch.Tensor, positive: torch.Tensor) -> tuple[float, float] | None:
+    """(AUC of `full` minus AUC of `other`, its standard error) for two (N,) scores of the same
+    samples, by DeLong's placements: each positive's share of negatives it outranks (ties half)
+    and each negative's share of positives that outrank it, differenced between the two scores;
+    the variance is var(positives' differences)/m + var(negatives' differences)/n. None when a
+    class has one kind only, or fewer than two samples of a kind."""
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 2 or n < 2:
+        return None
+
+    def placements(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos, neg = score[positive].double(), score[~positive].double()
+        psi = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()  # (m, n)
+        return psi.mean(dim=1), psi.mean(dim=0)  # (m,), (n,)
+
+    (full_pos, full_neg), (other_pos, other_neg) = placements(full), placements(other)
+    d_pos, d_neg = full_pos - other_pos, full_neg - other_neg
+    variance = d_pos.var() / m + d_neg.var() / n
+    return float(d_pos.mean()), float(variance.clamp_min(0).sqrt())
+
+
 def metric_upper_bound(data: Dataset, out: torch.Tensor) -> float:
     """The best `metric` the whole of `data` can still reach, given the outputs `out` on its first
     samples: the rest all right (accuracy), or every remaining mask pixel found and nothing else

@@ -5,7 +5,7 @@ within 0.02 of the full model's (docs/method.md §6).
 Channels are chosen, and `--max-drop` guides the greedy cut, on digits_train.npz (the data the
 samples were trained on); the AUC and accuracy are measured on digits_val.npz, held out.
 
-    .venv/bin/python benchmarks/extract_classes.py [--max-drop 0.005] [--models resnet densenet]
+    .venv/bin/python benchmarks/extract_classes.py [--max-drop 0.005] [--drop-margin 4] [--models resnet densenet]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from explainfix_cli.classes.extract import extract
+from explainfix_cli.classes.extract import DROP_MARGIN_SE, extract
 from explainfix_cli.io.checkpoints import open_model
 from explainfix_cli.io.data import load_data
 
@@ -24,6 +24,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-drop", type=float, default=0.005, help="largest AUC drop on the selection data")
+    parser.add_argument("--drop-margin", type=float, default=DROP_MARGIN_SE, help="standard errors added to a cut's drop (extract --drop-margin)")
     parser.add_argument("--models", nargs="+", default=["resnet", "densenet"])
     args = parser.parse_args()
     select = load_data(SAMPLES / "digits_train.npz", batch_size=256)
@@ -37,7 +38,7 @@ def main() -> None:
         classes = int(select.y.max()) + 1
         for k in range(classes):
             start = time.perf_counter()
-            _, r = extract(loaded.model, select, k, max_drop=args.max_drop, val=val, arch=loaded.arch)
+            _, r = extract(loaded.model, select, k, max_drop=args.max_drop, drop_margin=args.drop_margin, val=val, arch=loaded.arch)
             assert r.val is not None
             full, sub = r.val["full"], r.val["extracted"]
             assert full.auc is not None and sub.auc is not None

@@ -24,6 +24,7 @@ from explainfix_cli.classes.analysis import (
 )
 from explainfix_cli.classes.extract import extract
 from explainfix_cli.cli.app import app
+from explainfix_cli.errors import UserError
 from explainfix_cli.io.checkpoints import load_model
 from explainfix_cli.io.data import Dataset, load_data
 
@@ -140,6 +141,19 @@ def test_extract_max_drop_keeps_the_auc(resnet_and_data) -> None:
     assert stayed and stayed[-1]["keep"] == report.keep < 1.0
     assert all(t["auc_drop_bound"] >= t["auc_drop"] for t in report.bisection)
     assert any(t["auc_drop"] <= 0.01 < t["auc_drop_bound"] for t in report.bisection)  # the margin refused a cut the drop alone took
+
+
+def test_extract_drop_margin_0_takes_the_drop_alone(resnet_and_data) -> None:
+    # --drop-margin 0: every candidate's bound is its drop, and the cut is at least as large as
+    # with the default margin, which refuses cuts whose drop is small only by chance
+    model, data = resnet_and_data
+    _, bare = extract(model, data, 7, max_drop=0.01, drop_margin=0.0)
+    _, margined = extract(model, data, 7, max_drop=0.01)
+    assert all(t["auc_drop_bound"] == t["auc_drop"] for t in bare.bisection)
+    assert bare.drop_margin == 0.0 and margined.drop_margin == 4.0
+    assert bare.params_after < margined.params_after
+    with pytest.raises(UserError, match="drop_margin"):
+        extract(model, data, 7, max_drop=0.01, drop_margin=-1.0)
 
 
 def _invoke(*args: str):  # type: ignore[no-untyped-def]

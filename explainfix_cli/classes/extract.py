@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from explainfix_cli.classes.analysis import Probe, class_membership, gradient_times_activation
-from explainfix_cli.errors import UserError
+from explainfix_cli.errors import UserError, check_range
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output
 from explainfix_cli.search.holdout import check_note
@@ -92,6 +92,7 @@ class ExtractReport:
     check: dict[str, BinaryScore] | None = None  # with --max-drop and a check split: "full" and "extracted" there
     check_samples: int | None = None
     check_note: str | None = None  # one sentence when the check split is too small to mean much
+    drop_margin: float | None = None  # --max-drop: the standard errors added to a cut's AUC drop (None with --keep)
 
     @property
     def check_auc_drop(self) -> float | None:
@@ -294,6 +295,7 @@ def extract(
     *,
     keep: float | None = None,
     max_drop: float | None = None,
+    drop_margin: float = DROP_MARGIN_SE,
     val: Dataset | None = None,
     check: Dataset | None = None,
     arch: Any = None,
@@ -315,7 +317,7 @@ def extract(
     from explainfix_cli.io.outputs import check_target
 
     start = time.perf_counter()
-    _check_cut(keep, max_drop)
+    _check_cut(keep, max_drop, drop_margin)
     if out is not None:
         check_target(Path(out), force)
     model.eval().to(device)
@@ -326,22 +328,21 @@ def extract(
     tried: list[dict[str, float | None]] = []
     check = check if max_drop is not None else None
     if max_drop is not None:
-        greedy = _greedy(model, data, target, margin, importance, full_score, max_drop, tried, device, check)
+        greedy = _greedy(model, data, target, margin, importance, full_score, max_drop, tried, device, check, drop_margin)
         cut, keep, removed = greedy.model, greedy.kept, greedy.removed
     else:
         assert keep is not None
         cut = copy.deepcopy(model)
         removed = cut_for_class(cut, data.x[:1].to(device), importance, keep)
-    sub = OneVsRest(cut, target, margin).eval()
-    shape = tuple(data.x.shape[1:])
+    sub, shape = OneVsRest(cut, target, margin).eval(), tuple(data.x.shape[1:])
     before, after = model_size(full, shape), model_size(sub, shape)
     report = ExtractReport(
         target=target, score="margin" if margin else "logit", keep=keep, max_drop=max_drop,
-        params_before=before.params, params_after=after.params, macs_before=before.macs, macs_after=after.macs,
-        channels_removed=removed,
+        params_before=before.params, params_after=after.params, macs_before=before.macs, macs_after=after.macs, channels_removed=removed,
         data={"full": full_score, "extracted": _binary(sub, data, target, margin, device)},
         val=_both(full, sub, val, target, margin, device), bisection=tried, seconds=0.0, out=None if out is None else str(out),
         check=_both(full, sub, check, target, margin, device), check_samples=None if check is None else check.num_samples, check_note=check_note(check),
+        drop_margin=None if max_drop is None else drop_margin,
     )  # fmt: skip
     if out is not None:
         _save(sub, report, arch, history, shape, Path(out), force)
@@ -356,8 +357,9 @@ def _both(full: nn.Module, sub: nn.Module, data: Dataset | None, target: int, ma
     return {"full": _binary(full, data, target, margin, device), "extracted": _binary(sub, data, target, margin, device)}
 
 
-def _check_cut(keep: float | None, max_drop: float | None) -> None:
+def _check_cut(keep: float | None, max_drop: float | None, drop_margin: float) -> None:
     """Exactly one of the two ways to choose the cut, within its range."""
+    check_range("drop_margin", drop_margin, 0)
     if (keep is None) == (max_drop is None):
         raise UserError("give either a share of importance to keep or a largest allowed AUC drop, not both or neither.")
     if keep is not None and not 0 <= keep <= 1:
@@ -394,6 +396,7 @@ def _greedy(
     tried: list[dict[str, float | None]],
     device: str,
     check: Dataset | None = None,
+    drop_margin: float = DROP_MARGIN_SE,
 ) -> GreedyCut:
     """`greedy_cut` of `model`, each candidate's drop its one-vs-rest AUC below the full model's
     on `data` (and on `check`), re-scored on `data` after each cut (`importance` is the full model's)."""
@@ -411,7 +414,7 @@ def _greedy(
         return drop
 
     def bounded_drop(on: Dataset) -> Callable[[nn.Module], tuple[float, float]]:
-        """(the AUC drop on `on`, it plus `DROP_MARGIN_SE` standard errors)."""
+        """(the AUC drop on `on`, it plus `drop_margin` standard errors)."""
         from explainfix_cli.evaluation.measure import paired_auc_drop
 
         truth, full_scores = _truth(on, target, margin), _scores(OneVsRest(model, target, margin), on, device)
@@ -421,7 +424,7 @@ def _greedy(
             if paired is None:  # too few samples of a kind for an error: the drop alone
                 value = auc_drop(on, full_score.auc)(m)  # type: ignore[arg-type]
                 return value, value
-            return paired[0], paired[0] + DROP_MARGIN_SE * paired[1]
+            return paired[0], paired[0] + drop_margin * paired[1]
 
         return drop
 

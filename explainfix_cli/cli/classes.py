@@ -114,6 +114,7 @@ def extract(
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of --keep: the largest one-vs-rest AUC drop allowed on --data and on the check split (greedy cut, re-scored after each step).")] = None,
     val: Annotated[Path | None, typer.Option("--val", help="Held-out data to report the sub-model's AUC and accuracy on; with --max-drop, the check split the drop must also hold on.")] = None,
     check_fraction: CheckFractionOpt = None,
+    drop_margin: Annotated[float | None, typer.Option("--drop-margin", help="With --max-drop: a cut stays when its AUC drop plus this many standard errors (DeLong) is within X (default 4); 0: the drop alone (larger cuts that hold less often on other samples).", show_default=False)] = None,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)
 ) -> None:
@@ -143,7 +144,7 @@ def extract(
             dataset, check = split.calibration, split.check
         with working(f"extracting class {target}"):
             _, report = extract_class(
-                loaded.model.to(o.device), dataset, target, keep=keep, max_drop=max_drop, val=held_out, check=check, arch=loaded.arch,
+                loaded.model.to(o.device), dataset, target, keep=keep, max_drop=max_drop, **({} if drop_margin is None else {"drop_margin": drop_margin}), val=held_out, check=check, arch=loaded.arch,
                 history=loaded.history, out=target_path, force=force, device=o.device,
             )
 

@@ -185,3 +185,12 @@ def test_a_bundled_sample_with_pointwise_layers_still_trains_fixed() -> None:
     _, report = finetune(small, data, data, recipe=Recipe(epochs=1))
     assert report.trainable == "unfixed" and "stay fixed" in report.trainable_reason
     assert all(torch.equal(c.weight, w) for (_, c), w in zip(spatial_convs(small), before, strict=True))
+
+
+def test_max_minutes_bounds_the_whole_fine_tune_across_a_handover(pruned: dict[str, nn.Module], split: tuple, nets: dict[str, nn.Module]) -> None:
+    # two epochs, handing over after the first: the budget it spent is not renewed for the next form
+    train, a, _ = split
+    few = type(train)(train.x[:256], train.y[:256], 64)
+    with torch.random.fork_rng():
+        _, report = finetune(copy.deepcopy(pruned["residual"]), few, a, recipe=Recipe(epochs=2, max_minutes=1e-6), teacher=nets["residual"])
+    assert report.stopped_early and report.trainable == "masked" and report.epochs == 1

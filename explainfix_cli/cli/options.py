@@ -63,7 +63,8 @@ LIBRARY_PARAMETERS = {
     "arch", "arch_kwargs", "attribution_method", "attributions", "batch_size", "batches", "criterion", "data", "force",
     "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val", "workers", "augment", "uncertain",
     "granularity", "latency_form", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
-    "check_fraction",  # the check split of a --max-drop target
+    "check_fraction", "drop_margin",  # the check split of a --max-drop target, extract's margin
+    "amp", "class_gates",  # finetune's precision and gate training
     "min_metric", "max_latency_ms",  # the gates of evaluate and bench
     "epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature", "max_minutes",  # finetune's recipe
 }

@@ -99,11 +99,13 @@ def outputs_together(
     seen: list[list[torch.Tensor]] = [[] for _ in models]
     counts = [0] * len(models)
     for x, _ in data:
+        busy = [i for i, limit in enumerate(limits) if limit is None or counts[i] < limit]
+        if not busy:  # every model has what it needs: read no further
+            break
         x = x.to(device)
-        for i, (model, out) in enumerate(zip(models, seen, strict=True)):
-            if limits[i] is None or counts[i] < limits[i]:
-                out.append(model_output(model, x).cpu())
-                counts[i] += len(x)
+        for i in busy:
+            seen[i].append(model_output(models[i], x).cpu())
+            counts[i] += len(x)
     return [torch.cat(out) for out in seen]
 
 

@@ -378,7 +378,7 @@ def _measured(stages: Sequence[_Stage], data: Dataset | None, val: Dataset | Non
         if dataset is None:
             continue
         todo = {id(st.model): st for st in stages if st.model is not None and getattr(st.known, part) is None}
-        models = [st.model for st in todo.values() if st.model is not None]
+        models = [st.model for st in todo.values() if st.model is not None]  # (all are: narrows the type)
         for key, out in zip(todo, outputs_together(models, dataset, device, [st.limit for st in todo.values()]), strict=True):
             for stage, outs in zip(stages, found, strict=True):
                 if id(stage.model) == key and getattr(stage.known, part) is None:

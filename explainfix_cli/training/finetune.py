@@ -73,7 +73,7 @@ class Recipe:
         check_range("distill_weight", self.distill_weight, 0, 1)
         check_range("gate_sparsity", self.gate_sparsity, 0)
         if self.amp and self.class_gates:
-            raise UserError("mixed precision and class-specific gate training do not go together (the gate's own step reads unscaled gradients); drop amp or class_gates.")
+            raise UserError("mixed precision and class-specific gate training do not go together (the gate's own step reads unscaled gradients); drop `amp` or `class_gates`.")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,22 +223,25 @@ def _in_forms(
     The epochs in all stay `recipe.epochs`; the best epoch of all is kept."""
     teacher_params = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     report: FinetuneReport | None = None
-    left = recipe.epochs
+    left, started = recipe.epochs, time.perf_counter()
+    phase_recipe = recipe
     while True:
         smaller = sum(p.numel() for p in model.parameters()) < teacher_params
         then = next_form(model, choice.mode, smaller_than_teacher=smaller) if goal is not None and left >= 2 else None
         handover = _Handover(left // 2, goal) if then is not None else None
         done = 0 if report is None else report.epochs
-        phase, handed = _train_as(model, choice, train, val, replace(recipe, epochs=left), teacher, device, _shifted(on_epoch, done), handover)
-        if report is None:
-            report = phase
-        else:
-            report = _continued(report, phase)
-            if phase.best_epoch == 0:
-                report.trainable_reason += "; they did not beat it, so that model is kept"
+        phase, handed = _train_as(model, choice, train, val, replace(phase_recipe, epochs=left), teacher, device, _shifted(on_epoch, done), handover)
+        report = phase if report is None else _continued(report, phase)
+        if done and phase.best_epoch == 0:
+            report.trainable_reason += "; they did not beat it, so that model is kept"
+        last = phase.history[-1]
+        if handed and _out_of_time(started, last.seconds + last.val_seconds, recipe.max_minutes, rank_and_world()[1]):
+            report.stopped_early, handed = True, False  # --max-minutes bounds the whole fine-tune, every form together
         if not handed or then is None:
             report.recipe = recipe.to_json()
             return report
+        if recipe.max_minutes is not None:  # what is left of the budget
+            phase_recipe = replace(recipe, max_minutes=recipe.max_minutes - (time.perf_counter() - started) / 60)
         report.trainable_reason = (
             f"{report.trainable_reason}; after {phase.epochs} epochs that was at {phase.metric_after:.3f} on the validation data, more than "
             f"{ESCALATION_GAP:g} below the teacher's {goal:.3f}, so the other {left - phase.epochs} epochs train {FORM_IN_WORDS[then]}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 _failed = False  # set when a command body fails: the process then leaves without the closing barrier
 
@@ -24,6 +25,20 @@ def rank_and_world() -> tuple[int, int]:
 def is_main_process() -> bool:
     """Whether this process writes the outputs (rank 0, or no process group at all)."""
     return rank_and_world()[0] == 0
+
+
+def gather_minibatches(own: dict[int, Any]) -> dict[int, Any]:
+    """Under torchrun, every process's `{minibatch index: what it computed there}` put together on
+    every process, in minibatch order: each reads its own share of the data (`Dataset.shard`) and
+    all end with what one process reading every minibatch would have. A collective: every process
+    calls it at the same point. In a single process, `own` in minibatch order."""
+    if rank_and_world()[1] == 1:
+        return dict(sorted(own.items()))
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, own)
+    return dict(sorted((b, item) for part in everyone for b, item in part.items()))
 
 
 def mark_failed() -> None:

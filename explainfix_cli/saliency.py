@@ -20,7 +20,7 @@ from torch import nn
 
 from explainfix_cli import progress
 from explainfix_cli.choices import Criterion
-from explainfix_cli.distributed import rank_and_world
+from explainfix_cli.distributed import gather_minibatches, rank_and_world
 from explainfix_cli.errors import UserError
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output, require_spatial_convs
@@ -73,23 +73,29 @@ def _accumulate(
 ) -> dict[str, torch.Tensor]:
     """Sum `per_kernel(conv, G)` -> (O, I/groups) or (k, O, I/groups) over minibatches (and processes, under torchrun).
 
-    In a single process, the model's outputs on every minibatch are appended to `outputs` (on the CPU).
+    The model's outputs on every minibatch are appended to `outputs` (on the CPU; under torchrun
+    gathered from every process, so each gets them all).
     """
     import torch.distributed as dist
 
     convs = require_spatial_convs(model)
+    rank, world = rank_and_world()
     # per_kernel of a zero gradient gives the shape of the sums: (O, I/groups), or (k, O, I/groups)
     sums = {name: torch.zeros_like(per_kernel(m, torch.zeros_like(m.weight)), dtype=torch.float64) for name, m in convs}
-    with progress.stage(label, total=len(range(rank_and_world()[0], len(data), rank_and_world()[1]))):
-        for grads, out in spatial_gradients(model, data, device):
+    own: dict[int, torch.Tensor] = {}
+    mine = range(rank, len(data), world)  # the minibatches `spatial_gradients` reads here
+    with progress.stage(label, total=len(mine)):
+        for b, (grads, out) in zip(mine, spatial_gradients(model, data, device), strict=True):
             for name, m in convs:
                 sums[name] += per_kernel(m, grads[name])
-            if outputs is not None and rank_and_world()[1] == 1:
-                outputs.append(out.cpu())
+            if outputs is not None:
+                own[b] = out.cpu()
             progress.advance()
-    if rank_and_world()[1] > 1:
+    if world > 1:
         for s in sums.values():
             dist.all_reduce(s)
+    if outputs is not None:
+        outputs.extend(gather_minibatches(own).values())
     return {k: v.cpu() for k, v in sums.items()}
 
 
@@ -104,7 +110,7 @@ def spatial_saliency(
 
     `gradient` is docs/method.md §1; `magnitude` (sum |W[o, i]|) is the labelled data-free fallback.
     `outputs`, if given, receives the model's outputs per minibatch from the same forward passes
-    (gradient saliency in a single process), so the caller need not run them again.
+    (gradient saliency; under torchrun every process's), so the caller need not run them again.
     """
     convs = require_spatial_convs(model)
     if criterion == "magnitude":

@@ -231,6 +231,25 @@ def test_torchrun_saliency_equals_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(two[name], one[name], rtol=1e-9, atol=1e-12)
 
 
+def test_torchrun_prune_reads_each_minibatch_once_and_measures_as_one_process(tmp_path: Path) -> None:
+    # both passes of a prune are sharded: process 0 decodes minibatches 0, 2, 4 (96 samples) and
+    # process 1 minibatches 1, 3 (64), twice each (saliency, then the metric after), plus the one
+    # example that traces the model; an unsharded metric pass would read all 160 on both
+    proc = _worker("prune-reads", str(tmp_path / "reads.json"))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    reports = json.loads((tmp_path / "reads.json").read_text())
+    assert [r["decoded"] for r in reports] == [2 * 96 + 1, 2 * 64 + 1]
+    from explainfix_cli.io.sources.arrays import ArraySource
+
+    memory = load_data(SAMPLES / "digits_train.npz")
+    data = Dataset(source=ArraySource(memory.x[:160], memory.y[:160]), batch_size=32)
+    _, alone = prune(open_model(SAMPLES / "resnet.safetensors").model, data, pct=50)
+    assert data.source.decoded == 2 * 160 + 1
+    for r in reports:  # every process measured every sample: the metrics of one process reading all
+        assert r["metric_before"] == pytest.approx(alone.metric_before, abs=1e-9)
+        assert r["metric_after"] == pytest.approx(alone.metric_after, abs=1e-9)
+
+
 def test_torchrun_finetune_epoch_matches_single_process(pruned: Path, tmp_path: Path) -> None:
     # frozen batch norms: batch statistics would be per process on CPU (SyncBatchNorm needs a GPU)
     args = ["finetune", str(pruned), "--data", str(SAMPLES / "digits_train.npz"), "--batch-size", "30", "--batches", "4",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from explainfix_cli.distributed import gather_minibatches, rank_and_world
 from explainfix_cli.io.data import Dataset
 from explainfix_cli.models import model_output, spatial_convs
 
@@ -92,21 +93,23 @@ def outputs_together(
     """Each model's outputs on every sample of `data` (concatenated on the CPU), from one pass
     over it: every minibatch is read once and run through the models in turn, so several stages
     of a prune cost one reading of the data, not one each. `limits[i]`, when not None, stops model
-    i after the first minibatches that hold that many samples (its outputs are then on those only)."""
+    i after the first minibatches that hold that many samples (its outputs are then on those only).
+    Under torchrun each process runs its own minibatches (`Dataset.shard`) and every process gets
+    all the outputs (`distributed.gather_minibatches`): call it on every process alike."""
     for model in models:
         model.eval()
     limits = list(limits) if limits is not None else [None] * len(models)
-    seen: list[list[torch.Tensor]] = [[] for _ in models]
-    counts = [0] * len(models)
-    for x, _ in data:
-        busy = [i for i, limit in enumerate(limits) if limit is None or counts[i] < limit]
-        if not busy:  # every model has what it needs: read no further
+    rank, world = rank_and_world()
+    own: dict[int, list[torch.Tensor | None]] = {}
+    for b, (x, _) in zip(range(rank, len(data), world), data.shard(rank, world), strict=True):
+        start = b * data.batch_size  # samples in the minibatches before this one
+        busy = [limit is None or start < limit for limit in limits]
+        if not any(busy):  # every model has what it needs: read no further
             break
         x = x.to(device)
-        for i in busy:
-            seen[i].append(model_output(models[i], x).cpu())
-            counts[i] += len(x)
-    return [torch.cat(out) for out in seen]
+        own[b] = [model_output(model, x).cpu() if on else None for model, on in zip(models, busy, strict=True)]
+    every = gather_minibatches(own).values()
+    return [torch.cat([out[i] for out in every if out[i] is not None]) for i in range(len(models))]
 
 
 def metric(data: Dataset, out: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ import torch
 from explainfix_cli.errors import UserError
 from explainfix_cli.io.augment import augment_tensors
 from explainfix_cli.io.formats import is_zip, sniff
-from explainfix_cli.io.sources.base import Augment, Source, TargetKind
+from explainfix_cli.io.sources.base import Augment, Source, TargetKind, rows_for_main, stacked
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -49,11 +49,11 @@ class ArraySource(Source):
         sel: Any = list(indices)
         if isinstance(indices, range) and indices.step == 1:
             sel = slice(indices.start, indices.stop)
-        x = _tensor(self.x[sel]).float()
+        x = rows_for_main(self.x[sel], torch.float32)
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x.flatten(1))).any(dim=1).nonzero()[0])
             raise UserError(f"{self.name}: x contains NaN or infinite values (sample {list(indices)[bad]}).")
-        y = self.labels[sel] if self.labels is not None else _tensor(self.masks[sel]).float()  # type: ignore[index]
+        y = self.labels[sel] if self.labels is not None else rows_for_main(self.masks[sel], torch.float32)  # type: ignore[index]
         return x, y
 
     def fetch(self, indices: Sequence[int], seed: int | None, augment: Augment) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +62,7 @@ class ArraySource(Source):
         if seed is None or augment == "none":
             return x, y
         pairs = [augment_tensors(x[k], y[k], self.kind == "mask", random.Random(seed * 1_000_003 + i), augment) for k, i in enumerate(indices)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return stacked([p[0] for p in pairs]), stacked([p[1] for p in pairs])
 
 
 def _tensor(a: Any) -> torch.Tensor:

@@ -5,7 +5,8 @@ commands on generated RGB image folders, next to a plain PyTorch script streamin
 
 Folders are generated once with PIL under --cache (reused across runs). The model is the bundled
 ResNet factory (explainfix_cli.zoo:resnet, in_channels=3, 10 classes). Each command runs as its
-own process; memory is the peak of the summed RSS of it and its descendants, polled every 20 ms.
+own process; memory is the peak of the summed PSS of it and its descendants (shared pages counted
+once), polled every 0.2 s.
 `finetune` validates on a 64-image folder before and after its epoch. The plain script's "fwd+bwd" pass makes one forward and backward per minibatch (what a saliency
 pass costs); "train epoch" one SGD epoch with shuffling.
 """
@@ -66,18 +67,17 @@ def make_folder(root: Path, n: int, size: int) -> Path:
     return root
 
 
-def tree_rss(pid: int) -> int:
-    """Summed resident memory (bytes) of `pid` and its descendants, from /proc."""
+def tree_memory(pid: int) -> int:
+    """Memory (bytes) of `pid` and its descendants, from /proc: the sum of their proportional set
+    sizes (PSS), so that pages they share (the libraries a forked DataLoader worker maps from its
+    parent) count once, not once per process as summed RSS would count them."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
         except (OSError, ValueError):
             continue
     keep, frontier = {pid}, [pid]
@@ -87,7 +87,14 @@ def tree_rss(pid: int) -> int:
             if parent == p and child not in keep:
                 keep.add(child)
                 frontier.append(child)
-    return sum(rss.get(p, 0) for p in keep)
+    total = 0
+    for p in keep:
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+            total += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")) * 1024
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
 
 
 def measure(cmd: list[str], timeout: float) -> tuple[float, float, int]:
@@ -96,11 +103,11 @@ def measure(cmd: list[str], timeout: float) -> tuple[float, float, int]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        peak = max(peak, tree_memory(proc.pid))
         if time.perf_counter() - t0 > timeout:
             proc.kill()
             break
-        time.sleep(0.02)
+        time.sleep(0.2)  # reading smaps_rollup walks the page tables: often enough for a pass, rarely enough not to slow it
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode not in (0, None) and err:
         print(f"  ! {' '.join(cmd[2:5])}: {err.strip().splitlines()[-1][:200]}", file=sys.stderr)

@@ -23,6 +23,7 @@ import torch
 from explainfix_cli.errors import UserError
 from explainfix_cli.io.augment import check_augment
 from explainfix_cli.io.formats import is_images
+from explainfix_cli.io.heap import give_back_free_memory
 from explainfix_cli.io.preprocessing import Preprocessing
 from explainfix_cli.io.sources.arrays import ArraySource, class_names, read_arrays, validated
 from explainfix_cli.io.sources.base import Augment, Failed, Key, Source, Subset, TargetKind, as_is
@@ -164,6 +165,7 @@ class Dataset:
                 self.source, batch_size=None, sampler=keys, num_workers=workers, pin_memory=self.pin_memory, collate_fn=as_is,
             ))
         for item in items:
+            give_back_free_memory()  # what the last minibatch used is free by now (io.heap)
             if isinstance(item, Failed):
                 raise UserError(item.message)
             if self.pin_memory and workers == 0 and not in_process:

@@ -6,7 +6,8 @@ commands on generated RGB image folders, next to a plain PyTorch script streamin
 Folders are generated once with PIL under --cache (reused across runs). The model is the bundled
 ResNet factory (explainfix_cli.zoo:resnet, in_channels=3, 10 classes). Each command runs as its
 own process; memory is the peak of the summed PSS of it and its descendants (shared pages counted
-once), polled every 0.2 s.
+once), polled every 0.2 s; beside it the exact high-water mark of its largest process (wait4's
+ru_maxrss), which a short peak between two polls cannot escape.
 `finetune` validates on a 64-image folder before and after its epoch. The plain script's "fwd+bwd" pass makes one forward and backward per minibatch (what a saliency
 pass costs); "train epoch" one SGD epoch with shuffling.
 """
@@ -97,21 +98,28 @@ def tree_memory(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str], timeout: float) -> tuple[float, float, int]:
-    """(peak GiB of the process tree, wall seconds, exit code)."""
+def measure(cmd: list[str], timeout: float) -> tuple[float, float, float, int]:
+    """(peak GiB of the process tree, sampled; peak GiB of its largest process, exact; wall
+    seconds; exit code). The exact figure is the kernel's high-water mark of resident memory
+    (`ru_maxrss` from wait4), which no sampling interval misses."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
-    peak = 0
-    while proc.poll() is None:
+    peak, rc, largest = 0, None, 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            rc, largest = os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
+            proc.returncode = rc
+            break
         peak = max(peak, tree_memory(proc.pid))
         if time.perf_counter() - t0 > timeout:
             proc.kill()
-            break
         time.sleep(0.2)  # reading smaps_rollup walks the page tables: often enough for a pass, rarely enough not to slow it
+    wall = time.perf_counter() - t0
     err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.returncode not in (0, None) and err:
+    if rc != 0 and err:
         print(f"  ! {' '.join(cmd[2:5])}: {err.strip().splitlines()[-1][:200]}", file=sys.stderr)
-    return peak / 2**30, time.perf_counter() - t0, proc.returncode if proc.returncode is not None else -9
+    return peak / 2**30, largest / 2**30, wall, rc
 
 
 def main() -> None:
@@ -143,7 +151,7 @@ def main() -> None:
     py, cli = sys.executable, [sys.executable, "-m", "explainfix_cli"]
     bs = ["--batch-size", str(args.batch_size)]
     print(f"workers {workers}, batch {args.batch_size}, {args.image_size}x{args.image_size} RGB, {os.cpu_count()} cores")
-    print("| N | command | peak GiB | wall s | vs plain |\n| ---: | --- | ---: | ---: | ---: |")
+    print("| N | command | peak GiB (tree, PSS) | max RSS GiB (largest process) | wall s | vs plain |\n| ---: | --- | ---: | ---: | ---: | ---: |")
     val = make_folder(args.cache / f"rgb{args.image_size}-64", 64, args.image_size)  # finetune validates on it (twice)
     for n in [int(s) for s in args.sizes.split(",")]:
         folder = make_folder(args.cache / f"rgb{args.image_size}-{n}", n, args.image_size)
@@ -161,12 +169,12 @@ def main() -> None:
         for name, cmd in rows.items():
             if args.only and name not in args.only.split(","):
                 continue
-            gib, wall, rc = measure(cmd, args.timeout)
+            gib, largest, wall, rc = measure(cmd, args.timeout)
             base = plain.get("plain train epoch" if name.startswith("finetune") else "plain fwd+bwd")
             if name.startswith("plain"):
                 plain[name] = wall
             ratio = f"{wall / base:.2f}x" if base and not name.startswith("plain") else ""
-            print(f"| {n:,} | {name}{'' if rc == 0 else f' (exit {rc})'} | {gib:.2f} | {wall:.1f} | {ratio} |", flush=True)
+            print(f"| {n:,} | {name}{'' if rc == 0 else f' (exit {rc})'} | {gib:.2f} | {largest:.2f} | {wall:.1f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,5 +19,6 @@ Init = Literal["keep", "dct2", "ghaar", "random"]  # §4, steered initialisation
 Trainable = Literal["auto", "unfixed", "masked", "all"]  # what finetune trains (training.trainable)
 BatchNormMode = Literal["train", "frozen"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
+MemoryFormat = Literal["auto", "channels-last", "contiguous"]  # finetune's layout (training.layout): auto = channels-last on the CPU
 ExportFormat = Literal["onnx", "pt2"]  # docs/export.md: onnxruntime's file, or a torch.export program
 Quantization = Literal["int8"]  # post-training static quantisation (ONNX, QDQ)

@@ -147,7 +147,7 @@ def test_the_pruned_mobilenet_fine_tunes_the_same_with_channels_skipped(monkeypa
     small, _ = prune(load_model(SAMPLES / "mobilenet.safetensors"), val, pct=80)
     with skipping_unread_channels(small) as chains:
         assert chains == 3
-    recipe = Recipe(epochs=2, seed=1)
+    recipe = Recipe(epochs=2, seed=1, memory_format="contiguous")  # exact: channels-last rounds the near-tied logits of this barely trained model apart
     skipped, report = finetune(copy.deepcopy(small), train, val, recipe=recipe)
     monkeypatch.setattr(training, "skipping_unread_channels", lambda model: contextlib.nullcontext(0))
     plain, plain_report = finetune(copy.deepcopy(small), train, val, recipe=recipe)

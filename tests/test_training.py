@@ -367,3 +367,29 @@ def test_amp_trains_in_half_precision_and_keeps_float32_weights() -> None:
     assert Precision(True, "cpu").scaler is None and Precision(False, "cpu").autocast() is not None
     with pytest.raises(UserError, match="mixed precision and class-specific gate training"):
         Recipe(amp=True, class_gates=True)
+
+
+# ---- memory layout (training.layout) -------------------------------------------------------------
+def test_training_runs_channels_last_on_the_cpu_and_returns_a_contiguous_model(pruned: Path, small_train: Dataset, small_val: Dataset) -> None:
+    # auto trains in NHWC on the CPU (0.5-0.6x the step time, benchmarks/channels_last.py): the
+    # weights are channels-last during the epochs, contiguous again after, and the result is the
+    # NCHW run's but for rounding
+    from explainfix_cli.training import layout
+
+    seen: list[bool] = []
+    model = load_model(pruned)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1 and m.weight.shape[1] > 1]
+    assert convs
+
+    def during(_: object) -> None:
+        seen.append(convs[0].weight.is_contiguous(memory_format=torch.channels_last) and not convs[0].weight.is_contiguous())
+
+    last, report_last = finetune(model, small_train, small_val, recipe=Recipe(epochs=2), on_epoch=during)
+    _, report_flat = finetune(load_model(pruned), small_train, small_val, recipe=Recipe(epochs=2, memory_format="contiguous"))
+    assert seen == [True, True] and layout.channels_last("auto", "cpu") and not layout.channels_last("auto", "cuda")
+    assert all(t.is_contiguous() for t in last.state_dict().values())  # written as read (safetensors needs it)
+    # the same training, rounded apart (which Adam's steps then carry on)
+    assert report_last.history[0].loss == pytest.approx(report_flat.history[0].loss, rel=2e-3)
+    assert report_last.metric_after == pytest.approx(report_flat.metric_after, abs=0.03)
+    with pytest.raises(UserError, match=r"^`memory_format` must be one of auto, channels-last, contiguous, not 'nhwc'\.$"):
+        Recipe(memory_format="nhwc")  # type: ignore[arg-type]

@@ -64,7 +64,7 @@ LIBRARY_PARAMETERS = {
     "image_size", "input_size", "mean", "pct", "std", "trust_checkpoint", "val", "workers", "augment", "uncertain",
     "granularity", "latency_form", "latency_repeats", "max_drop", "max_macs", "max_params", "pcts",  # sweep, prune to a target
     "check_fraction", "drop_margin",  # the check split of a --max-drop target, extract's margin
-    "amp", "class_gates",  # finetune's precision and gate training
+    "amp", "class_gates", "memory_format",  # finetune's precision, gate training and layout
     "min_metric", "max_latency_ms",  # the gates of evaluate and bench
     "epochs", "lr", "norm_lr_scale", "weight_decay", "distill_weight", "temperature", "max_minutes",  # finetune's recipe
 }
@@ -106,6 +106,7 @@ InitOpt = choice("InitOpt", choices.Init)
 TrainOpt = choice("TrainOpt", choices.Trainable)
 BatchNormOpt = choice("BatchNormOpt", choices.BatchNormMode)
 OptimizerOpt = choice("OptimizerOpt", choices.OptimizerName)
+MemoryFormatOpt = choice("MemoryFormatOpt", choices.MemoryFormat)
 
 
 OutModelOpt = Annotated[Path, typer.Option("--out", help="Output .safetensors.")]

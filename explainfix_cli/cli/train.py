@@ -15,6 +15,7 @@ from explainfix_cli.cli.options import (
     ForceOpt,
     InitOpt,
     InputSizeOpt,
+    MemoryFormatOpt,
     ModelArg,
     OptimizerOpt,
     OutModelOpt,
@@ -90,6 +91,7 @@ def finetune(
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop before an epoch that would end past this many minutes.")] = None,
     augment: AugmentOpt = "",
     amp: Annotated[bool, flag("--amp", help="Mixed precision: float16 with loss scaling on CUDA, bfloat16 on the CPU (weights and validation stay float32).")] = False,
+    memory_format: Annotated[MemoryFormatOpt, typer.Option("--memory-format", help="The layout training runs in: auto (channels-last on the CPU, measured 0.5-0.6x the step time; NCHW on CUDA), channels-last or contiguous.")] = MemoryFormatOpt.auto,
     class_gates: Annotated[bool, flag("--class-gates", help="Class-specific gate training (docs/method.md §6): a channel-by-class gate on the classifier's input, one standard epoch then two gated; the written model keeps its architecture.")] = False,
     force: ForceOpt = False,
     o: Inputs = Inputs(),  # the shared options (shared_options)
@@ -105,7 +107,7 @@ def finetune(
         recipe = Recipe(  # checks every number before anything is loaded
             epochs=epochs, lr=lr, norm_lr_scale=norm_lr_scale, weight_decay=weight_decay, optimizer=optimizer.value, train=train.value, batch_norm=batch_norm.value,
             distill_weight=distill_weight if teacher else 0.0, temperature=temperature, max_minutes=max_minutes, seed=o.seed,
-            class_gates=class_gates, amp=amp,
+            class_gates=class_gates, amp=amp, memory_format=memory_format.value,
         )
         explicit_preprocessing(data, o.mean, o.std)
         o.setup()

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
-from explainfix_cli.choices import BatchNormMode, OptimizerName, Trainable
+from explainfix_cli.choices import BatchNormMode, MemoryFormat, OptimizerName, Trainable
 from explainfix_cli.classes.gates import GATE_LR, GATE_SPARSITY, ClassGates, class_gated_step, uses_gates
 from explainfix_cli.distributed import rank_and_world
 from explainfix_cli.errors import UserError, check_range
@@ -29,6 +29,7 @@ from explainfix_cli.io.data import Dataset, TargetKind
 from explainfix_cli.io.outputs import check_target
 from explainfix_cli.models import model_output
 from explainfix_cli.numbers import finite
+from explainfix_cli.training.layout import as_input, channels_last, trained_in
 from explainfix_cli.training.losses import distill_loss, loss_for
 from explainfix_cli.training.narrowing import reading_used_inputs, skipping_unread_channels
 from explainfix_cli.training.optimizer import optimizer_for, parameter_groups
@@ -60,6 +61,7 @@ class Recipe:
     max_minutes: float | None = None
     seed: int = 0
     amp: bool = False  # mixed precision: float16 with loss scaling on CUDA, bfloat16 on the CPU (training.precision)
+    memory_format: MemoryFormat = "auto"  # the layout it trains in (training.layout): auto = channels-last on the CPU
     class_gates: bool = False  # docs/method.md §6: CSG training, one standard epoch then two gated
     gate_sparsity: float = GATE_SPARSITY  # weight of the gate's L1 norm on gated steps (measured on the ResNet sample)
     gate_lr: float = GATE_LR  # the gate's own plain gradient step
@@ -72,6 +74,8 @@ class Recipe:
             check_range(name, getattr(self, name), 0)
         check_range("distill_weight", self.distill_weight, 0, 1)
         check_range("gate_sparsity", self.gate_sparsity, 0)
+        if self.memory_format not in get_args(MemoryFormat):
+            raise UserError(f"`memory_format` must be one of {', '.join(get_args(MemoryFormat))}, not {self.memory_format!r}.")
         if self.amp and self.class_gates:
             raise UserError("mixed precision and class-specific gate training do not go together (the gate's own step reads unscaled gradients); drop `amp` or `class_gates`.")
 
@@ -262,7 +266,7 @@ def _train_as(
     handover: _Handover | None = None,
 ) -> tuple[FinetuneReport, bool]:
     """`_train` the parameters `choice` says, with the narrowings of a fixed network; and whether it handed over."""
-    with trained_as(model, choice) as params:
+    with trained_in([model, teacher], channels_last(recipe.memory_format, device)), trained_as(model, choice) as params:
         if not params:
             raise UserError("every parameter of the model is fixed, so there is nothing to train; train all of them instead.")
         # fixed convolutions skip all-zero input slices, and what feeds only zero depthwise kernels is not computed
@@ -309,6 +313,7 @@ class _Loop:
     rank: int
     world: int
     device: str
+    last: bool  # minibatches channels-last (training.layout)
 
 
 def _loop(model: nn.Module, params: list[nn.Parameter], train: Dataset, recipe: Recipe, teacher: nn.Module | None, device: str) -> _Loop:
@@ -323,7 +328,7 @@ def _loop(model: nn.Module, params: list[nn.Parameter], train: Dataset, recipe: 
     gates = _class_gates(model, train.x[:1].to(device), train.target_kind, world) if recipe.class_gates else None
     steps = max(1, recipe.epochs * math.ceil(train.num_samples / train.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    return _Loop(model, net, optimizer, schedule, gates, Precision(recipe.amp, device), teacher, recipe, rank, world, device)
+    return _Loop(model, net, optimizer, schedule, gates, Precision(recipe.amp, device), teacher, recipe, rank, world, device, channels_last(recipe.memory_format, device))
 
 
 def _train(
@@ -387,7 +392,7 @@ def _epoch(loop: _Loop, train: Dataset, val: Dataset, epoch: int, generator: tor
     # each process reads a contiguous shard of every global minibatch (augmented: io/augment); its
     # loss is its share of the minibatch's mean; one too small for batch norm is skipped
     for batch, x_shard, y_shard in train.shuffled(order, loop.world, loop.rank, seed=loop.recipe.seed * 10_007 + epoch):
-        x, y = x_shard.to(loop.device, non_blocking=True), y_shard.to(loop.device, non_blocking=True)
+        x, y = as_input(x_shard.to(loop.device, non_blocking=True), loop.last), y_shard.to(loop.device, non_blocking=True)
         loss = _step(loop, x, y, train.target_kind, gated, len(x) * loop.world / len(batch))
         total, seen = total + loss * len(x), seen + len(x)
     seconds = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 commands on generated RGB image folders, next to a plain PyTorch script streaming the same folder.
 
     PYTHONPATH=$PWD python benchmarks/real_size.py --sizes 256,1024,8192 --image-size 128
+    PYTHONPATH=$PWD python benchmarks/real_size.py --torchvision mobilenet_v3_small   # with torchvision installed
 
 Folders are generated once with PIL under --cache (reused across runs). The model is the bundled
 ResNet factory (explainfix_cli.zoo:resnet, in_channels=3, 10 classes). Each command runs as its
@@ -131,6 +132,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "explainfix-real-size")
     p.add_argument("--timeout", type=float, default=600, help="seconds per command")
     p.add_argument("--only", default="", help="comma-separated subset of rows to run")
+    p.add_argument("--torchvision", default="", metavar="NAME", help="run the rows on torchvision.models.NAME (10 classes, random init) instead of the bundled ResNet; needs torchvision")
     args = p.parse_args()
 
     from explainfix_cli.io.checkpoints import save_model
@@ -141,7 +143,21 @@ def main() -> None:
     os.environ["EXPLAINFIX_WORKERS"] = str(workers)
     args.cache.mkdir(parents=True, exist_ok=True)
     model = args.cache / "resnet3.safetensors"
-    if not model.exists():
+    if args.torchvision:
+        model = args.cache / f"{args.torchvision}.safetensors"
+        if not model.exists():
+            try:
+                import torchvision
+            except ImportError:
+                sys.exit(f"--torchvision {args.torchvision}: torchvision is not installed here (docs/benchmarks.md: pip install torch==2.14.1 torchvision==0.29.1).")
+            import torch
+
+            from explainfix_cli.io.checkpoints import ArchSpec as Spec
+
+            torch.manual_seed(0)
+            net = getattr(torchvision.models, args.torchvision)(num_classes=10)
+            save_model(net, model, arch=Spec(f"torchvision.models:{args.torchvision}", {"num_classes": 10}))
+    elif not model.exists():
         import torch
 
         from explainfix_cli.io.checkpoints import ArchSpec as Spec
@@ -150,7 +166,7 @@ def main() -> None:
         save_model(resnet(num_classes=10, in_channels=3), model, arch=Spec("explainfix_cli.zoo:resnet", {"num_classes": 10, "in_channels": 3}))
     py, cli = sys.executable, [sys.executable, "-m", "explainfix_cli"]
     bs = ["--batch-size", str(args.batch_size)]
-    print(f"workers {workers}, batch {args.batch_size}, {args.image_size}x{args.image_size} RGB, {os.cpu_count()} cores")
+    print(f"{args.torchvision or 'bundled ResNet factory'}, workers {workers}, batch {args.batch_size}, {args.image_size}x{args.image_size} RGB, {os.cpu_count()} cores")
     print("| N | command | peak GiB (tree, PSS) | max RSS GiB (largest process) | wall s | vs plain |\n| ---: | --- | ---: | ---: | ---: | ---: |")
     val = make_folder(args.cache / f"rgb{args.image_size}-64", 64, args.image_size)  # finetune validates on it (twice)
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -21,7 +21,7 @@ import torch
 from explainfix_cli.errors import UserError
 from explainfix_cli.io.augment import augment_tensors
 from explainfix_cli.io.formats import is_zip, sniff
-from explainfix_cli.io.sources.base import Augment, Source, TargetKind, rows_for_main, stacked
+from explainfix_cli.io.sources.base import Augment, Source, TargetKind, stacked
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -67,6 +67,18 @@ class ArraySource(Source):
 
 def _tensor(a: Any) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
+
+
+def rows_for_main(rows: Any, dtype: torch.dtype) -> torch.Tensor:
+    """An array's (or a tensor's) rows as a `dtype` tensor; in a DataLoader worker, converted
+    straight into shared memory, for the reason `base.stacked` gives."""
+    if torch.utils.data.get_worker_info() is None:
+        return _tensor(rows).to(dtype)
+    out = torch.empty(tuple(rows.shape), dtype=dtype).share_memory_()
+    if isinstance(rows, torch.Tensor):
+        return out.copy_(rows)
+    out.numpy()[...] = rows  # numpy casts as it copies: no private copy to free
+    return out
 
 
 def read_arrays(path: Path, mapped: bool) -> dict[str, Any]:
